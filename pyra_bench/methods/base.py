@@ -1,0 +1,100 @@
+"""The method interface: everything the framework needs to know about a compression/adaptation method.
+
+A method is one class registered in :data:`METHODS` (one file in this package) plus one config in
+``conf/method/``. The framework builds the frozen backbone with LoRA, then calls :meth:`Method.apply`;
+any parameter that ``apply`` creates is trainable (the backbone is frozen before), so the method owns its
+parameters without bookkeeping. Training asks the method for an extra loss, its stages and its
+parameter groups; measurement asks it for the inference model. No code outside a method branches on
+method names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..models.backbones import BackboneSpec
+from ..models.lora import merge_lora
+from ..models.schedules import check_schedule, resolve_schedule
+from ..registry import Registry
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """Facts about the backbone a method is applied to."""
+
+    backbone: BackboneSpec
+    depth: int
+    dim: int
+    num_heads: int
+    num_tokens: int  # tokens entering block 0 (patches + class [+ distillation] token)
+    class_token: bool
+    distill_token: bool
+
+    @property
+    def num_protected(self) -> int:
+        return int(self.class_token) + int(self.distill_token)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training stage. ``epochs_fraction`` splits the run's epoch budget between stages."""
+
+    name: str
+    epochs_fraction: float = 1.0
+
+
+class Method:
+    name: str = "base"
+    #: parameter-group name for the method's own parameters (the separate lr/wd of the trainer config)
+    param_group: str = "method"
+
+    def __init__(self, schedule: Any = "none", **kwargs: Any):
+        if kwargs:
+            raise TypeError(f"method {self.name!r} got unknown options: {', '.join(sorted(kwargs))}")
+        self.schedule_spec = schedule
+        self.schedule: list[int] = []
+
+    # -- building -----------------------------------------------------------------------------------
+    def resolve_schedule(self, ctx: BuildContext) -> list[int]:
+        r = resolve_schedule(self.schedule_spec, ctx.depth, ctx.backbone.schedule_family)
+        check_schedule(r, ctx.num_tokens, ctx.num_protected)
+        return r
+
+    def apply(self, model: nn.Module, ctx: BuildContext) -> None:
+        """Modify the (patched, frozen, LoRA-equipped) model in place."""
+        self.schedule = self.resolve_schedule(ctx)
+
+    # -- training -----------------------------------------------------------------------------------
+    def stages(self) -> list[Stage]:
+        return [Stage("train")]
+
+    def on_stage_start(self, stage: Stage, model: nn.Module, data: Any = None) -> None:
+        """Called before each stage (e.g. prune after a LoRA warm-up stage)."""
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        """An additional training loss (e.g. a FLOPs-budget penalty), read after each forward."""
+        return None
+
+    # -- accounting and inference --------------------------------------------------------------------
+    def method_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """The method's own trainable parameters (neither LoRA, nor the classifier head)."""
+        return {n: p for n, p in model.named_parameters()
+                if p.requires_grad and ".lora_" not in n and not n.startswith(("head.", "head_dist."))}
+
+    def paper_param_count(self, model: nn.Module) -> int:
+        """The method's parameters as the paper's "# params" column counts them (default: all)."""
+        return sum(p.numel() for p in self.method_parameters(model).values())
+
+    def inference_model(self, model: nn.Module) -> nn.Module:
+        """The model as deployed: a copy with LoRA folded into the weights (no extra FLOPs)."""
+        return merge_lora(model, inplace=False).eval()
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name, "schedule": self.schedule}
+
+
+METHODS: Registry[type[Method]] = Registry("method")

@@ -1,0 +1,157 @@
+"""Backbones: one declarative entry per pre-trained ViT of the paper (spec section 9) plus tiny ones.
+
+Each :class:`BackboneSpec` names the timm architecture (with the exact pretrained tag), the LoRA rank the
+paper uses with it, the family of merging-schedule presets, and the smaller backbone of Table 3's PEFT*.
+Weights come from the hub (``pretrained=True``, needs the network) or from a local file
+(``checkpoint=...``: ``.npz`` of the original ViT release, ``.pth``/``.bin``, ``.safetensors``), offline.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from ..registry import Registry
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    timm_name: str | None  # None: built from ``kwargs`` with timm's VisionTransformer class
+    lora_rank: int
+    schedule_family: str | None
+    smaller: str | None = None  # PEFT* comparison backbone (Table 3)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+    paper_params_m: float | None = None  # backbone size the paper's "# params" % divides by (millions)
+
+
+BACKBONES: Registry[BackboneSpec] = Registry("backbone")
+
+
+def _add(spec: BackboneSpec) -> None:
+    BACKBONES.add(spec.name, spec)
+
+
+_add(BackboneSpec("vit_b16_in21k", "vit_base_patch16_224.orig_in21k", 8, "vit_b", "vit_s16_in21k",
+                  description="ViT-B/16, ImageNet-21K, original Google release (ViT-B_16.npz)"))
+_add(BackboneSpec("vit_l16_in21k", "vit_large_patch16_224.orig_in21k", 12, "vit_l", "vit_b16_in21k",
+                  description="ViT-L/16, ImageNet-21K, original Google release (ViT-L_16.npz)"))
+_add(BackboneSpec("vit_s16_in21k", "vit_small_patch16_224.augreg_in21k", 4, None,
+                  description="ViT-S/16, ImageNet-21K (AugReg; no original-release ViT-S exists)"))
+_add(BackboneSpec("vit_l16_mae", "vit_large_patch16_224.mae", 12, "vit_l", "vit_b16_mae",
+                  kwargs={"global_pool": "token"}, description="ViT-L/16, MAE self-supervised (class-token head)"))
+_add(BackboneSpec("vit_b16_mae", "vit_base_patch16_224.mae", 8, "vit_b",
+                  kwargs={"global_pool": "token"}, description="ViT-B/16, MAE self-supervised (class-token head)"))
+_add(BackboneSpec("deit_b16_distilled", "deit_base_distilled_patch16_224.fb_in1k", 8, "deit_b", "deit_s16_distilled",
+                  description="DeiT-B distilled (class + distillation token)"))
+_add(BackboneSpec("deit_s16_distilled", "deit_small_distilled_patch16_224.fb_in1k", 4, None,
+                  description="DeiT-S distilled (class + distillation token)"))
+# Tiny architectures for tests and the offline demo (random init unless a checkpoint is given).
+_add(BackboneSpec("vit_tiny_test", None, 2, "tiny", kwargs=dict(
+    img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, mlp_ratio=2.0, qkv_bias=True),
+    description="3-block, 48-wide ViT on 32x32 images (17 tokens), for tests"))
+_add(BackboneSpec("vit_demo_mnist", None, 4, "demo", kwargs=dict(
+    img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3, mlp_ratio=4.0, qkv_bias=True),
+    description="4-block, 96-wide ViT on 32x32 images (65 tokens), pre-trained by pyra_bench on MNIST"))
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def get_backbone(name: str) -> BackboneSpec:
+    return BACKBONES.get(name)
+
+
+def create_backbone(
+    spec: BackboneSpec | str,
+    num_classes: int,
+    pretrained: bool = False,
+    checkpoint: str | os.PathLike | None = None,
+    drop_path_rate: float = 0.0,
+    **overrides: Any,
+) -> VisionTransformer:
+    """Create the backbone with a fresh ``num_classes`` head; load hub or local weights (not the head)."""
+    if isinstance(spec, str):
+        spec = get_backbone(spec)
+    if checkpoint is not None and pretrained:
+        raise ValueError("give either pretrained=True (hub) or checkpoint=<file>, not both")
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint).expanduser()
+        if not checkpoint.is_file():
+            raise FileNotFoundError(f"checkpoint file not found: {checkpoint}")
+    kwargs = {**spec.kwargs, **overrides, "drop_path_rate": drop_path_rate}
+    if spec.timm_name is None:
+        model = VisionTransformer(num_classes=num_classes, **kwargs)
+    else:
+        model = timm.create_model(spec.timm_name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint, spec.name)
+    return model
+
+
+def _head_keys(model: nn.Module) -> set[str]:
+    return {k for k in model.state_dict() if k.startswith(("head.", "head_dist.", "fc_norm."))}
+
+
+def load_checkpoint(model: VisionTransformer, path: str | os.PathLike, backbone: str = "?") -> None:
+    """Load backbone weights from a local file, refusing clearly a file that does not fit.
+
+    ``.npz``: the original ViT release's format, via timm's loader. ``.pth``/``.pt``/``.bin``/``.safetensors``:
+    a state dict (optionally under ``model``/``state_dict``), passed through timm's ViT checkpoint filter
+    (which converts MAE/DeiT/JAX-style keys and resamples position embeddings). Classifier weights are
+    never taken from the file: the head is task-specific.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        from timm.models.vision_transformer import _load_weights
+
+        head = {k: v.clone() for k, v in model.state_dict().items() if k in _head_keys(model)}
+        try:
+            _load_weights(model, str(path))
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"{path} does not fit backbone {backbone!r}: {e}") from e
+        model.load_state_dict(head, strict=False)
+        return
+    if suffix not in (".pth", ".pt", ".bin", ".safetensors", ".ckpt"):
+        raise CheckpointError(f"unsupported checkpoint format {suffix!r} ({path}); use .npz, .pth, .bin or .safetensors")
+    from timm.models import load_state_dict
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    try:
+        state = load_state_dict(str(path), weights_only=True) if suffix != ".safetensors" else load_state_dict(str(path))
+    except TypeError:  # older timm without weights_only
+        state = load_state_dict(str(path))
+    except Exception as e:  # noqa: BLE001 - any read error becomes a clear message
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+    try:
+        state = checkpoint_filter_fn(state, model)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path} does not look like a ViT checkpoint for {backbone!r}: {e}") from e
+    heads = _head_keys(model)
+    state = {k: v for k, v in state.items() if k not in heads}
+    own = model.state_dict()
+    bad_shapes = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                  for k, v in state.items() if k in own and own[k].shape != v.shape]
+    missing = sorted(k for k in own if k not in state and k not in heads)
+    unexpected = sorted(k for k in state if k not in own)
+    if bad_shapes or missing or unexpected:
+        lines = [f"checkpoint {path} does not fit backbone {backbone!r}:"]
+        if bad_shapes:
+            lines.append(f"  {len(bad_shapes)} shape mismatch(es), e.g. " + "; ".join(bad_shapes[:3]))
+        if missing:
+            lines.append(f"  {len(missing)} missing key(s), e.g. {', '.join(missing[:5])}")
+        if unexpected:
+            lines.append(f"  {len(unexpected)} unexpected key(s), e.g. {', '.join(unexpected[:5])}")
+        raise CheckpointError("\n".join(lines))
+    with torch.no_grad():
+        model.load_state_dict(state, strict=False)

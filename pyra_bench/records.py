@@ -1,0 +1,108 @@
+"""Run records: one JSON file per run, written atomically, read back by the tables and the sweeps.
+
+Schema (``schema: 1``). Fields that a run did not measure are absent or null, never zero::
+
+    {
+      "schema": 1,
+      "run_id": "cifar100__vit_b16_in21k__pyra__high__seed0",
+      "status": "completed",                 # or "failed" (with "error")
+      "task": "cifar100", "group": "natural",   # natural | specialized | structured | demo
+      "backbone": "vit_b16_in21k",
+      "method": "pyra", "variant": "full",     # variant: method-specific label or null
+      "schedule": "high",                      # schedule name / description; "none" for no compression
+      "seed": 0,
+      "data_format": "jpeg_folder",            # how the images were read (jpeg_folder | tfds | embedded)
+      "metrics": {
+        "test_top1": 72.1,                     # the reported number: last epoch (VTAB protocol)
+        "test_top1_best": 72.9,                # max over evaluated epochs (the paper's convention, labelled)
+        "test_top1_by_epoch": {"0": 5.1, "10": 60.2, ...},
+        "val_top1": null
+      },
+      "params": {"trainable": 399652, "paper_counted": 304320, "backbone": 85798656,
+                 "paper_pct": 0.3547},       # % of backbone params, counted as the paper counts
+      "flops": {"gmacs": 5.07, "paper_gflops": 4.75, "tokens_per_block": [...]},
+      "throughput": {"img_per_s": 1365.0, "device": "NVIDIA ...", "batch_size": 512, "dtype": "float32"},
+      "config": {...resolved Hydra config...},
+      "git_rev": "abc123", "created": "2026-11-24T12:00:00Z", "versions": {"torch": ..., "timm": ...}
+    }
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+
+def record_id(task: str, backbone: str, method: str, schedule: str, seed: int, variant: str | None = None) -> str:
+    parts = [task, backbone, method if not variant else f"{method}-{variant}", str(schedule), f"seed{seed}"]
+    return "__".join(p.replace("/", "_").replace(" ", "") for p in parts)
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
+    """Write JSON to ``path`` atomically: a temp file in the same folder, fsync, then ``os.replace``.
+
+    A reader never sees a half-written file, and a crash leaves either the old file or none.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=False, default=_json_default)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):  # numpy / torch scalars
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def write_record(results_dir: str | os.PathLike, record: dict[str, Any]) -> Path:
+    record = {"schema": SCHEMA_VERSION, **record}
+    if "run_id" not in record:
+        raise ValueError("a run record needs a run_id")
+    return atomic_write_json(Path(results_dir) / f"{record['run_id']}.json", record)
+
+
+def read_record(path: str | os.PathLike) -> dict[str, Any]:
+    with open(path) as f:
+        rec = json.load(f)
+    if rec.get("schema") != SCHEMA_VERSION:
+        raise ValueError(f"{path}: unsupported run-record schema {rec.get('schema')!r} (expected {SCHEMA_VERSION})")
+    return rec
+
+
+def iter_records(paths: Iterable[str | os.PathLike], status: str | None = "completed") -> list[dict[str, Any]]:
+    """Load every ``*.json`` record found in the given files/folders (recursively); skip temp files."""
+    out = []
+    for p in paths:
+        p = Path(p)
+        files = [p] if p.is_file() else sorted(p.rglob("*.json"))
+        for f in files:
+            if f.name.startswith("."):
+                continue
+            try:
+                rec = read_record(f)
+            except (ValueError, json.JSONDecodeError):
+                continue
+            if status is None or rec.get("status") == status:
+                rec.setdefault("_path", str(f))
+                out.append(rec)
+    return out
