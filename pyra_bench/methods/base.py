@@ -41,10 +41,19 @@ class BuildContext:
 
 @dataclass(frozen=True)
 class Stage:
-    """One training stage. ``epochs_fraction`` splits the run's epoch budget between stages."""
+    """One training stage of a method.
+
+    The trainer runs the stages in order; each is a full Lightning ``fit`` over ``epochs_fraction`` of the
+    run's epoch budget (at least one epoch), with a fresh optimiser over the parameters that require
+    gradients when the stage starts, and the paper's warm-up + cosine schedule. Before a stage the trainer
+    calls :meth:`Method.on_stage_start`; after it, it saves ``{"model": state_dict, "method_state":
+    method.state()}`` so a later run resumes after the last finished stage (:meth:`Method.restore`).
+    ``evaluate``: whether test accuracy is measured during this stage (only the last stage is reported).
+    """
 
     name: str
     epochs_fraction: float = 1.0
+    evaluate: bool = True
 
 
 class Method:
@@ -76,8 +85,16 @@ class Method:
         """Called before each stage (e.g. prune after a LoRA warm-up stage)."""
 
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
-        """An additional training loss (e.g. a FLOPs-budget penalty), read after each forward."""
+        """An additional training loss (e.g. a FLOPs-budget penalty), read after each training forward."""
         return None
+
+    def state(self) -> dict[str, Any]:
+        """JSON-able structural state (searched schedule, kept channels, ...) saved with stage checkpoints."""
+        return {"schedule": list(self.schedule)}
+
+    def restore(self, model: nn.Module, state: dict[str, Any]) -> None:
+        """Re-apply structural changes recorded by :meth:`state` to a freshly built model, before its
+        weights are loaded from a stage checkpoint."""
 
     # -- accounting and inference --------------------------------------------------------------------
     def method_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
