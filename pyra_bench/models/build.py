@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from .backbones import BackboneSpec, create_backbone, get_backbone
+from .backbones import BackboneSpec, create_backbone, get_backbone, load_checkpoint
 from .lora import LORA_INITS, add_lora_to_qkv
 from .vit import num_input_tokens, num_protected_tokens, patch_vit
 
@@ -58,8 +58,9 @@ def build_model(
         model.reset_classifier(num_classes)
     else:
         spec = get_backbone(backbone) if isinstance(backbone, str) else backbone
-        model = create_backbone(spec, num_classes, pretrained=pretrained, checkpoint=checkpoint,
-                                drop_path_rate=drop_path_rate)
+        if checkpoint is not None and not os.path.isfile(checkpoint):
+            raise FileNotFoundError(f"checkpoint file not found: {checkpoint}")
+        model = create_backbone(spec, num_classes, pretrained=pretrained, drop_path_rate=drop_path_rate)
     patch_vit(model, prop_attn=prop_attn)
     has_cls, has_dist = num_protected_tokens(model)
 
@@ -69,6 +70,8 @@ def build_model(
                        num_input_tokens(model), has_cls, has_dist)
     # Check the schedule before any further work (it is cheap and a common mistake).
     m.resolve_schedule(ctx)
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint, spec.name)
 
     model.requires_grad_(False)
     add_lora_to_qkv(model, lora_rank or spec.lora_rank, alpha=lora_alpha, dropout=lora_dropout, init=lora_init)

@@ -1,0 +1,51 @@
+# pyra_bench developer commands. `make demo` and `make test` create the environment in .venv on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# Extra pip arguments, e.g. PIP_ARGS="--index-url https://download.pytorch.org/whl/cu124" for a CUDA build.
+PIP_ARGS ?=
+
+.PHONY: venv demo test test-fast bench tables lint prepare-vtab clean help
+
+help:
+	@echo "make demo       - create .venv if needed and run the offline demo (python -m pyra_bench.train)"
+	@echo "make test       - create .venv if needed and run the test suite"
+	@echo "make bench      - CPU throughput/FLOPs benchmark of every method at low/high (results/bench/)"
+	@echo "make tables     - rebuild the paper's tables/figures from results/runs into results/tables"
+	@echo "make prepare-vtab TASKS=all DATA_ROOT=data/vtab-1k - build VTAB-1k folders from TFDS"
+	@echo "make lint       - ruff"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install $(PIP_ARGS) -e ".[dev]"
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m pyra_bench.train
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(PY) scripts/bench_speedup.py
+
+tables: $(STAMP)
+	$(PY) -m pyra_bench.tables --records results/runs --out results/tables
+
+TASKS ?= all
+DATA_ROOT ?= data/vtab-1k
+prepare-vtab: $(STAMP)
+	$(PY) -m pyra_bench.data.prepare --tasks $(TASKS) --data-root $(DATA_ROOT)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check pyra_bench tests scripts
+
+clean:
+	rm -rf outputs multirun results/tables .pytest_cache

@@ -1,0 +1,312 @@
+"""``python -m pyra_bench.train``: train and evaluate one run, write its run record.
+
+Everything is composed by Hydra from ``conf/train.yaml`` (``--help`` lists the groups). A run is:
+
+1. validate the inputs (task, data folder, weights file, schedule) before anything expensive;
+2. build the frozen backbone with LoRA and the method (:func:`pyra_bench.models.build_model`);
+3. run the method's stages, each a Lightning ``fit`` (resumable from ``<run_dir>/ckpt/<stage>/last.ckpt``;
+   a finished stage is saved to ``<run_dir>/stages/<stage>.pt`` and skipped on re-run);
+4. evaluate top-1 on the test split (every ``trainer.eval_every`` epochs and the last), measure the
+   LoRA-merged inference model (params, MACs, optionally throughput) and write the run record atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from .records import atomic_write_json, record_id, write_record
+
+log = logging.getLogger("pyra_bench.train")
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run_id(task, backbone, method, compression, seed, variant=None) -> str:
+    variant = None if variant in (None, "None", "null", "full") else variant
+    return record_id(str(task), str(backbone), str(method), _compression_str(compression), int(seed), variant)
+
+
+def _compression_str(c: Any) -> str:
+    if isinstance(c, (list, tuple)) or OmegaConf.is_list(c):
+        return "list-" + "-".join(str(v) for v in c)
+    if OmegaConf.is_dict(c) or isinstance(c, dict):
+        return "tome-" + "-".join(f"{k}{v}" for k, v in dict(c).items())
+    return str(c).replace(":", "-").replace(",", "_")
+
+
+OmegaConf.register_new_resolver("run_id", _run_id, replace=True)
+
+
+def git_revision() -> str | None:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                             timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return (rev + ("+dirty" if dirty else "")) or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def software_versions() -> dict[str, str]:
+    import lightning
+    import timm
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+            "lightning": lightning.__version__}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Input validation and construction
+# ---------------------------------------------------------------------------------------------------------
+def resolve_weights(bcfg: DictConfig) -> tuple[bool, str | None]:
+    """-> (pretrained_from_hub, checkpoint_path). Fails early on a missing local file."""
+    w = str(bcfg.weights) if bcfg.get("weights") is not None else "none"
+    if w == "hub":
+        return True, None
+    if w == "none":
+        log.warning("backbone.weights=none: the frozen backbone is RANDOMLY initialised (smoke test only)")
+        return False, None
+    if w == "demo":
+        from .demo_pretrain import ensure_demo_backbone
+
+        return False, str(ensure_demo_backbone())
+    path = Path(w).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"backbone weights file not found: {path}\n  Set backbone.weights=/path/to/file (.npz of the original "
+            f"ViT release, .pth or .safetensors), backbone.weights=hub to download through timm, or set "
+            f"PYRA_WEIGHTS to the folder holding it.")
+    return False, str(path)
+
+
+def make_datamodule(cfg: DictConfig):
+    from .data import VTABDataModule
+
+    t = cfg.trainer
+    return VTABDataModule(
+        task=cfg.task.name, data_root=cfg.data_root, batch_size=t.batch_size, eval_batch_size=t.eval_batch_size,
+        num_workers=t.num_workers, image_size=cfg.backbone.image_size, normalization=cfg.backbone.normalization,
+        source=cfg.task.source, seed=cfg.seed,
+    )
+
+
+def make_model(cfg: DictConfig, num_classes: int, pretrained: bool, checkpoint: str | None):
+    from .models import build_model
+
+    t = cfg.trainer
+    return build_model(
+        cfg.backbone.name, num_classes, cfg.method.name, cfg.compression,
+        lora_rank=cfg.backbone.get("lora_rank"), lora_dropout=t.lora_dropout, lora_init=t.lora_init,
+        pretrained=pretrained, checkpoint=checkpoint, drop_path_rate=t.drop_path,
+        method_kwargs=OmegaConf.to_container(cfg.method.get("kwargs") or {}, resolve=True),
+    )
+
+
+def make_loggers(cfg: DictConfig, run_dir: Path, run_id: str) -> list:
+    from lightning.pytorch.loggers import CSVLogger
+
+    loggers = []
+    if cfg.logger.get("csv", True):
+        loggers.append(CSVLogger(save_dir=str(run_dir), name="logs"))
+    wb = cfg.logger.get("wandb") or {}
+    if wb.get("enabled", False):
+        from lightning.pytorch.loggers import WandbLogger
+
+        os.environ.setdefault("WANDB_MODE", wb.get("mode", "offline"))
+        loggers.append(WandbLogger(project=wb.get("project", "pyra_bench"), entity=wb.get("entity"), name=run_id,
+                                   save_dir=str(run_dir), tags=list(wb.get("tags", [])), offline=wb.get("mode") == "offline",
+                                   config=OmegaConf.to_container(cfg, resolve=True)))
+    return loggers
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------
+def train(cfg: DictConfig) -> dict[str, Any]:
+    import lightning as L
+    import torch
+
+    from .lit import AdaptationModule
+    from .models import count_parameters
+
+    variant = OmegaConf.select(cfg, "method.kwargs.variant")
+    rid = _run_id(cfg.task.name, cfg.backbone.name, cfg.method.name, cfg.compression, cfg.seed, variant)
+    results_dir, run_dir = Path(cfg.results_dir), Path(cfg.run_dir)
+    record_path = results_dir / f"{rid}.json"
+    if record_path.exists() and not cfg.get("force", False):
+        print(f"[pyra_bench] {rid}: record exists ({record_path}); skipping (force=true to re-run)")
+        return {"run_id": rid, "status": "skipped", "path": str(record_path)}
+
+    t_start = time.time()
+    # 1. validate cheap things first: data, weights file, model/schedule (raises before any training)
+    dm = make_datamodule(cfg)
+    pretrained, checkpoint = resolve_weights(cfg.backbone)
+    L.seed_everything(cfg.seed, workers=True)
+    model = make_model(cfg, dm.num_classes, pretrained, checkpoint)
+    method = model.pyra_method
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / "config.json", OmegaConf.to_container(cfg, resolve=True))
+
+    t = cfg.trainer
+    optim = {"lr": t.lr, "weight_decay": t.weight_decay, "warmup_lr": t.warmup_lr, "min_lr": t.min_lr,
+             "warmup_epochs": t.warmup_epochs, "method_lr": cfg.method.get("lr"),
+             "method_weight_decay": cfg.method.get("weight_decay")}
+    stages = method.stages()
+    history: dict[int, float] = {}
+    epoch_offset = 0
+    for i, stage in enumerate(stages):
+        stage_epochs = max(1, round(t.epochs * stage.epochs_fraction))
+        done = run_dir / "stages" / f"{stage.name}.pt"
+        if done.exists():
+            saved = torch.load(done, map_location="cpu", weights_only=False)
+            method.restore(model, saved["method_state"])
+            model.load_state_dict(saved["model"])
+            history.update(saved.get("eval_history", {}))
+            print(f"[pyra_bench] stage {stage.name!r} already finished; restored from {done}")
+            epoch_offset += stage_epochs
+            continue
+        method.on_stage_start(stage, model, dm)
+        module = AdaptationModule(model, dm.num_classes, optim, stage_epochs, epoch_offset,
+                                  evaluate=stage.evaluate)
+        ckpt_dir = run_dir / "ckpt" / stage.name
+        last = ckpt_dir / "last.ckpt"
+        from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
+        callbacks = [ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0, every_n_epochs=1)]
+        loggers = make_loggers(cfg, run_dir, rid)
+        if loggers:
+            callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+        trainer = L.Trainer(
+            max_epochs=stage_epochs, accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
+            num_nodes=t.num_nodes, precision=t.precision, deterministic=t.deterministic,
+            check_val_every_n_epoch=t.eval_every if stage.evaluate else None,
+            limit_val_batches=None if stage.evaluate else 0,
+            limit_train_batches=t.max_steps_per_epoch, num_sanity_val_steps=0,
+            logger=loggers or False, callbacks=callbacks, enable_model_summary=False,
+            default_root_dir=str(run_dir),
+        )
+        print(f"[pyra_bench] {rid}: stage {i + 1}/{len(stages)} {stage.name!r}, {stage_epochs} epochs"
+              + (f" (resuming from {last})" if last.exists() else ""))
+        trainer.fit(module, datamodule=dm, ckpt_path=str(last) if last.exists() else None)
+        if stage.evaluate and (i == len(stages) - 1) and (epoch_offset + stage_epochs) not in module.eval_history:
+            trainer.validate(module, datamodule=dm, verbose=False)
+        history.update(module.eval_history)
+        if trainer.is_global_zero:
+            done.parent.mkdir(parents=True, exist_ok=True)
+            tmp = done.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "method_state": method.state(),
+                        "eval_history": module.eval_history}, tmp)
+            os.replace(tmp, done)
+        epoch_offset += stage_epochs
+
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0 or int(os.environ.get("NODE_RANK", "0")) != 0:
+        return {"run_id": rid, "status": "worker"}
+
+    # 2. measure the inference model (LoRA merged)
+    model.eval()
+    params = count_parameters(model, method)
+    infer = method.inference_model(model).cpu().eval()
+    flops = _flops(infer, cfg.backbone.image_size)
+    throughput = None
+    if cfg.get("measure_throughput", False):
+        from .measure import measure_throughput
+
+        throughput = measure_throughput(infer, image_size=cfg.backbone.image_size)
+    if cfg.get("export_inference_model", True):
+        tmp = run_dir / "inference_model.pt.tmp"
+        torch.save({"state_dict": infer.state_dict(), "method_state": method.state(),
+                    "config": OmegaConf.to_container(cfg, resolve=True)}, tmp)
+        os.replace(tmp, run_dir / "inference_model.pt")
+
+    epochs_evaluated = sorted(history)
+    last_epoch = epochs_evaluated[-1] if epochs_evaluated else None
+    from .data import get_task
+
+    record = {
+        "run_id": rid, "status": "completed", "task": cfg.task.name, "group": get_task(cfg.task.name).group,
+        "backbone": cfg.backbone.name, "method": cfg.method.name, "variant": variant,
+        "schedule": _compression_str(cfg.compression), "seed": int(cfg.seed), "data_format": dm.data_format,
+        "metrics": {
+            "test_top1": history.get(last_epoch) if last_epoch is not None else None,
+            "test_top1_best": max(history.values()) if history else None,
+            "test_top1_by_epoch": {str(k): history[k] for k in epochs_evaluated},
+            "val_top1": None,
+        },
+        "params": params.as_dict(),
+        "flops": flops,
+        "throughput": throughput,
+        "method_state": method.state(),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "git_rev": git_revision(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": software_versions(), "wall_time_s": round(time.time() - t_start, 1),
+        "run_dir": str(run_dir),
+    }
+    path = write_record(results_dir, record)
+    _print_summary(record, path)
+    return record
+
+
+def _flops(model, image_size: int) -> dict[str, Any]:
+    try:
+        from .measure import count_flops
+
+        return count_flops(model, image_size=image_size)
+    except ImportError:
+        from .models.macs import model_macs
+
+        return {"gmacs": model_macs(model) / 1e9, "counter": "analytic"}
+
+
+def _print_summary(rec: dict, path: Path) -> None:
+    m, p, f = rec["metrics"], rec["params"], rec["flops"] or {}
+    lines = [
+        f"run        {rec['run_id']}",
+        f"top-1      {m['test_top1']:.2f}% on the test split (last epoch); best evaluated epoch "
+        f"{m['test_top1_best']:.2f}%" if m["test_top1"] is not None else "top-1      (not evaluated)",
+        f"by epoch   " + ", ".join(f"{k}: {v:.1f}" for k, v in m["test_top1_by_epoch"].items()),
+        f"params     trainable {p['trainable']:,} | paper-counted {p['paper_counted']:,} = "
+        f"{p['paper_pct']:.2f}% of the backbone ({p['backbone']:,})",
+        f"MACs       {f.get('gmacs', float('nan')):.4g} G per image (inference model, LoRA merged)",
+        f"record     {path}",
+    ]
+    print("\n".join(["", "=" * 72, *lines, "=" * 72]))
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        rec = train(cfg)
+    except Exception as e:
+        if cfg.get("record_failures", True):
+            _write_failure(cfg, e)
+        raise
+    return (rec.get("metrics") or {}).get("test_top1")
+
+
+def _write_failure(cfg: DictConfig, e: BaseException) -> None:
+    try:
+        variant = OmegaConf.select(cfg, "method.kwargs.variant")
+        rid = _run_id(cfg.task.name, cfg.backbone.name, cfg.method.name, cfg.compression, cfg.seed, variant)
+        path = Path(cfg.results_dir) / "failed" / f"{rid}.json"
+        atomic_write_json(path, {"schema": 1, "run_id": rid, "status": "failed", "error": f"{type(e).__name__}: {e}",
+                                 "traceback": traceback.format_exc(), "task": cfg.task.name,
+                                 "backbone": cfg.backbone.name, "method": cfg.method.name,
+                                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    except Exception:  # noqa: BLE001 - never mask the original error
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
