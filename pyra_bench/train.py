@@ -275,7 +275,7 @@ def _print_summary(rec: dict, path: Path) -> None:
         f"run        {rec['run_id']}",
         f"top-1      {m['test_top1']:.2f}% on the test split (last epoch); best evaluated epoch "
         f"{m['test_top1_best']:.2f}%" if m["test_top1"] is not None else "top-1      (not evaluated)",
-        f"by epoch   " + ", ".join(f"{k}: {v:.1f}" for k, v in m["test_top1_by_epoch"].items()),
+        "by epoch   " + ", ".join(f"{k}: {v:.1f}" for k, v in m["test_top1_by_epoch"].items()),
         f"params     trainable {p['trainable']:,} | paper-counted {p['paper_counted']:,} = "
         f"{p['paper_pct']:.2f}% of the backbone ({p['backbone']:,})",
         f"MACs       {f.get('gmacs', float('nan')):.4g} G per image (inference model, LoRA merged)",

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from reference import tome_merge_one
 from timm.models.deit import VisionTransformerDistilled
 
 from pyra_bench.models import ToMeMerge, build_model, get_backbone, token_counts
-from reference import tome_merge_one
 
 
 def _random_inputs(B=3, N=17, D=12, H=3, hd=4, sizes=True):
@@ -62,7 +62,7 @@ def test_per_block_token_counts_and_sizes_follow_the_schedule(schedule):
     outs = _run_and_collect(model, torch.randn(2, 3, 32, 32))
     expected = token_counts(sched, 17)[1:]
     assert [o[0].shape[1] for o in outs] == expected
-    for (_, size), r in zip(outs, sched):
+    for _, size in outs:
         if size is not None:
             torch.testing.assert_close(size.sum(dim=(1, 2)), torch.full((2,), 17.0))
 

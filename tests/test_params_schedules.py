@@ -2,8 +2,14 @@
 
 import pytest
 
-from pyra_bench.models import (ScheduleError, build_model, check_schedule, count_parameters,
-                               resolve_schedule, token_counts)
+from pyra_bench.models import (
+    ScheduleError,
+    build_model,
+    check_schedule,
+    count_parameters,
+    resolve_schedule,
+    token_counts,
+)
 from pyra_bench.models.schedules import tome_linear_schedule
 from pyra_bench.registry import UnknownChoiceError
 

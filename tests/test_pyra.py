@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from reference import pyra_modulate, tome_merge_one
 
 from pyra_bench.models import PYRA_VARIANTS, ToMeMerge, build_model, build_modulator
-from reference import pyra_modulate, tome_merge_one
 
 
 def _pair(seed=0):

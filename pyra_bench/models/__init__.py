@@ -1,9 +1,16 @@
 """Models: backbones, LoRA, token merging, PYRA and the ViT patch that ties them together."""
 
-from .backbones import BACKBONES, BackboneSpec, CheckpointError, create_backbone, get_backbone, load_checkpoint
+from .backbones import (
+    BACKBONES,
+    BackboneSpec,
+    CheckpointError,
+    create_backbone,
+    get_backbone,
+    load_checkpoint,
+)
 from .build import build_model
 from .lora import LoRALinear, add_lora_to_qkv, merge_lora
-from .merging import ToMeMerge, TokenReducer, bipartite_matching, merge_wavg
+from .merging import TokenReducer, ToMeMerge, bipartite_matching, merge_wavg
 from .params import ParamCount, count_parameters
 from .pyra import MODULATORS, PYRA_VARIANTS, build_modulator
 from .schedules import PRESETS, ScheduleError, check_schedule, resolve_schedule, token_counts
