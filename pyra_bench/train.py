@@ -110,7 +110,7 @@ def make_model(cfg: DictConfig, num_classes: int, pretrained: bool, checkpoint: 
         cfg.backbone.name, num_classes, cfg.method.name, cfg.compression,
         lora_rank=cfg.backbone.get("lora_rank"), lora_dropout=t.lora_dropout, lora_init=t.lora_init,
         pretrained=pretrained, checkpoint=checkpoint, drop_path_rate=t.drop_path,
-        method_kwargs=OmegaConf.to_container(cfg.method.get("kwargs") or {}, resolve=True),
+        method_kwargs=OmegaConf.to_container(cfg.method.kwargs, resolve=True) if cfg.method.get("kwargs") else {},
     )
 
 
@@ -150,6 +150,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return {"run_id": rid, "status": "skipped", "path": str(record_path)}
 
     t_start = time.time()
+    if cfg.trainer.get("cpu_threads"):
+        torch.set_num_threads(int(cfg.trainer.cpu_threads))
     # 1. validate cheap things first: data, weights file, model/schedule (raises before any training)
     dm = make_datamodule(cfg)
     pretrained, checkpoint = resolve_weights(cfg.backbone)
@@ -167,7 +169,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     history: dict[int, float] = {}
     epoch_offset = 0
     for i, stage in enumerate(stages):
-        stage_epochs = max(1, round(t.epochs * stage.epochs_fraction))
+        stage_epochs = max(1, round(t.epochs * stage.epochs_fraction)) if stage.epochs_fraction > 0 else 0
         done = run_dir / "stages" / f"{stage.name}.pt"
         if done.exists():
             saved = torch.load(done, map_location="cpu", weights_only=False)
@@ -178,6 +180,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             epoch_offset += stage_epochs
             continue
         method.on_stage_start(stage, model, dm)
+        if stage_epochs == 0:  # a structural step only (e.g. pruning), no training
+            _save_stage(done, model, method, {})
+            continue
         module = AdaptationModule(model, dm.num_classes, optim, stage_epochs, epoch_offset,
                                   evaluate=stage.evaluate)
         ckpt_dir = run_dir / "ckpt" / stage.name
@@ -204,11 +209,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             trainer.validate(module, datamodule=dm, verbose=False)
         history.update(module.eval_history)
         if trainer.is_global_zero:
-            done.parent.mkdir(parents=True, exist_ok=True)
-            tmp = done.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "method_state": method.state(),
-                        "eval_history": module.eval_history}, tmp)
-            os.replace(tmp, done)
+            _save_stage(done, model, method, module.eval_history)
         epoch_offset += stage_epochs
 
     if int(os.environ.get("LOCAL_RANK", "0")) != 0 or int(os.environ.get("NODE_RANK", "0")) != 0:
@@ -256,6 +257,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     path = write_record(results_dir, record)
     _print_summary(record, path)
     return record
+
+
+def _save_stage(path: Path, model, method, eval_history: dict) -> None:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "method_state": method.state(), "eval_history": eval_history}, tmp)
+    os.replace(tmp, path)
 
 
 def _flops(model, image_size: int) -> dict[str, Any]:

@@ -74,6 +74,8 @@ def build_model(
         load_checkpoint(model, checkpoint, spec.name)
 
     model.requires_grad_(False)
+    model.pyra_backbone_params = sum(p.numel() for n, p in model.named_parameters()
+                                     if not n.startswith(("head.", "head_dist.")))
     add_lora_to_qkv(model, lora_rank or spec.lora_rank, alpha=lora_alpha, dropout=lora_dropout, init=lora_init)
     for head in (getattr(model, "head", None), getattr(model, "head_dist", None)):
         if isinstance(head, nn.Module):

@@ -41,16 +41,19 @@ def model_macs(model: nn.Module, include_head: bool = False) -> int:
     patch_dim = pe.proj.in_channels * pe.proj.kernel_size[0] * pe.proj.kernel_size[1]
     n = num_patches + model.num_prefix_tokens
     t_in, t_out, attn_dims, hiddens = [], [], [], []
+    extra = 0
     for blk in model.blocks:
         t_in.append(n)
         red = getattr(blk, "token_reducer", None)
-        n = red.tokens_out(n) if red is not None else n
+        if red is not None:
+            extra += int(getattr(red, "extra_macs", lambda _n: 0)(n))  # e.g. SPViT's selector MLPs
+            n = red.tokens_out(n)
         t_out.append(n)
         attn_dims.append(blk.attn.qkv.out_features // 3)
         hiddens.append(blk.mlp.fc1.out_features)
     heads = 2 if getattr(model, "dist_token", None) is not None else 1
     nc = getattr(model, "num_classes", 0) if include_head else 0
-    return vit_macs(t_in, t_out, model.embed_dim, attn_dims, hiddens, num_patches, patch_dim, nc, heads)
+    return extra + vit_macs(t_in, t_out, model.embed_dim, attn_dims, hiddens, num_patches, patch_dim, nc, heads)
 
 
 def budget_fraction(spec: str | float) -> float:

@@ -19,7 +19,7 @@ class ParamCount:
     head: int
     method: int  # the method's own trainable parameters
     method_paper: int  # ... as the paper counts them
-    backbone: int  # frozen backbone without the head
+    backbone: int  # the backbone without the head, as built (before any channel pruning)
     paper_counted: int  # lora + method_paper
     paper_pct: float  # 100 * paper_counted / backbone
 
@@ -43,6 +43,8 @@ def count_parameters(model: nn.Module, method=None) -> ParamCount:
             head += k
         elif not p.requires_grad:
             backbone += k
+    # Channel-pruning methods shrink the frozen backbone; the paper's % divides by the original size.
+    backbone = getattr(model, "pyra_backbone_params", None) or backbone
     method_all = trainable - lora - head
     method_paper = method.paper_param_count(model) if method is not None else method_all
     counted = lora + method_paper

@@ -1,0 +1,170 @@
+"""Lightning DataModule for one VTAB-1k task (folder format) or the embedded ``digits`` task.
+
+The authors' protocol (``PYRA: lib/datasets.py``): train on ``train800val200`` (1,000 images; shuffled,
+``drop_last=True``), evaluate top-1 on the full ``test`` split; tuning runs train on ``train800`` and
+evaluate on ``val200``. Same transform for both (direct bicubic resize + normalise, no augmentation).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .folder import VTABFolderDataset
+from .tasks import SPLITS, get_task
+from .transforms import build_transform, get_normalization
+
+SOURCES = ("folder", "embedded")
+DATA_FORMATS = {"folder": "jpeg_folder", "embedded": "embedded_sklearn_digits"}
+
+
+class VTABDataModule(L.LightningDataModule):
+    """Loaders for one task. Construction validates the task, splits, normalisation and (for
+    ``source="folder"``) the prepared folder, so bad inputs fail before any model is built.
+
+    Args:
+        task: a VTAB-1k task name or ``digits``.
+        data_root: folder with one sub-folder per task (``source="folder"``).
+        batch_size / eval_batch_size: training / evaluation batch size (eval default: 4 x batch_size).
+        num_workers: loader processes (default: min(8, CPUs) for JPEG folders, 0 for in-memory data).
+        image_size, normalization, interpolation: the transform (see :func:`build_transform`).
+        train_split: split trained on (``train800val200``; ``train800`` for tuning).
+        eval_split: split evaluated and reported (``test``; ``val200`` for tuning).
+        val_split: split of Lightning's validation loop (default ``eval_split``: the VTAB protocol evaluates
+            the test split every few epochs); ``test_dataloader`` always serves ``eval_split``.
+        source: ``"folder"`` (JPEG folder) or ``"embedded"`` (only ``digits``, no data root needed).
+        pin_memory: default: when CUDA is available.
+        seed: seeds the training shuffle order.
+    """
+
+    def __init__(
+        self,
+        task: str = "digits",
+        data_root: str | os.PathLike | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int | None = None,
+        image_size: int = 224,
+        normalization: str = "imagenet",
+        train_split: str = "train800val200",
+        eval_split: str = "test",
+        val_split: str | None = None,
+        source: str = "folder",
+        pin_memory: bool | None = None,
+        seed: int = 0,
+        interpolation: str = "bicubic",
+    ):
+        super().__init__()
+        self.spec = get_task(task)
+        self.task = self.spec.name
+        if source not in SOURCES:
+            raise ValueError(f"unknown data source {source!r}; valid choices: {', '.join(SOURCES)}")
+        if source == "embedded" and self.spec.source != "embedded":
+            raise ValueError(f"task {self.task!r} is not embedded (only 'digits' is); use source='folder' and "
+                             f"prepare it with: python -m pyra_bench.data.prepare --tasks {self.task} "
+                             f"--data-root <dir>")
+        for name, split in (("train_split", train_split), ("eval_split", eval_split), ("val_split", val_split)):
+            if split is not None and split not in SPLITS:
+                raise ValueError(f"unknown {name} {split!r}; valid choices: {', '.join(SPLITS)}")
+        if int(batch_size) <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        get_normalization(normalization)  # unknown preset -> error listing the valid ones
+        if source == "folder" and data_root is None:
+            raise ValueError(f"source='folder' needs data_root (prepare with: python -m pyra_bench.data.prepare "
+                             f"--tasks {self.task} --data-root <dir>)")
+        self.source = source
+        self.data_root = Path(data_root).expanduser() if data_root is not None else None
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or 4 * self.batch_size)
+        self.num_workers = (min(8, os.cpu_count() or 1) if source == "folder" else 0) if num_workers is None \
+            else int(num_workers)
+        self.image_size, self.normalization, self.interpolation = int(image_size), normalization, interpolation
+        self.train_split, self.eval_split = train_split, eval_split
+        self.val_split = val_split or eval_split
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+        self.seed = int(seed)
+        self._datasets: dict[str, Dataset] = {}
+        if source == "folder":  # fail fast: folder, split lists, labels, listed images (no decoding)
+            for split in dict.fromkeys((self.train_split, self.eval_split, self.val_split)):
+                self._dataset(split)
+            self._warn_if_mock()
+
+    # -- record ----------------------------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return self.spec.num_classes
+
+    @property
+    def data_format(self) -> str:
+        """How images are read, for the run record: ``jpeg_folder`` or ``embedded_sklearn_digits``."""
+        return DATA_FORMATS[self.source]
+
+    def describe(self) -> dict[str, Any]:
+        """Data provenance for a run record."""
+        info: dict[str, Any] = {
+            "task": self.task, "group": self.spec.group, "num_classes": self.num_classes,
+            "data_format": self.data_format, "train_split": self.train_split, "eval_split": self.eval_split,
+            "image_size": self.image_size, "normalization": self.normalization,
+            "interpolation": self.interpolation,
+            "sizes": {s: len(self._dataset(s)) for s in dict.fromkeys((self.train_split, self.eval_split))},
+        }
+        if self.source == "folder":
+            from .prepare import read_meta
+
+            meta = read_meta(self.data_root / self.task) or {}
+            info.update(data_root=str(self.data_root), tfds_builder=meta.get("tfds_builder"),
+                        jpeg_quality=meta.get("jpeg_quality"), mock_data=meta.get("mock_data", False))
+        return info
+
+    def _warn_if_mock(self) -> None:
+        from .prepare import read_meta
+
+        meta = read_meta(self.data_root / self.task) or {}
+        if meta.get("mock_data"):
+            warnings.warn(f"{self.data_root / self.task} was prepared from FAKE data (--mock-examples): its "
+                          f"accuracy means nothing", stacklevel=3)
+
+    # -- datasets --------------------------------------------------------------------------------------
+    def _dataset(self, split: str) -> Dataset:
+        if split not in self._datasets:
+            if self.source == "embedded":
+                from .embedded import digits_dataset
+
+                self._datasets[split] = digits_dataset(split, self.image_size, self.normalization)
+            else:
+                tf = build_transform(self.image_size, interpolation=self.interpolation,
+                                     normalization=self.normalization)
+                self._datasets[split] = VTABFolderDataset(self.data_root, self.spec, split, tf)
+        return self._datasets[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        for split in dict.fromkeys((self.train_split, self.eval_split, self.val_split)):
+            self._dataset(split)
+
+    # -- loaders ---------------------------------------------------------------------------------------
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        ds = self._dataset(split)
+        batch = self.batch_size if train else self.eval_batch_size
+        if train and len(ds) < batch:
+            raise ValueError(f"{self.task}/{split} has {len(ds)} images, fewer than one batch of {batch} "
+                             f"(drop_last=True would give no training step)")
+        return DataLoader(
+            ds, batch_size=batch, shuffle=train, drop_last=train, num_workers=self.num_workers,
+            pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed) if train else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_split, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_split, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.eval_split, train=False)

@@ -1,0 +1,179 @@
+"""The VTAB-1k folder format most PEFT code reads (NOAH / PYRA ``get_vtab1k.py``)::
+
+    <root>/<task>/images/<split>/000123.jpg
+    <root>/<task>/{train800,val200,train800val200,test}.txt    lines "images/<split>/000123.jpg <int label>"
+
+Paths in the lists are relative to ``<root>/<task>``. Images are stored at native resolution and read as
+RGB. Everything that can be checked without decoding images (folder, split list, label range, listed
+files) is checked when the dataset is built, i.e. before any training; an undecodable image raises
+:class:`CorruptImageError` naming the file when it is read (or up front with :func:`verify_images`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .tasks import SPLITS, TaskSpec, get_task
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A VTAB-1k folder, split list or image is missing; the message says how to prepare it."""
+
+
+class CorruptImageError(OSError):
+    """An image file exists but cannot be decoded; the message names the file."""
+
+
+class LabelOutOfRangeError(ValueError):
+    """A split list holds a label outside ``[0, num_classes)`` of its task."""
+
+
+class SplitFormatError(ValueError):
+    """A split list line is not ``<relative/path> <int label>``."""
+
+
+def prepare_command(task: str, root: str | os.PathLike) -> str:
+    """The shell command that builds ``<root>/<task>`` from TFDS."""
+    return f"python -m pyra_bench.data.prepare --tasks {task} --data-root {root}"
+
+
+def read_split_file(path: str | os.PathLike, num_classes: int | None = None,
+                    task: str = "?") -> list[tuple[str, int]]:
+    """Parse a split list into ``(relative path, label)`` pairs, validating format and label range."""
+    path = Path(path)
+    out: list[tuple[str, int]] = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            parts = line.rsplit(None, 1)
+            try:
+                rel, label = parts[0], int(parts[1])
+            except (IndexError, ValueError):
+                raise SplitFormatError(
+                    f"{path}:{n}: expected '<relative/path.jpg> <int label>', got {line!r}") from None
+            if num_classes is not None and not 0 <= label < num_classes:
+                raise LabelOutOfRangeError(
+                    f"{path}:{n}: label {label} is outside [0, {num_classes}) for task {task!r} "
+                    f"({num_classes} classes); the folder does not belong to this task or is damaged")
+            out.append((rel, label))
+    return out
+
+
+class VTABFolderDataset(Dataset):
+    """One split of one task in the folder format; items are ``(transform(RGB PIL image), int label)``.
+
+    Args:
+        root: the folder holding one sub-folder per task (e.g. ``data/vtab-1k``).
+        task: a task name (see :data:`~pyra_bench.data.tasks.VTAB_TASKS`, or ``digits``) or a spec.
+        split: ``train800``, ``val200``, ``train800val200`` or ``test``.
+        transform: applied to the PIL image (e.g. :func:`~pyra_bench.data.transforms.build_transform`).
+        check_files: check at construction that every listed image exists.
+    """
+
+    def __init__(self, root: str | os.PathLike, task: str | TaskSpec, split: str,
+                 transform: Callable[[Image.Image], Any] | None = None, check_files: bool = True):
+        self.spec = get_task(task)
+        self.task = self.spec.name
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; valid choices: {', '.join(SPLITS)}")
+        self.root, self.split, self.transform = Path(root), split, transform
+        self.task_dir = self.root / self.task
+        cmd = prepare_command(self.task, self.root)
+        if not self.root.is_dir():
+            raise DataNotFoundError(
+                f"VTAB-1k data root not found: {self.root}\n"
+                f"  Prepare the task with:  {cmd}\n"
+                f"  (or point data_root / $VTAB_ROOT at an existing VTAB-1k folder)")
+        if not self.task_dir.is_dir():
+            raise DataNotFoundError(
+                f"task folder not found: {self.task_dir}\n"
+                f"  Prepare it with:  {cmd}")
+        list_file = self.task_dir / f"{split}.txt"
+        if not list_file.is_file():
+            present = sorted(p.name for p in self.task_dir.glob("*.txt"))
+            raise DataNotFoundError(
+                f"split list not found: {list_file} (present: {', '.join(present) or 'none'})\n"
+                f"  Rebuild the task with:  {cmd} --overwrite")
+        entries = read_split_file(list_file, self.spec.num_classes, self.task)
+        if not entries:
+            raise SplitFormatError(f"{list_file} lists no images")
+        self.list_file = list_file
+        self.samples: list[tuple[Path, int]] = [(self.task_dir / rel, label) for rel, label in entries]
+        if check_files:
+            self._check_files()
+
+    def _check_files(self) -> None:
+        listing: dict[Path, set[str]] = {}
+        missing = []
+        for path, _ in self.samples:
+            parent = path.parent
+            if parent not in listing:
+                listing[parent] = set(os.listdir(parent)) if parent.is_dir() else set()
+            if path.name not in listing[parent]:
+                missing.append(str(path))
+        if missing:
+            raise DataNotFoundError(
+                f"{len(missing)} of {len(self.samples)} images listed in {self.list_file} are missing, e.g. "
+                f"{', '.join(missing[:3])}\n  Rebuild the task with:  {prepare_command(self.task, self.root)} "
+                f"--overwrite")
+
+    @property
+    def targets(self) -> list[int]:
+        return [label for _, label in self.samples]
+
+    @property
+    def num_classes(self) -> int:
+        return self.spec.num_classes
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load_image(self, index: int) -> Image.Image:
+        """The fully decoded RGB image; :class:`CorruptImageError` names an undecodable file."""
+        path = self.samples[index][0]
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB")  # forces a full decode (a truncated JPEG fails here)
+        except FileNotFoundError as e:
+            raise DataNotFoundError(f"image file disappeared: {path}") from e
+        except (OSError, SyntaxError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
+            raise CorruptImageError(f"corrupt or undecodable image {path}: {e}") from e
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        img = self.load_image(index)
+        return (self.transform(img) if self.transform is not None else img), self.samples[index][1]
+
+    def __repr__(self) -> str:
+        return f"VTABFolderDataset(task={self.task!r}, split={self.split!r}, n={len(self)}, root={str(self.root)!r})"
+
+
+def verify_images(dataset: VTABFolderDataset, progress: bool = False, max_errors: int = 10) -> int:
+    """Decode every image of ``dataset`` once; raise :class:`CorruptImageError` listing the bad files.
+
+    Returns the number of images checked. Use before a long run, or via ``prepare --verify``.
+    """
+    bad: list[str] = []
+    indices = range(len(dataset))
+    if progress:
+        from tqdm import tqdm
+
+        indices = tqdm(indices, desc=f"verify {dataset.task}/{dataset.split}", unit="img")
+    for i in indices:
+        try:
+            dataset.load_image(i)
+        except CorruptImageError as e:
+            bad.append(str(e))
+            if len(bad) >= max_errors:
+                break
+    if bad:
+        raise CorruptImageError(f"{len(bad)}{'+' if len(bad) >= max_errors else ''} undecodable image(s) in "
+                                f"{dataset.list_file}:\n  " + "\n  ".join(bad))
+    return len(dataset)
