@@ -51,7 +51,7 @@ def test_npz_in_the_original_vit_layout(tmp_path):
             w[p + f"MultiHeadDotProductAttention_1/{n}/bias"] = qkv_b[j * D:(j + 1) * D].reshape(H, D // H).numpy()
         w[p + "MultiHeadDotProductAttention_1/out/kernel"] = sd[b + "attn.proj.weight"].t().reshape(H, D // H, D).numpy()
         w[p + "MultiHeadDotProductAttention_1/out/bias"] = sd[b + "attn.proj.bias"].numpy()
-        for k, (ln, tn) in enumerate((("LayerNorm_0", "norm1"), ("LayerNorm_2", "norm2"))):
+        for ln, tn in (("LayerNorm_0", "norm1"), ("LayerNorm_2", "norm2")):
             w[p + f"{ln}/scale"], w[p + f"{ln}/bias"] = sd[b + tn + ".weight"].numpy(), sd[b + tn + ".bias"].numpy()
         for k, fc in enumerate(("fc1", "fc2")):
             w[p + f"MlpBlock_3/Dense_{k}/kernel"] = sd[b + f"mlp.{fc}.weight"].t().numpy()

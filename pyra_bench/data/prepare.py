@@ -221,7 +221,9 @@ class ExampleReader:
         if self.kind == "tf.data":
             import tensorflow_datasets as tfds
 
-            ds = self.builder.as_dataset(split=f"{split}[{start}:{stop}]", shuffle_files=False)
+            # cycle_length 1: files in order, examples in order (the default interleaves 16 files)
+            ds = self.builder.as_dataset(split=f"{split}[{start}:{stop}]", shuffle_files=False,
+                                         read_config=tfds.ReadConfig(interleave_cycle_length=1))
             yield from tfds.as_numpy(ds)
             return
         if split not in self._sources:
