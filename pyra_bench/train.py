@@ -44,7 +44,13 @@ def _compression_str(c: Any) -> str:
     return str(c).replace(":", "-").replace(",", "_")
 
 
+def _first(*values):
+    """The first value that is not null (``${first:${budget},high}``)."""
+    return next((v for v in values if v not in (None, "None", "null")), None)
+
+
 OmegaConf.register_new_resolver("run_id", _run_id, replace=True)
+OmegaConf.register_new_resolver("first", _first, replace=True)
 
 
 def git_revision() -> str | None:
@@ -255,6 +261,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "run_dir": str(run_dir),
     }
     path = write_record(results_dir, record)
+    (results_dir / "failed" / f"{rid}.json").unlink(missing_ok=True)  # a stale failure of an earlier attempt
     _print_summary(record, path)
     return record
 
@@ -294,13 +301,27 @@ def _print_summary(rec: dict, path: Path) -> None:
     print("\n".join(["", "=" * 72, *lines, "=" * 72]))
 
 
+def _in_multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    except Exception:  # noqa: BLE001
+        return False
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    """One run. In a sweep (``-m``) a failing run is recorded and reported, and the sweep goes on;
+    a single run re-raises (non-zero exit)."""
     try:
         rec = train(cfg)
     except Exception as e:
-        if cfg.get("record_failures", True):
-            _write_failure(cfg, e)
+        _write_failure(cfg, e)
+        if _in_multirun():
+            log.error("run failed (recorded under %s/failed/): %s: %s", cfg.results_dir, type(e).__name__, e)
+            return None
         raise
     return (rec.get("metrics") or {}).get("test_top1")
 

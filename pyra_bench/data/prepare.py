@@ -471,12 +471,26 @@ def verify_task(data_root: str | os.PathLike, task: str, progress: bool = True) 
 # Fake TFDS data (tests and --mock-examples): tfds.testing.mock_data with per-split sizes
 # ---------------------------------------------------------------------------------------------------------
 class _FakeSource:
-    """Random examples with a builder's real feature spec (fixed-length sequences, 10x10 dynamic images)."""
+    """Random examples with a builder's real feature spec (fixed-length sequences, 10x10 dynamic images).
+
+    Images are random 8x8-pixel blocks (cheap to generate and encode; still random, still the feature's
+    real shape and dtype).
+    """
 
     def __init__(self, features: Any, n: int, seed: int, max_value: int | None):
+        from tensorflow_datasets import features as features_lib
         from tensorflow_datasets.testing.mocking import RandomFakeGenerator
 
-        self._gen = RandomFakeGenerator(features, n, max_value=max_value, constant_dynamic_shape=True, seed=seed)
+        class _Gen(RandomFakeGenerator):
+            def _generate_random_obj(self, feature, tensor_info, rng):
+                if not isinstance(feature, features_lib.Image):
+                    return super()._generate_random_obj(feature, tensor_info, rng)
+                h, w, c = (10 if d is None else d for d in tensor_info.shape)
+                hi = self._max_value or 256
+                blocks = rng.integers(0, hi, size=(-(-h // 8), -(-w // 8), c)).astype(tensor_info.np_dtype)
+                return np.ascontiguousarray(blocks.repeat(8, axis=0).repeat(8, axis=1)[:h, :w])
+
+        self._gen = _Gen(features, n, max_value=max_value, constant_dynamic_shape=True, seed=seed)
         self._n = n
 
     def __len__(self) -> int:

@@ -1,0 +1,150 @@
+"""``python -m pyra_bench.bench``: parameters, MACs and inference throughput of one model.
+
+Composed by Hydra from ``conf/bench.yaml`` (groups ``backbone`` and ``method`` of ``conf/``, plus
+``compression`` and the ``bench.*`` settings; ``--help`` lists them). The model is built exactly as
+``pyra_bench.train`` builds it (random init by default: MACs and throughput do not depend on the weight
+values), then its inference model -- LoRA merged into qkv -- is measured with
+:func:`pyra_bench.measure.measure_model`. A table is printed and a JSON record is written atomically to
+``results/bench/<backbone>__<method>__<compression>__<device-slug>.json``.
+
+For the paper's speedup table over every method and both schedules, use ``scripts/bench_speedup.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+# The config resolvers (run_id, first) are registered by pyra_bench.train; the method configs use them.
+from .train import _compression_str, git_revision
+
+log = logging.getLogger("pyra_bench.bench")
+
+
+def build_for_bench(cfg: DictConfig):
+    """The model ``train`` would build for this config (weights only if ``bench.load_weights``)."""
+    from .models import build_model
+
+    pretrained, checkpoint = False, None
+    if cfg.bench.get("load_weights", False):
+        from .train import resolve_weights
+
+        pretrained, checkpoint = resolve_weights(cfg.backbone)
+    compression = _container(cfg.compression)
+    return build_model(
+        cfg.backbone.name, int(cfg.num_classes), cfg.method.name, compression,
+        lora_rank=cfg.backbone.get("lora_rank"), pretrained=pretrained, checkpoint=checkpoint,
+        drop_path_rate=0.0,
+        method_kwargs=_container(cfg.method.get("kwargs")) or {},
+    )
+
+
+def _container(v: Any) -> Any:
+    return OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+
+
+def output_path(cfg: DictConfig, schedule: str) -> Path:
+    from .measure import device_slug
+
+    if cfg.bench.get("output"):
+        return Path(cfg.bench.output)
+    name = f"{cfg.backbone.name}__{cfg.method.name}__{schedule}__{device_slug(cfg.bench.device)}.json"
+    return Path(cfg.bench.output_dir) / name
+
+
+def run_bench(cfg: DictConfig) -> dict[str, Any]:
+    import torch
+
+    from .measure import MEASURED_MODEL, device_slug, measure_model, software_versions
+    from .records import atomic_write_json
+
+    b = cfg.bench
+    if b.get("threads"):
+        torch.set_num_threads(int(b.threads))
+    torch.manual_seed(0)
+    t0 = time.time()
+    model = build_for_bench(cfg)
+    schedule = _compression_str(cfg.compression)
+    res = measure_model(
+        model, int(cfg.backbone.image_size), params=bool(b.params), flops=bool(b.flops),
+        throughput=bool(b.throughput),
+        throughput_kwargs=dict(batch_size=int(b.batch_size), device=str(b.device), dtype=str(b.dtype),
+                               warmup_s=float(b.warmup_s), duration_s=float(b.duration_s),
+                               channels_last=bool(b.channels_last)),
+    )
+    variant = OmegaConf.select(cfg, "method.kwargs.variant")
+    slug = device_slug(b.device)
+    record = {
+        "schema": 1,
+        "kind": "bench",
+        "run_id": f"bench__{cfg.backbone.name}__{cfg.method.name}__{schedule}__{slug}",
+        "backbone": cfg.backbone.name, "method": cfg.method.name, "variant": variant, "schedule": schedule,
+        "measured": MEASURED_MODEL,
+        "weights": "loaded" if b.get("load_weights", False) else "random init (values do not affect MACs/throughput)",
+        "merging_schedule": list(getattr(model.pyra_method, "schedule", []) or []),
+        "params": res["params"], "flops": res["flops"], "throughput": res["throughput"],
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "git_rev": git_revision(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": software_versions(), "wall_time_s": round(time.time() - t0, 1),
+    }
+    path = atomic_write_json(output_path(cfg, schedule), record)
+    record["_path"] = str(path)
+    print(format_report(record))
+    return record
+
+
+def _fmt_tokens(t: list[int]) -> str:
+    if not t:
+        return "-"
+    return " -> ".join(str(v) for v in t)
+
+
+def format_report(rec: dict[str, Any]) -> str:
+    p, f, t = rec.get("params"), rec.get("flops"), rec.get("throughput")
+    rows = [("model", f"{rec['backbone']} / {rec['method']}" + (f" ({rec['variant']})" if rec.get("variant") else "")
+             + f" / {rec['schedule']}  -- {rec['measured']}")]
+    if p:
+        rows.append(("params", f"trainable {p['trainable']:,} | paper-counted {p['paper_counted']:,} = "
+                               f"{p['paper_pct']:.3f}% of the backbone ({p['backbone']:,})"))
+    if f:
+        attn = f"{f['gmacs_attention']:.4g} G" if f.get("gmacs_attention") is not None else "n/a"
+        rows.append(("MACs", f"{f['gmacs']:.5g} G per image [{f['counter']}], attention {attn}"))
+        extra = f" | paper code (LoRA unmerged) {f['paper_gflops_lora_unmerged']:.4g}" \
+            if f.get("paper_gflops_lora_unmerged") is not None else ""
+        rows.append(("paper FLOPs", f"{f['paper_gflops']:.4g} G (fvcore / 2^30, the paper's unit){extra}"))
+        cc = []
+        for k, name in (("gmacs_flop_counter", "torch flop_counter/2"), ("gmacs_analytic", "analytic")):
+            if f.get(k) is not None:
+                cc.append(f"{name} {f[k]:.5g} G ({100 * f['disagreement'][k[6:]]:+.2f}%)")
+        if f.get("gmacs_fvcore_no_attention") is not None:
+            cc.append(f"plain fvcore w/o SDPA handle {f['gmacs_fvcore_no_attention']:.5g} G")
+        rows.append(("cross-check", "; ".join(cc) or "-"))
+        rows.append(("tokens", f"{_fmt_tokens(f['tokens_per_block'])} -> {f['tokens_final']} (entering each block -> final)"))
+    if t:
+        rows.append(("throughput", f"{t['img_per_s']:.2f} img/s (median-based {t['img_per_s_median']:.2f}); "
+                                   f"{t['iters']} x batch {t['batch_size']} in {t['timed_s']:.1f} s after "
+                                   f"{t['warmup_s']:.1f} s warm-up"))
+        rows.append(("device", f"{t['device']} | {t['dtype']}{' (autocast)' if t['autocast'] else ''} | "
+                               f"threads {t['threads']} | torch {t['versions']['torch']}, timm {t['versions']['timm']}"))
+    if rec.get("_path"):
+        rows.append(("record", rec["_path"]))
+    w = max(len(k) for k, _ in rows)
+    line = "=" * 100
+    return "\n".join([line, *(f"{k:<{w}}  {v}" for k, v in rows), line])
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
+def main(cfg: DictConfig) -> float | None:
+    rec = run_bench(cfg)
+    t = rec.get("throughput") or {}
+    return t.get("img_per_s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

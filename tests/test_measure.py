@@ -1,0 +1,203 @@
+"""Measurement instruments: MAC counts against the paper, counter agreement, throughput fields, bench CLI.
+
+No timing assertions here (timings live in scripts/bench_speedup.py); throughput is only checked for its
+fields and positivity.
+"""
+
+import json
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pyra_bench.measure import (
+    count_flops,
+    flop_counter_count,
+    fvcore_count,
+    measure_model,
+    measure_throughput,
+    sdpa_macs,
+    slugify,
+)
+from pyra_bench.models import build_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@cache
+def _built(backbone: str, method: str, schedule: str):
+    torch.manual_seed(0)
+    return build_model(backbone, 100, method, schedule, drop_path_rate=0.0)
+
+
+@cache
+def _flops(backbone: str, method: str, schedule: str):
+    m = _built(backbone, method, schedule)
+    return count_flops(m.pyra_method.inference_model(m))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_cached_models():
+    yield
+    _flops.cache_clear()
+    _built.cache_clear()
+
+
+def _close(value, target, rel=0.005):
+    return abs(value - target) <= rel * target
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FLOPs
+# ---------------------------------------------------------------------------------------------------------
+def test_vit_b16_unmerged_macs_match_the_paper():
+    f = _flops("vit_b16_in21k", "peft", "none")
+    assert _close(f["gmacs"], 17.56), f["gmacs"]
+    assert _close(f["paper_gflops"], 16.37), f["paper_gflops"]  # Table 1: fvcore / 2**30
+    # attention is counted: q@k^T + attn@v = 2 * H * N^2 * d per block
+    assert f["gmacs_attention"] == pytest.approx(12 * 2 * 197 * 197 * 768 / 1e9, rel=1e-9)
+    assert f["gmacs_fvcore_no_attention"] < f["gmacs"] - 0.7  # what plain fvcore would miss
+    assert f["tokens_per_block"] == [197] * 12 and f["tokens_final"] == 197
+    assert f["lora_merged"] and f["counter"].startswith("fvcore")
+
+
+@pytest.mark.parametrize("method", ["tome", "pyra"])
+@pytest.mark.parametrize("schedule,gmacs,final", [("low", 8.77, 11), ("high", 5.07, 5)])
+def test_merged_vit_b16_macs_fall_to_the_paper_values(method, schedule, gmacs, final):
+    f = _flops("vit_b16_in21k", method, schedule)
+    assert _close(f["gmacs"], gmacs), f["gmacs"]
+    assert f["tokens_final"] == final and f["tokens_per_block"][0] == 197
+    # the jit trace reflects the reduced token counts: the MLP of each block sees fewer tokens
+    assert f["tokens_mlp_per_block"] == f["tokens_per_block"][1:] + [final]
+    assert all(a > b for a, b in zip(f["tokens_per_block"], f["tokens_mlp_per_block"]))
+
+
+@pytest.mark.parametrize("method,schedule", [("peft", "none"), ("tome", "low"), ("pyra", "high")])
+def test_counters_agree_within_one_percent(method, schedule):
+    f = _flops("vit_b16_in21k", method, schedule)
+    assert f["gmacs_flop_counter"] is not None and f["gmacs_analytic"] is not None
+    assert f["max_disagreement"] < 0.01, f["disagreement"]
+
+
+def test_paper_counted_merged_models_with_lora_unmerged():
+    """The paper's 8.21 G / 4.75 G (low / high) are fvcore / 2**30 of the model with its LoRA branch unmerged."""
+    for schedule, target in (("low", 8.21), ("high", 4.75)):
+        f = measure_model(_built("vit_b16_in21k", "tome", schedule), params=False)["flops"]
+        assert _close(f["paper_gflops_lora_unmerged"], target), (schedule, f["paper_gflops_lora_unmerged"])
+        assert f["paper_gflops"] < f["paper_gflops_lora_unmerged"]  # deployable model: LoRA folded in
+
+
+def test_fewer_tokens_fewer_macs():
+    macs = []
+    for r in ("none", "r1", "r2", "r4"):
+        m = build_model("vit_tiny_test", 10, "tome" if r != "none" else "peft", r)
+        f = count_flops(m.pyra_method.inference_model(m), image_size=32)
+        macs.append(f["gmacs"])
+        # (on this 48-wide model LayerNorm, which only fvcore counts, is ~2% of the MACs: no 1% agreement here)
+        assert f["gmacs_flop_counter"] < f["gmacs"] and f["max_disagreement"] < 0.05
+    assert macs == sorted(macs, reverse=True) and len(set(macs)) == 4
+
+
+class _Attn(nn.Module):
+    """SDPA with v wider than q/k (d_v = 6, d = 4): q@k^T and attn@v are counted separately."""
+
+    def forward(self, x):
+        v = torch.cat([x, x[..., :2]], dim=-1)
+        return F.scaled_dot_product_attention(x, x, v)
+
+
+def test_sdpa_is_counted_by_both_counters():
+    x = torch.randn(2, 3, 7, 4)  # (B, H, N, d)
+    want = 2 * 3 * 7 * 7 * (4 + 6)
+    assert sdpa_macs(x.shape, x.shape, (2, 3, 7, 6)) == want
+    assert fvcore_count(_Attn(), x)["total"] == want
+    assert flop_counter_count(_Attn(), x)["total"] == want  # the CPU SDPA kernel is registered
+
+
+# ---------------------------------------------------------------------------------------------------------
+# throughput
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_pyra():
+    torch.manual_seed(0)
+    return build_model("vit_tiny_test", 10, "pyra", "low", drop_path_rate=0.0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_measure_throughput_fields(tiny_pyra, dtype):
+    infer = tiny_pyra.pyra_method.inference_model(tiny_pyra)
+    r = measure_throughput(infer, batch_size=4, image_size=32, device="cpu", dtype=dtype,
+                           warmup_s=0.01, duration_s=0.05)
+    assert r["img_per_s"] > 0 and r["img_per_s_median"] > 0
+    assert r["iters"] >= 2 and r["warmup_iters"] >= 1 and r["timed_s"] > 0
+    assert r["batch_size"] == 4 and r["image_size"] == 32 and r["dtype"] == dtype
+    assert r["autocast"] == (dtype != "float32")
+    assert r["device_type"] == "cpu" and isinstance(r["device"], str) and r["device"]
+    assert r["threads"] >= 1 and r["versions"]["torch"] == torch.__version__
+    assert r["lora_merged"] and "LoRA merged" in r["measured"]
+    assert 0 < r["iter_time_s"]["min"] <= r["iter_time_s"]["median"] <= r["iter_time_s"]["max"]
+
+
+def test_throughput_flags_unmerged_lora_and_rejects_cpu_fp16(tiny_pyra):
+    r = measure_throughput(tiny_pyra, batch_size=2, image_size=32, warmup_s=0, duration_s=0.01)
+    assert r["lora_merged"] is False and "UNMERGED" in r["measured"]
+    with pytest.raises(ValueError, match="float16"):
+        measure_throughput(tiny_pyra, batch_size=2, image_size=32, dtype="fp16", warmup_s=0, duration_s=0.01)
+    with pytest.raises(ValueError, match="dtype"):
+        measure_throughput(tiny_pyra, batch_size=2, image_size=32, dtype="int8", warmup_s=0, duration_s=0.01)
+
+
+def test_measure_model_bundles_record_fields(tiny_pyra):
+    before = {k: v.clone() for k, v in tiny_pyra.state_dict().items()}
+    out = measure_model(tiny_pyra, 32, throughput=True,
+                        throughput_kwargs=dict(batch_size=2, warmup_s=0, duration_s=0.02))
+    assert out["params"]["trainable"] > 0 and out["params"]["paper_pct"] > 0
+    assert out["flops"]["gmacs"] > 0 and out["flops"]["tokens_final"] == 17 - 4 - 3 - 2
+    assert out["flops"]["paper_gflops_lora_unmerged"] > out["flops"]["paper_gflops"]
+    assert out["throughput"]["img_per_s"] > 0 and out["throughput"]["lora_merged"]
+    assert "LoRA merged" in out["measured"]
+    # the built (trainable) model is untouched
+    for k, v in tiny_pyra.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert any(p.requires_grad for p in tiny_pyra.parameters())
+
+
+def test_slugify():
+    assert slugify("NVIDIA GeForce RTX 3090") == "nvidia-geforce-rtx-3090"
+    assert slugify("Intel(R) Xeon(R) Gold 6248 CPU @ 2.50GHz") == "intel-xeon-gold-6248"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the bench CLI
+# ---------------------------------------------------------------------------------------------------------
+def test_bench_cli_writes_a_record(tmp_path, capsys):
+    from hydra import compose, initialize_config_dir
+
+    from pyra_bench.bench import run_bench
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("bench", overrides=[
+            "backbone=vit_tiny_test", "method=pyra", "compression=low", "bench.batch_size=2",
+            "bench.warmup_s=0", "bench.duration_s=0.02", f"bench.output_dir={tmp_path}"])
+    rec = run_bench(cfg)
+    files = list(tmp_path.glob("vit_tiny_test__pyra__low__*.json"))
+    assert len(files) == 1 and "cpu" in files[0].name
+    back = json.loads(files[0].read_text())
+    assert back["kind"] == "bench" and back["method"] == "pyra" and back["schedule"] == "low"
+    assert back["flops"]["gmacs"] > 0 and back["throughput"]["img_per_s"] > 0 and back["params"]["trainable"] > 0
+    assert back["measured"].startswith("inference model") and rec["run_id"] == back["run_id"]
+    out = capsys.readouterr().out
+    assert "img/s" in out and "MACs" in out and str(files[0]) in out
+
+
+def test_bench_cli_help_lists_groups():
+    out = subprocess.run([sys.executable, "-m", "pyra_bench.bench", "--help"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "backbone:" in out.stdout and "method:" in out.stdout and "bench:" in out.stdout
+    assert "vit_b16_in21k" in out.stdout and "tome" in out.stdout
