@@ -15,7 +15,6 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 import torchmetrics
 from torch import nn
 
@@ -73,16 +72,16 @@ class AdaptationModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        logits = self.model(x)
-        loss = F.cross_entropy(logits, y)
+        loss, logits = self.method.training_loss(self.model, x, y)
         extra = self.method.extra_loss(self.model)
-        self.train_acc(logits.detach(), y)
-        self.log("train/ce", loss, prog_bar=False, on_step=False, on_epoch=True)
+        self.log("train/objective", loss, prog_bar=False, on_step=False, on_epoch=True)
         if extra is not None:
             self.log("train/extra_loss", extra.detach(), on_step=False, on_epoch=True)
             loss = loss + extra
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
-        self.log("train/acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True)
+        if logits is not None:
+            self.train_acc(logits.detach(), y)
+            self.log("train/acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True)
         return loss
 
     def validation_step(self, batch, batch_idx):

@@ -97,15 +97,22 @@ def resolve_weights(bcfg: DictConfig) -> tuple[bool, str | None]:
     return False, str(path)
 
 
-def make_datamodule(cfg: DictConfig):
+def make_datamodule(cfg: DictConfig, task: str | None = None):
     from .data import VTABDataModule
 
     t = cfg.trainer
     return VTABDataModule(
-        task=cfg.task.name, data_root=cfg.data_root, batch_size=t.batch_size, eval_batch_size=t.eval_batch_size,
+        task=task or cfg.task.name, data_root=cfg.data_root, batch_size=t.batch_size, eval_batch_size=t.eval_batch_size,
         num_workers=t.num_workers, image_size=cfg.backbone.image_size, normalization=cfg.backbone.normalization,
-        source=cfg.task.source, seed=cfg.seed,
+        source=cfg.task.source if task in (None, cfg.task.name) else _default_source(task), seed=cfg.seed,
     )
+
+
+def _default_source(task: str) -> str:
+    """Where another task's data comes from (a stage's ``task``): the embedded demo data or a prepared folder."""
+    from .data import get_task
+
+    return "embedded" if get_task(task).source == "embedded" else "folder"
 
 
 def make_model(cfg: DictConfig, num_classes: int, pretrained: bool, checkpoint: str | None):
@@ -172,6 +179,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
              "warmup_epochs": t.warmup_epochs, "method_lr": cfg.method.get("lr"),
              "method_weight_decay": cfg.method.get("weight_decay")}
     stages = method.stages()
+    stage_data = {s.task: make_datamodule(cfg, s.task) for s in stages if s.task and s.task != cfg.task.name}
     history: dict[int, float] = {}
     epoch_offset = 0
     for i, stage in enumerate(stages):
@@ -185,7 +193,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             print(f"[pyra_bench] stage {stage.name!r} already finished; restored from {done}")
             epoch_offset += stage_epochs
             continue
-        method.on_stage_start(stage, model, dm)
+        sdm = stage_data.get(stage.task, dm)
+        method.on_stage_start(stage, model, sdm)
         if stage_epochs == 0:  # a structural step only (e.g. pruning), no training
             _save_stage(done, model, method, {})
             continue
@@ -210,7 +219,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
         print(f"[pyra_bench] {rid}: stage {i + 1}/{len(stages)} {stage.name!r}, {stage_epochs} epochs"
               + (f" (resuming from {last})" if last.exists() else ""))
-        trainer.fit(module, datamodule=dm, ckpt_path=str(last) if last.exists() else None)
+        trainer.fit(module, datamodule=sdm, ckpt_path=str(last) if last.exists() else None)
         if stage.evaluate and (i == len(stages) - 1) and (epoch_offset + stage_epochs) not in module.eval_history:
             trainer.validate(module, datamodule=dm, verbose=False)
         history.update(module.eval_history)

@@ -57,6 +57,7 @@ from pyra_bench.measure import (  # noqa: E402
 )
 from pyra_bench.methods import METHODS  # noqa: E402
 from pyra_bench.models import build_model  # noqa: E402
+from pyra_bench.models.macs import BUDGETS  # noqa: E402
 from pyra_bench.records import atomic_write_json  # noqa: E402
 
 BASELINE = ("peft", "none")
@@ -112,6 +113,13 @@ def build_configs(backbone: str, methods: list[str], schedules: list[str], log) 
                             f"(untrained method parameters; the structure -- token counts, kept channels -- is fixed by the budget)")
                 except Exception as e:  # noqa: BLE001
                     note = f"entering its stages without data failed: {type(e).__name__}: {e}"
+            budget = BUDGETS.get(sch)
+            if note and budget is not None and abs(flops["gmacs"] / base_macs - budget) > 0.05:
+                skipped.append({"backbone": backbone, "method": method, "schedule": sch,
+                                "reason": f"its structure comes from a search that needs data: entered without data it "
+                                          f"keeps {flops['gmacs'] / base_macs:.3f} of the MACs, not the budget {budget}"})
+                log(f"  skip {method} {sch}: structure needs a data-driven search (stages {stages})")
+                continue
             if flops["gmacs"] >= 0.99 * base_macs:
                 skipped.append({"backbone": backbone, "method": method, "schedule": sch,
                                 "reason": f"not compressed when built (stages {stages}): its structure comes from a "

@@ -64,5 +64,5 @@ def test_dry_run_lists_runs_and_gpu_hours(capsys):
 
     assert main(["dry-run", "experiment=table2_vit_b"]) == 0
     out = capsys.readouterr().out
-    assert "95 runs in the sweep" in out  # 19 tasks x {peft, rap, spvit, tome, pyra}
+    assert "114 runs in the sweep" in out  # 19 tasks x {peft, rap, spvit, diffrate, tome, pyra}
     assert "cifar100__vit_b16_in21k__peft__none__seed0" in out and "GPU hours" in out

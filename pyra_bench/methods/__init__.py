@@ -1,6 +1,6 @@
 """Method registry. Importing this package registers every built-in method."""
 
-from . import peft, pyra, rap, spvit, tome  # noqa: F401  (registration)
+from . import diffrate, peft, pyra, rap, spvit, tome  # noqa: F401  (registration)
 from .base import METHODS, BuildContext, Method, Stage
 
 __all__ = ["METHODS", "BuildContext", "Method", "Stage", "get_method"]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..models.backbones import BackboneSpec
@@ -49,11 +50,13 @@ class Stage:
     calls :meth:`Method.on_stage_start`; after it, it saves ``{"model": state_dict, "method_state":
     method.state()}`` so a later run resumes after the last finished stage (:meth:`Method.restore`).
     ``evaluate``: whether test accuracy is measured during this stage (only the last stage is reported).
+    ``task``: train this stage on another task's train split (e.g. a search on other data); None = the run's.
     """
 
     name: str
     epochs_fraction: float = 1.0
     evaluate: bool = True
+    task: str | None = None
 
 
 class Method:
@@ -83,6 +86,12 @@ class Method:
 
     def on_stage_start(self, stage: Stage, model: nn.Module, data: Any = None) -> None:
         """Called before each stage (e.g. prune after a LoRA warm-up stage)."""
+
+    def training_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+        """The training objective of one batch: ``(loss, logits)``; logits may be None when the stage's
+        objective has none (e.g. label-free distillation). Default: cross-entropy on the task labels."""
+        logits = model(x)
+        return F.cross_entropy(logits, y), logits
 
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
         """An additional training loss (e.g. a FLOPs-budget penalty), read after each training forward."""
