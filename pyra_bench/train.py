@@ -180,23 +180,32 @@ def train(cfg: DictConfig) -> dict[str, Any]:
              "method_weight_decay": cfg.method.get("weight_decay")}
     stages = method.stages()
     stage_data = {s.task: make_datamodule(cfg, s.task) for s in stages if s.task and s.task != cfg.task.name}
+    stop_after, (init_index, init_path) = _check_chaining(cfg, method.name, [s.name for s in stages])
     history: dict[int, float] = {}
     epoch_offset = 0
     for i, stage in enumerate(stages):
         stage_epochs = max(1, round(t.epochs * stage.epochs_fraction)) if stage.epochs_fraction > 0 else 0
+        if i < init_index:  # covered by the init_from checkpoint of a later stage
+            epoch_offset += stage_epochs
+            continue
         done = run_dir / "stages" / f"{stage.name}.pt"
-        if done.exists():
-            saved = torch.load(done, map_location="cpu", weights_only=False)
+        source = init_path if i == init_index and not done.exists() else done
+        if source.exists():
+            saved = torch.load(source, map_location="cpu", weights_only=False)
             method.restore(model, saved["method_state"])
             model.load_state_dict(saved["model"])
             history.update(saved.get("eval_history", {}))
-            print(f"[pyra_bench] stage {stage.name!r} already finished; restored from {done}")
+            print(f"[pyra_bench] stage {stage.name!r} already finished; restored from {source}")
             epoch_offset += stage_epochs
+            if stage.name == stop_after and i < len(stages) - 1:
+                return _stopped(rid, stage.name, run_dir)
             continue
         sdm = stage_data.get(stage.task, dm)
         method.on_stage_start(stage, model, sdm)
         if stage_epochs == 0:  # a structural step only (e.g. pruning), no training
             _save_stage(done, model, method, {})
+            if stage.name == stop_after and i < len(stages) - 1:
+                return _stopped(rid, stage.name, run_dir)
             continue
         module = AdaptationModule(model, dm.num_classes, optim, stage_epochs, epoch_offset,
                                   evaluate=stage.evaluate)
@@ -226,6 +235,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if trainer.is_global_zero:
             _save_stage(done, model, method, module.eval_history)
         epoch_offset += stage_epochs
+        if stage.name == stop_after and i < len(stages) - 1:
+            return _stopped(rid, stage.name, run_dir)
 
     if int(os.environ.get("LOCAL_RANK", "0")) != 0 or int(os.environ.get("NODE_RANK", "0")) != 0:
         return {"run_id": rid, "status": "worker"}
@@ -273,6 +284,31 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     (results_dir / "failed" / f"{rid}.json").unlink(missing_ok=True)  # a stale failure of an earlier attempt
     _print_summary(record, path)
     return record
+
+
+def _check_chaining(cfg: DictConfig, method: str, names: list[str]) -> tuple[str | None, tuple[int, Path | None]]:
+    """Validate ``stop_after`` and ``init_from`` (chained runs) before any training."""
+    stop_after = cfg.get("stop_after")
+    if stop_after is not None and stop_after not in names:
+        raise ValueError(f"stop_after={stop_after!r} is not a stage of method {method!r}; its stages: {', '.join(names)}")
+    init_from = cfg.get("init_from")
+    if not init_from:
+        return stop_after, (-1, None)
+    path = Path(init_from)
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from={init_from}: no such stage checkpoint (a finished run keeps them as "
+                                f"<run_dir>/stages/<stage>.pt)")
+    if path.stem not in names:
+        raise ValueError(f"init_from={init_from}: {path.stem!r} is not a stage of method {method!r}; its stages: "
+                         f"{', '.join(names)}")
+    return stop_after, (names.index(path.stem), path)
+
+
+def _stopped(rid: str, stage: str, run_dir: Path) -> dict[str, Any]:
+    print(f"[pyra_bench] {rid}: stopped after stage {stage!r} (stop_after); its checkpoint is "
+          f"{run_dir / 'stages' / (stage + '.pt')}. Run the same command without stop_after to go on, or start "
+          f"another run from it with init_from=...")
+    return {"run_id": rid, "status": "stopped", "stage": stage, "run_dir": str(run_dir)}
 
 
 def _save_stage(path: Path, model, method, eval_history: dict) -> None:

@@ -10,5 +10,12 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_one_thread():
+    """Seed 0, and one intra-op thread: on tiny tensors a second thread only adds OpenMP synchronisation,
+    which on a loaded 2-core machine makes each op ~100x slower (measured). Restored after each test
+    (runs may set their own thread count)."""
     torch.manual_seed(0)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

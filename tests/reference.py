@@ -63,3 +63,14 @@ def tome_merge_one(x, size, keys, r, class_token=True, distill_token=False, modu
         out, osize = out + dst, osize + dsize
     xo = torch.tensor([[v / s for v in row] for row, s in zip(out, osize)], dtype=torch.float64)
     return xo, torch.tensor(osize, dtype=torch.float64)
+
+
+def tokens_leaving_blocks(model, x):
+    """Tokens leaving each block of a patched ViT (after its reducer), read from forward hooks."""
+    counts = []
+    hooks = [b.register_forward_hook(lambda m, i, o: counts.append(o[0].shape[1])) for b in model.blocks]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return counts

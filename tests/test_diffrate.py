@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import tokens_leaving_blocks
 
 from pyra_bench.methods.diffrate import (
     PUBLISHED,
@@ -23,27 +24,11 @@ NC = 5
 N_TINY = 17  # vit_tiny_test: 16 patches + class token, 3 blocks
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _build(compression="flops:0.7", **kw):
     kw.setdefault("granularity", 2)
     return build_model("vit_tiny_test", NC, "diffrate", compression, method_kwargs=kw)
 
-
-def _block_tokens(model, x):
-    counts = []
-    hooks = [b.register_forward_hook(lambda m, i, o: counts.append(o[0].shape[1])) for b in model.blocks]
-    with torch.no_grad():
-        model(x)
-    for h in hooks:
-        h.remove()
-    return counts
 
 
 # -- golden values (worked by hand from DiffRate's ddp.py / merge.py) ------------------------------------
@@ -101,7 +86,7 @@ def test_hard_reducer_counts_order_and_class_token():
     m = model.pyra_method
     assert [s.name for s in m.stages()] == ["train"] and m.source == "given"
     x = torch.randn(3, 3, 32, 32)
-    assert _block_tokens(model, x) == [17, 10, 9] == m.tokens_after_blocks()  # min(prev, prune, merge)
+    assert tokens_leaving_blocks(model, x) == [17, 10, 9] == m.tokens_after_blocks()  # min(prev, prune, merge)
     assert [b.token_reducer.tokens_out(n) if b.token_reducer else n for b, n in zip(model.blocks, [17, 17, 10])] \
         == [17, 10, 9]
     # the class token is never moved or merged: the block output's token 0 equals the unreduced block's
@@ -207,14 +192,14 @@ def test_search_trains_only_the_rate_logits_and_meets_the_budget():
     assert torch.equal(model.blocks[1].attn.qkv.lora_a.weight, lora_before)
     assert fracs[0] > 0.8 and abs(fracs[-1] - 0.7) < 0.05, fracs
     # the search masks tokens, it does not remove them
-    assert _block_tokens(model, torch.randn(2, 3, 32, 32)) == [17, 17, 17]
+    assert tokens_leaving_blocks(model, torch.randn(2, 3, 32, 32)) == [17, 17, 17]
     # fixing the schedule: logits dropped, LoRA + head train, tokens removed as searched
     m.on_stage_start(m.stages()[1], model)
     assert not m.search_reducers(model)
     assert {n.split(".")[-2] for n, p in model.named_parameters() if p.requires_grad} >= {"lora_a", "lora_b", "head"}
     assert not any("token_reducer" in n for n, _ in model.named_parameters())
     infer = m.inference_model(model)
-    assert _block_tokens(infer, torch.randn(2, 3, 32, 32)) == m.tokens_after_blocks()
+    assert tokens_leaving_blocks(infer, torch.randn(2, 3, 32, 32)) == m.tokens_after_blocks()
     assert model_macs(infer) / m.full_macs == pytest.approx(m.macs_fraction())
     assert abs(m.macs_fraction() - 0.7) <= 0.06
     assert m.paper_param_count(model) == 0

@@ -17,15 +17,6 @@ from pyra_bench.models.macs import model_macs
 NC = 5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds OpenMP synchronisation, which on a loaded 2-core
-    machine makes each op ~100x slower (measured); restored after each test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class FakeData:
     """What ``on_stage_start`` gets from the trainer: ``train_dataloader()`` and ``num_classes``."""

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import tokens_leaving_blocks
 
 from pyra_bench.methods.spvit import EPS, BudgetError, SPViTSelector, TokenSelector, default_selector_blocks
 from pyra_bench.models import build_model, count_parameters, merge_lora
@@ -16,15 +17,6 @@ NC = 5
 # selector (a valid but degenerate model: tested once); most tests use a 70 % budget (keeps 8/4/2 of 16 patches).
 BUDGET = "flops:0.7"
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds OpenMP synchronisation, which on a loaded 2-core
-    machine makes each op ~100x slower (measured); restored after each test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _build(schedule=BUDGET, **kw):
@@ -77,16 +69,6 @@ def _backbone_macs(infer):
     return model_macs(infer) - _selector_macs(infer)
 
 
-def _block_tokens(model, x):
-    """Tokens leaving each block (after its reducer), from forward hooks."""
-    counts = []
-    hooks = [b.register_forward_hook(lambda m, i, o: counts.append(o[0].shape[1])) for b in model.blocks]
-    with torch.no_grad():
-        model(x)
-    for h in hooks:
-        h.remove()
-    return counts
-
 
 def test_default_selector_blocks():
     assert default_selector_blocks(12) == [2, 5, 8]
@@ -127,7 +109,7 @@ def test_three_stages_end_to_end_budget_and_token_counts(budget, target):
     assert _selector_macs(infer) == m.selector_macs() > 0
     # tokens actually leaving each block (eval, batched) = prefix + kept + packages
     keep = m.keep
-    assert _block_tokens(infer, torch.randn(4, 3, 32, 32)) == [1 + keep[0] + 1, 1 + keep[1] + 2, 1 + keep[2] + 3]
+    assert tokens_leaving_blocks(infer, torch.randn(4, 3, 32, 32)) == [1 + keep[0] + 1, 1 + keep[1] + 2, 1 + keep[2] + 3]
     red = [b.token_reducer for b in infer.blocks]
     assert [r.tokens_out(n) for r, n in zip(red, [17, 1 + keep[0] + 1, 1 + keep[1] + 2])] == [
         1 + keep[0] + 1, 1 + keep[1] + 2, 1 + keep[2] + 3]

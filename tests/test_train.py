@@ -102,3 +102,35 @@ def test_unknown_group_option_lists_choices():
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         with pytest.raises(ConfigCompositionException, match="Available options"):
             compose("train", overrides=["method=tomme"])
+
+
+def test_chained_runs_stop_after_a_stage_and_go_on(tmp_path, capsys):
+    """A multi-stage method as chained runs: stop after `lora`, go on in a second invocation; a third run
+    (another run folder) starts from the first run's `prune` checkpoint through init_from."""
+    cfg = _cfg(tmp_path, "method=spvit", "compression=flops:0.7", "stop_after=lora")
+    out = _train(cfg)
+    stages = Path(cfg.run_dir) / "stages"
+    assert out["status"] == "stopped" and sorted(p.name for p in stages.iterdir()) == ["lora.pt"]
+    assert not iter_records([cfg.results_dir])
+    rec = _train(_cfg(tmp_path, "method=spvit", "compression=flops:0.7"))
+    assert rec["status"] == "completed" and "stage 'lora' already finished" in capsys.readouterr().out
+    assert sorted(p.name for p in stages.iterdir()) == ["lora.pt", "prune.pt", "retrain.pt"]
+
+    other = _cfg(tmp_path, "method=spvit", "compression=flops:0.7", f"init_from={stages}/prune.pt",
+                 f"results_dir={tmp_path}/results2", f"run_dir={tmp_path}/run2")
+    rec2 = _train(other)
+    log = capsys.readouterr().out
+    assert rec2["status"] == "completed" and "stage 'prune' already finished" in log and "'lora'" not in log
+    assert sorted(p.name for p in (tmp_path / "run2" / "stages").iterdir()) == ["retrain.pt"]
+    assert rec2["method_state"]["keep"] == rec["method_state"]["keep"]
+
+
+@pytest.mark.parametrize("override,match", [
+    ("stop_after=prune", "its stages: train"),
+    ("init_from=/nonexistent/lora.pt", "no such stage checkpoint"),
+])
+def test_bad_chaining_options_fail_before_training(tmp_path, override, match):
+    cfg = _cfg(tmp_path, "method=tome", override)
+    with pytest.raises(Exception, match=match):
+        _train(cfg)
+    assert not (Path(cfg.run_dir) / "ckpt").exists()
