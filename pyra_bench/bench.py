@@ -21,6 +21,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from .errors import InputError, exit_on_input_error
+
 # The config resolvers (run_id, first) are registered by pyra_bench.train; the method configs use them.
 from .train import _compression_str, git_revision
 
@@ -141,7 +143,10 @@ def format_report(rec: dict[str, Any]) -> str:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
 def main(cfg: DictConfig) -> float | None:
-    rec = run_bench(cfg)
+    try:
+        rec = run_bench(cfg)
+    except InputError as e:
+        exit_on_input_error(e, "pyra_bench.bench")
     t = rec.get("throughput") or {}
     return t.get("img_per_s")
 

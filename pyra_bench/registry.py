@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
+from .errors import InputError
+
 T = TypeVar("T")
 
 
-class UnknownChoiceError(KeyError):
+class UnknownChoiceError(InputError, KeyError):
     """Raised for an unknown name; the message names the kind of thing and every valid choice."""
 
     def __init__(self, kind: str, name: str, choices: list[str]):

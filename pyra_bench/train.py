@@ -25,6 +25,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from .errors import ConfigError, InputError, InputFileNotFoundError, exit_on_input_error
 from .records import atomic_write_json, record_id, write_record
 
 log = logging.getLogger("pyra_bench.train")
@@ -90,7 +91,7 @@ def resolve_weights(bcfg: DictConfig) -> tuple[bool, str | None]:
         return False, str(ensure_demo_backbone())
     path = Path(w).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(
+        raise InputFileNotFoundError(
             f"backbone weights file not found: {path}\n  Set backbone.weights=/path/to/file (.npz of the original "
             f"ViT release, .pth or .safetensors), backbone.weights=hub to download through timm, or set "
             f"PYRA_WEIGHTS to the folder holding it.")
@@ -290,16 +291,16 @@ def _check_chaining(cfg: DictConfig, method: str, names: list[str]) -> tuple[str
     """Validate ``stop_after`` and ``init_from`` (chained runs) before any training."""
     stop_after = cfg.get("stop_after")
     if stop_after is not None and stop_after not in names:
-        raise ValueError(f"stop_after={stop_after!r} is not a stage of method {method!r}; its stages: {', '.join(names)}")
+        raise ConfigError(f"stop_after={stop_after!r} is not a stage of method {method!r}; its stages: {', '.join(names)}")
     init_from = cfg.get("init_from")
     if not init_from:
         return stop_after, (-1, None)
     path = Path(init_from)
     if not path.is_file():
-        raise FileNotFoundError(f"init_from={init_from}: no such stage checkpoint (a finished run keeps them as "
+        raise InputFileNotFoundError(f"init_from={init_from}: no such stage checkpoint (a finished run keeps them as "
                                 f"<run_dir>/stages/<stage>.pt)")
     if path.stem not in names:
-        raise ValueError(f"init_from={init_from}: {path.stem!r} is not a stage of method {method!r}; its stages: "
+        raise ConfigError(f"init_from={init_from}: {path.stem!r} is not a stage of method {method!r}; its stages: "
                          f"{', '.join(names)}")
     return stop_after, (names.index(path.stem), path)
 
@@ -367,6 +368,8 @@ def main(cfg: DictConfig) -> float | None:
         if _in_multirun():
             log.error("run failed (recorded under %s/failed/): %s: %s", cfg.results_dir, type(e).__name__, e)
             return None
+        if isinstance(e, InputError):
+            exit_on_input_error(e, "pyra_bench.train")
         raise
     return (rec.get("metrics") or {}).get("test_top1")
 

@@ -1,15 +1,20 @@
 """End to end on tiny configs: every registered method trains, records appear, runs resume, bad input fails fast."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 
+from pyra_bench.errors import InputError
 from pyra_bench.methods import METHODS
 from pyra_bench.records import atomic_write_json, iter_records, read_record
 
-CONF = str(Path(__file__).resolve().parent.parent / "conf")
+ROOT = Path(__file__).resolve().parent.parent
+CONF = str(ROOT / "conf")
 
 
 def _cfg(tmp_path, *overrides):
@@ -82,10 +87,12 @@ def test_atomic_record_write_leaves_nothing_half_written(tmp_path, monkeypatch):
     ("compression=[999]", "infeasible merging schedule"),
     ("backbone.weights=/nonexistent/ViT-B_16.npz", "weights file not found"),
     ("method.kwargs.variant=nope", "valid choices"),
+    ("+method.kwargs.nonsense=1", "unknown options: nonsense"),
+    ("trainer.lora_init=zeros", "unknown lora_init .zeros.; valid choices: "),
 ])
 def test_bad_input_fails_before_training(tmp_path, override, match):
     cfg = _cfg(tmp_path, "method=pyra", override)
-    with pytest.raises(Exception, match=match):
+    with pytest.raises(InputError, match=match):
         _train(cfg)
     assert not (Path(cfg.run_dir) / "ckpt").exists()
 
@@ -94,6 +101,20 @@ def test_missing_data_root_names_the_prepare_command(tmp_path):
     cfg = _cfg(tmp_path, "task=cifar100", "method=tome", f"data_root={tmp_path}/nowhere")
     with pytest.raises(FileNotFoundError, match="pyra_bench.data.prepare"):
         _train(cfg)
+
+
+def test_command_line_prints_bad_input_without_a_traceback(tmp_path):
+    """The CLI turns an input error into one message and exit status 2 (no traceback to read through)."""
+    p = subprocess.run([sys.executable, "-m", "pyra_bench.train", "task=cifar100", "backbone=vit_tiny_test",
+                        "method=tome", f"data_root={tmp_path}/nowhere", f"results_dir={tmp_path}/results",
+                        f"hydra.run.dir={tmp_path}/hydra"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "pyra_bench.train: error: VTAB-1k data root not found" in p.stderr
+    assert "python -m pyra_bench.data.prepare --tasks cifar100" in p.stderr
+    assert "Traceback" not in p.stderr
+    assert list((tmp_path / "results" / "failed").glob("*.json")), "the failure is still recorded"
 
 
 def test_unknown_group_option_lists_choices():
@@ -131,6 +152,6 @@ def test_chained_runs_stop_after_a_stage_and_go_on(tmp_path, capsys):
 ])
 def test_bad_chaining_options_fail_before_training(tmp_path, override, match):
     cfg = _cfg(tmp_path, "method=tome", override)
-    with pytest.raises(Exception, match=match):
+    with pytest.raises(InputError, match=match):
         _train(cfg)
     assert not (Path(cfg.run_dir) / "ckpt").exists()

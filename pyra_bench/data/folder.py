@@ -19,22 +19,23 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..errors import ConfigError, InputError, InputFileNotFoundError
 from .tasks import SPLITS, TaskSpec, get_task
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(InputFileNotFoundError):
     """A VTAB-1k folder, split list or image is missing; the message says how to prepare it."""
 
 
-class CorruptImageError(OSError):
+class CorruptImageError(InputError, OSError):
     """An image file exists but cannot be decoded; the message names the file."""
 
 
-class LabelOutOfRangeError(ValueError):
+class LabelOutOfRangeError(ConfigError):
     """A split list holds a label outside ``[0, num_classes)`` of its task."""
 
 
-class SplitFormatError(ValueError):
+class SplitFormatError(ConfigError):
     """A split list line is not ``<relative/path> <int label>``."""
 
 

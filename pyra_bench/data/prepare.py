@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import InputError
 from .tasks import SPLITS, TaskSpec, derive_label, get_task, resolve_tasks
 
 META_FILE = "meta.json"
@@ -51,7 +52,7 @@ FORMAT_VERSION = 1
 DEFAULT_JPEG_QUALITY = 75
 
 
-class PrepareError(RuntimeError):
+class PrepareError(InputError, RuntimeError):
     """A task cannot be prepared; the message says why and what to do."""
 
 

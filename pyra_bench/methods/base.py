@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UnknownOptionError
 from ..models.backbones import BackboneSpec
 from ..models.lora import merge_lora
 from ..models.schedules import check_schedule, resolve_schedule
@@ -66,7 +67,7 @@ class Method:
 
     def __init__(self, schedule: Any = "none", **kwargs: Any):
         if kwargs:
-            raise TypeError(f"method {self.name!r} got unknown options: {', '.join(sorted(kwargs))}")
+            raise UnknownOptionError(f"method {self.name!r} got unknown options: {', '.join(sorted(kwargs))}")
         self.schedule_spec = schedule
         self.schedule: list[int] = []
 

@@ -70,8 +70,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from ..models.macs import block_macs, budget_fraction, model_macs
 from ..models.merging import TokenReducer
+from ..models.schedules import ScheduleError
 from ..models.vit import set_token_reducers
 from .base import METHODS, BuildContext, Method, Stage
 
@@ -96,10 +98,6 @@ PUBLISHED: dict[str, dict[str, list[int]]] = {
 #: Masked tokens keep ``EPS`` of their size: a log(1e-6) = -13.8 key bias in every later attention.
 EPS = 1e-6
 STAGES = ("search", "train")
-
-
-class ScheduleError(ValueError):
-    pass
 
 
 def ste_ceil(x: torch.Tensor) -> torch.Tensor:
@@ -286,9 +284,9 @@ class DiffRateMethod(Method):
                  flops_weight: float = 1542.0, budget_tolerance: float = 0.02):
         super().__init__(schedule)
         if search_objective not in ("distill", "ce"):
-            raise ValueError(f"unknown search_objective {search_objective!r}; valid: distill, ce")
+            raise ConfigError(f"unknown search_objective {search_objective!r}; valid: distill, ce")
         if int(granularity) < 1:
-            raise ValueError(f"granularity must be a positive number of tokens, got {granularity}")
+            raise ConfigError(f"granularity must be a positive number of tokens, got {granularity}")
         self.kept_schedule_opt, self.granularity = kept_schedule, int(granularity)
         self.search_epochs, self.search_task = float(search_epochs), search_task
         self.search_objective, self.flops_weight = search_objective, float(flops_weight)
@@ -311,7 +309,7 @@ class DiffRateMethod(Method):
     def apply(self, model: nn.Module, ctx: BuildContext) -> None:
         self.schedule = self.resolve_schedule(ctx)
         if not all(getattr(blk.attn, "prop_attn", False) for blk in model.blocks):
-            raise ValueError("diffrate needs proportional attention (prop_attn=True): its search masks and "
+            raise ConfigError("diffrate needs proportional attention (prop_attn=True): its search masks and "
                              "similarity-scaled sizes enter attention as log(size) key biases")
         self.ctx = ctx
         self.num_patches = ctx.num_tokens - ctx.num_protected

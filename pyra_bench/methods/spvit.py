@@ -74,6 +74,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from ..models.macs import block_macs, budget_fraction, model_macs, vit_macs
 from ..models.merging import TokenReducer
 from ..models.vit import set_token_reducers
@@ -84,7 +85,7 @@ EPS = 1e-6
 STAGES = ("lora", "prune", "retrain")
 
 
-class BudgetError(ValueError):
+class BudgetError(ConfigError):
     """A FLOPs budget the method cannot reach with its configuration."""
 
 

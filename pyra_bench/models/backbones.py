@@ -18,6 +18,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from ..errors import ConfigError
 from ..registry import Registry
 
 
@@ -63,7 +64,7 @@ _add(BackboneSpec("vit_demo_mnist", None, 4, "demo", kwargs=dict(
     description="4-block, 96-wide ViT on 32x32 images (65 tokens), pre-trained by pyra_bench on MNIST"))
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ConfigError):
     pass
 
 

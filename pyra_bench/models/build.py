@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from ..errors import ConfigError, InputFileNotFoundError
 from .backbones import BackboneSpec, create_backbone, get_backbone, load_checkpoint
 from .lora import LORA_INITS, add_lora_to_qkv
 from .vit import num_input_tokens, num_protected_tokens, patch_vit
@@ -43,7 +44,7 @@ def build_model(
     from ..methods import Method, get_method
 
     if lora_init not in LORA_INITS:
-        raise ValueError(f"unknown lora_init {lora_init!r}; valid choices: {', '.join(LORA_INITS)}")
+        raise ConfigError(f"unknown lora_init {lora_init!r}; valid choices: {', '.join(LORA_INITS)}")
     if isinstance(method, Method):
         m = method
     else:
@@ -59,7 +60,7 @@ def build_model(
     else:
         spec = get_backbone(backbone) if isinstance(backbone, str) else backbone
         if checkpoint is not None and not os.path.isfile(checkpoint):
-            raise FileNotFoundError(f"checkpoint file not found: {checkpoint}")
+            raise InputFileNotFoundError(f"checkpoint file not found: {checkpoint}")
         model = create_backbone(spec, num_classes, pretrained=pretrained, drop_path_rate=drop_path_rate)
     patch_vit(model, prop_attn=prop_attn)
     has_cls, has_dist = num_protected_tokens(model)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from ..errors import ConfigError
 from ..registry import UnknownChoiceError
 from .merging import max_merge
 
@@ -46,7 +47,7 @@ PRESETS: dict[str, dict[str, list[int]]] = {
 }
 
 
-class ScheduleError(ValueError):
+class ScheduleError(ConfigError):
     pass
 
 

@@ -22,10 +22,11 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from ..errors import InputError
 from .merging import TokenReducer
 
 
-class UnsupportedModelError(TypeError):
+class UnsupportedModelError(InputError, TypeError):
     pass
 
 

@@ -1,0 +1,37 @@
+"""Errors for bad user input, found before any expensive work starts.
+
+Every error a user can fix (an unknown name, a missing folder or file, an infeasible schedule or budget, a
+checkpoint that does not fit) derives from :class:`InputError` *and* from the built-in exception it used to be
+(``KeyError``, ``FileNotFoundError``, ``ValueError`` ...), so callers can catch either. The command-line entry
+points print such an error as one clear message (exit status 2) instead of a traceback; set
+``HYDRA_FULL_ERROR=1`` to see the traceback anyway.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+class InputError(Exception):
+    """Bad input; the message names the problem and the valid choices or the fix."""
+
+
+class ConfigError(InputError, ValueError):
+    """A configuration value that is not valid (the message lists what is)."""
+
+
+class InputFileNotFoundError(InputError, FileNotFoundError):
+    """A file or folder the run needs does not exist (the message says how to make or point to it)."""
+
+
+class UnknownOptionError(InputError, TypeError):
+    """A keyword option that a method or component does not take."""
+
+
+def exit_on_input_error(e: InputError, prog: str = "pyra_bench") -> None:
+    """Print ``e`` as a one-paragraph error and exit with status 2 (re-raise under ``HYDRA_FULL_ERROR=1``)."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise e
+    print(f"{prog}: error: {e}", file=sys.stderr)
+    raise SystemExit(2)
