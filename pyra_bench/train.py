@@ -106,6 +106,7 @@ def make_datamodule(cfg: DictConfig, task: str | None = None):
         task=task or cfg.task.name, data_root=cfg.data_root, batch_size=t.batch_size, eval_batch_size=t.eval_batch_size,
         num_workers=t.num_workers, image_size=cfg.backbone.image_size, normalization=cfg.backbone.normalization,
         source=cfg.task.source if task in (None, cfg.task.name) else _default_source(task), seed=cfg.seed,
+        verify_images=cfg.get("verify_images", True),
     )
 
 

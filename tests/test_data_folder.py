@@ -152,7 +152,8 @@ def test_missing_image_file_is_named(jpg_root, tmp_path):
     assert len(ds) == 797
 
 
-def test_corrupt_jpeg_is_named_when_read_and_by_verify(jpg_root, tmp_path):
+@pytest.mark.parametrize("workers", [1, 3])
+def test_corrupt_jpeg_is_named_when_read_and_by_verify(jpg_root, tmp_path, workers):
     task = _copy_task(jpg_root, tmp_path)
     bad = task / "images" / "val200" / "000007.jpg"
     bad.write_bytes(bad.read_bytes()[:40])  # truncated JPEG
@@ -165,9 +166,37 @@ def test_corrupt_jpeg_is_named_when_read_and_by_verify(jpg_root, tmp_path):
     with pytest.raises(CorruptImageError, match="000011.jpg"):
         ds[11]
     with pytest.raises(CorruptImageError) as e:
-        verify_images(ds)
+        verify_images(ds, workers=workers)
     assert "000007.jpg" in str(e.value) and "000011.jpg" in str(e.value) and "2 undecodable" in str(e.value)
-    assert verify_images(VTABFolderDataset(tmp_path, "digits", "train800")) == 800
+    assert "--overwrite" in str(e.value)
+    assert verify_images(VTABFolderDataset(tmp_path, "digits", "train800"), workers=workers) == 800
+
+
+def test_datamodule_verifies_images_up_front_once(jpg_root, tmp_path, monkeypatch):
+    """verify_images=True: a corrupt image fails the data module's construction (before any training); a
+    clean split is remembered by a stamp, so the next construction decodes nothing; rewriting the split list
+    invalidates the stamp."""
+    task = _copy_task(jpg_root, tmp_path)
+    bad = task / "images" / "test" / "000005.jpg"
+    good_bytes = bad.read_bytes()
+    bad.write_bytes(good_bytes[:50])
+    kw = dict(batch_size=32, num_workers=0, image_size=32, verify_images=True)
+    with pytest.raises(CorruptImageError, match="000005.jpg"):
+        VTABDataModule("digits", tmp_path, **kw)
+    assert not (task / ".verified_test.json").exists()
+    bad.write_bytes(good_bytes)
+    VTABDataModule("digits", tmp_path, **kw)
+    assert sorted(p.name for p in task.glob(".verified_*.json")) == [".verified_test.json",
+                                                                    ".verified_train800val200.json"]
+    decoded = []
+    original = VTABFolderDataset.load_image
+    monkeypatch.setattr(VTABFolderDataset, "load_image", lambda self, i: decoded.append(i) or original(self, i))
+    VTABDataModule("digits", tmp_path, **kw)
+    assert decoded == []  # remembered
+    lines = (task / "test.txt").read_text().splitlines()
+    (task / "test.txt").write_text("\n".join(lines[:-1]) + "\n")  # a re-prepared (different) list
+    VTABDataModule("digits", tmp_path, **kw)
+    assert len(decoded) == len(lines) - 1  # only the changed split is decoded again
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -103,6 +103,18 @@ def test_missing_data_root_names_the_prepare_command(tmp_path):
         _train(cfg)
 
 
+def test_corrupt_image_fails_before_training(tmp_path):
+    from pyra_bench.data import CorruptImageError, write_digits_folder
+
+    write_digits_folder(tmp_path / "vtab")
+    bad = tmp_path / "vtab" / "digits" / "images" / "train800val200" / "000003.jpg"
+    bad.write_bytes(bad.read_bytes()[:60])
+    cfg = _cfg(tmp_path, "method=tome", "task.source=folder", f"data_root={tmp_path}/vtab")
+    with pytest.raises(CorruptImageError, match="000003.jpg"):
+        _train(cfg)
+    assert not (Path(cfg.run_dir) / "ckpt").exists()
+
+
 def test_command_line_prints_bad_input_without_a_traceback(tmp_path):
     """The CLI turns an input error into one message and exit status 2 (no traceback to read through)."""
     p = subprocess.run([sys.executable, "-m", "pyra_bench.train", "task=cifar100", "backbone=vit_tiny_test",

@@ -22,6 +22,7 @@ from .folder import (
     VTABFolderDataset,
     prepare_command,
     verify_images,
+    verify_once,
 )
 from .tasks import (
     GROUPS,
@@ -44,7 +45,7 @@ __all__ = [
     "EmbeddedImageDataset", "digits_arrays", "digits_dataset", "digits_split_indices", "mnist_arrays",
     "mnist_source", "write_digits_folder",
     "CorruptImageError", "DataNotFoundError", "LabelOutOfRangeError", "SplitFormatError", "VTABFolderDataset",
-    "prepare_command", "verify_images",
+    "prepare_command", "verify_images", "verify_once",
     "GROUPS", "SPLITS", "TASKS", "VTAB_TASKS", "TaskSpec", "derive_label", "get_task", "resolve_split",
     "resolve_tasks", "task_names",
     "NORMALIZATION", "NORMALIZATIONS", "build_transform", "get_normalization",

@@ -16,7 +16,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .folder import VTABFolderDataset
+from ..errors import ConfigError
+from .folder import VTABFolderDataset, verify_once
 from .tasks import SPLITS, get_task
 from .transforms import build_transform, get_normalization
 
@@ -41,6 +42,9 @@ class VTABDataModule(L.LightningDataModule):
         source: ``"folder"`` (JPEG folder) or ``"embedded"`` (only ``digits``, no data root needed).
         pin_memory: default: when CUDA is available.
         seed: seeds the training shuffle order.
+        verify_images: decode every image of the used splits before training (``source="folder"``), so a
+            corrupt file fails the run up front, naming the file; remembered per split list
+            (:func:`~pyra_bench.data.folder.verify_once`), so only the first run on a folder pays for it.
     """
 
     def __init__(
@@ -59,24 +63,25 @@ class VTABDataModule(L.LightningDataModule):
         pin_memory: bool | None = None,
         seed: int = 0,
         interpolation: str = "bicubic",
+        verify_images: bool = False,
     ):
         super().__init__()
         self.spec = get_task(task)
         self.task = self.spec.name
         if source not in SOURCES:
-            raise ValueError(f"unknown data source {source!r}; valid choices: {', '.join(SOURCES)}")
+            raise ConfigError(f"unknown data source {source!r}; valid choices: {', '.join(SOURCES)}")
         if source == "embedded" and self.spec.source != "embedded":
-            raise ValueError(f"task {self.task!r} is not embedded (only 'digits' is); use source='folder' and "
+            raise ConfigError(f"task {self.task!r} is not embedded (only 'digits' is); use source='folder' and "
                              f"prepare it with: python -m pyra_bench.data.prepare --tasks {self.task} "
                              f"--data-root <dir>")
         for name, split in (("train_split", train_split), ("eval_split", eval_split), ("val_split", val_split)):
             if split is not None and split not in SPLITS:
-                raise ValueError(f"unknown {name} {split!r}; valid choices: {', '.join(SPLITS)}")
+                raise ConfigError(f"unknown {name} {split!r}; valid choices: {', '.join(SPLITS)}")
         if int(batch_size) <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+            raise ConfigError(f"batch_size must be positive, got {batch_size}")
         get_normalization(normalization)  # unknown preset -> error listing the valid ones
         if source == "folder" and data_root is None:
-            raise ValueError(f"source='folder' needs data_root (prepare with: python -m pyra_bench.data.prepare "
+            raise ConfigError(f"source='folder' needs data_root (prepare with: python -m pyra_bench.data.prepare "
                              f"--tasks {self.task} --data-root <dir>)")
         self.source = source
         self.data_root = Path(data_root).expanduser() if data_root is not None else None
@@ -94,6 +99,9 @@ class VTABDataModule(L.LightningDataModule):
             for split in dict.fromkeys((self.train_split, self.eval_split, self.val_split)):
                 self._dataset(split)
             self._warn_if_mock()
+            if verify_images:
+                for split in dict.fromkeys((self.train_split, self.eval_split, self.val_split)):
+                    verify_once(self._dataset(split), progress=True, workers=max(1, self.num_workers))
 
     # -- record ----------------------------------------------------------------------------------------
     @property
@@ -152,7 +160,7 @@ class VTABDataModule(L.LightningDataModule):
         ds = self._dataset(split)
         batch = self.batch_size if train else self.eval_batch_size
         if train and len(ds) < batch:
-            raise ValueError(f"{self.task}/{split} has {len(ds)} images, fewer than one batch of {batch} "
+            raise ConfigError(f"{self.task}/{split} has {len(ds)} images, fewer than one batch of {batch} "
                              f"(drop_last=True would give no training step)")
         return DataLoader(
             ds, batch_size=batch, shuffle=train, drop_last=train, num_workers=self.num_workers,

@@ -156,25 +156,60 @@ class VTABFolderDataset(Dataset):
         return f"VTABFolderDataset(task={self.task!r}, split={self.split!r}, n={len(self)}, root={str(self.root)!r})"
 
 
-def verify_images(dataset: VTABFolderDataset, progress: bool = False, max_errors: int = 10) -> int:
+def verify_images(dataset: VTABFolderDataset, progress: bool = False, max_errors: int = 10, workers: int = 1) -> int:
     """Decode every image of ``dataset`` once; raise :class:`CorruptImageError` listing the bad files.
 
-    Returns the number of images checked. Use before a long run, or via ``prepare --verify``.
+    Returns the number of images checked. ``workers`` threads decode in parallel (PIL releases the GIL
+    while decoding). Used before training (:func:`verify_once`) and by ``prepare --verify``.
     """
-    bad: list[str] = []
-    indices = range(len(dataset))
-    if progress:
-        from tqdm import tqdm
+    from concurrent.futures import ThreadPoolExecutor
 
-        indices = tqdm(indices, desc=f"verify {dataset.task}/{dataset.split}", unit="img")
-    for i in indices:
+    def check(i: int) -> str | None:
         try:
             dataset.load_image(i)
         except CorruptImageError as e:
-            bad.append(str(e))
-            if len(bad) >= max_errors:
-                break
+            return str(e)
+        return None
+
+    bad: list[str] = []
+    with ThreadPoolExecutor(max(1, int(workers))) as pool:
+        results = pool.map(check, range(len(dataset)), chunksize=64)
+        if progress:
+            from tqdm import tqdm
+
+            results = tqdm(results, total=len(dataset), desc=f"verify {dataset.task}/{dataset.split}", unit="img")
+        bad = [msg for msg in results if msg is not None]
     if bad:
-        raise CorruptImageError(f"{len(bad)}{'+' if len(bad) >= max_errors else ''} undecodable image(s) in "
-                                f"{dataset.list_file}:\n  " + "\n  ".join(bad))
+        more = f" (first {max_errors} shown)" if len(bad) > max_errors else ""
+        raise CorruptImageError(f"{len(bad)} undecodable image(s) in {dataset.list_file}{more}:\n  "
+                                + "\n  ".join(bad[:max_errors])
+                                + f"\n  Rebuild the task with:  {prepare_command(dataset.task, dataset.root)} --overwrite")
     return len(dataset)
+
+
+def _verify_key(dataset: VTABFolderDataset) -> dict[str, Any]:
+    st = dataset.list_file.stat()
+    return {"list": dataset.list_file.name, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "images": len(dataset)}
+
+
+def verify_once(dataset: VTABFolderDataset, progress: bool = True, workers: int = 1) -> bool:
+    """:func:`verify_images`, remembered: a stamp ``<task>/.verified_<split>.json`` records the split list
+    (size, mtime, count) that decoded cleanly, so later runs on the same folder skip the decoding pass.
+    Re-preparing the task rewrites the list and so invalidates the stamp. Returns True if it decoded now."""
+    import json
+
+    stamp = dataset.task_dir / f".verified_{dataset.split}.json"
+    key = _verify_key(dataset)
+    try:
+        if json.loads(stamp.read_text()) == key:
+            return False
+    except (OSError, ValueError):
+        pass
+    verify_images(dataset, progress=progress, workers=workers)
+    try:
+        from ..records import atomic_write_json
+
+        atomic_write_json(stamp, key)
+    except OSError:  # a read-only data folder: verify again next time
+        pass
+    return True
