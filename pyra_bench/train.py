@@ -106,7 +106,6 @@ def make_datamodule(cfg: DictConfig, task: str | None = None):
         task=task or cfg.task.name, data_root=cfg.data_root, batch_size=t.batch_size, eval_batch_size=t.eval_batch_size,
         num_workers=t.num_workers, image_size=cfg.backbone.image_size, normalization=cfg.backbone.normalization,
         source=cfg.task.source if task in (None, cfg.task.name) else _default_source(task), seed=cfg.seed,
-        verify_images=cfg.get("verify_images", True),
     )
 
 
@@ -167,14 +166,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     t_start = time.time()
     if cfg.trainer.get("cpu_threads"):
         torch.set_num_threads(int(cfg.trainer.cpu_threads))
-    # 1. validate cheap things first: data, weights file, model/schedule (raises before any training)
+    # 1. validate first, cheapest checks first: data folders and lists, weights file, model/schedule, stage
+    #    options, then every image (raises before any training, and before the run folder is made)
     dm = make_datamodule(cfg)
     pretrained, checkpoint = resolve_weights(cfg.backbone)
     L.seed_everything(cfg.seed, workers=True)
     model = make_model(cfg, dm.num_classes, pretrained, checkpoint)
     method = model.pyra_method
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / "config.json", OmegaConf.to_container(cfg, resolve=True))
 
     t = cfg.trainer
     optim = {"lr": t.lr, "weight_decay": t.weight_decay, "warmup_lr": t.warmup_lr, "min_lr": t.min_lr,
@@ -183,6 +181,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     stages = method.stages()
     stage_data = {s.task: make_datamodule(cfg, s.task) for s in stages if s.task and s.task != cfg.task.name}
     stop_after, (init_index, init_path) = _check_chaining(cfg, method.name, [s.name for s in stages])
+    if cfg.get("verify_images", True):  # the slowest check last: decode every image once (remembered)
+        for d in (dm, *stage_data.values()):
+            d.verify()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / "config.json", OmegaConf.to_container(cfg, resolve=True))
     history: dict[int, float] = {}
     epoch_offset = 0
     for i, stage in enumerate(stages):

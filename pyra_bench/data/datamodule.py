@@ -100,8 +100,15 @@ class VTABDataModule(L.LightningDataModule):
                 self._dataset(split)
             self._warn_if_mock()
             if verify_images:
-                for split in dict.fromkeys((self.train_split, self.eval_split, self.val_split)):
-                    verify_once(self._dataset(split), progress=True, workers=max(1, self.num_workers))
+                self.verify()
+
+    def verify(self, progress: bool = True) -> None:
+        """Decode every image of the used splits once (a folder source; remembered per split list), so a
+        corrupt file raises :class:`~pyra_bench.data.folder.CorruptImageError` now rather than mid-training."""
+        if self.source != "folder":
+            return
+        for split in dict.fromkeys((self.train_split, self.eval_split, self.val_split)):
+            verify_once(self._dataset(split), progress=progress, workers=max(1, self.num_workers))
 
     # -- record ----------------------------------------------------------------------------------------
     @property
