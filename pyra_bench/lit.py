@@ -11,6 +11,7 @@ cosine is not shifted by the warm-up). The authors' loop applied each epoch's lr
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import lightning as L
@@ -126,3 +127,67 @@ class AdaptationModule(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, [factor(i) for i in range(len(groups))])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+
+class TrainingCost(L.Callback):
+    """Training throughput and peak accelerator memory of one stage (the "training-efficient" half of the
+    paper's claim), without touching the hot path: the clock is read (after one device synchronisation)
+    only at the start of a training epoch and where its training part ends (the first of: validation
+    start, training-epoch end), and the images are counted from batch shapes (no host-device sync).
+
+    ``summary()``: images per second of training (forward + backward + optimiser step + data loading),
+    over the epochs after the first when there are several (the first pays for warm-up, cudnn autotuning
+    and loader start-up), the peak memory allocated on a CUDA device (GiB), and the device name.
+    Only the epochs run in this process are timed (a resumed run times what it trains).
+    """
+
+    def __init__(self) -> None:
+        self.epochs: list[tuple[int, float]] = []  # (images, seconds) per timed epoch
+        self._t0: float | None = None
+        self._n = 0
+        self._device: torch.device | None = None
+
+    def _sync(self) -> None:
+        if self._device is not None and self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._device = pl_module.device
+        if self._device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self._device)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._sync()
+        self._t0, self._n = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._n += int(batch[0].shape[0])
+
+    def _stop(self) -> None:
+        if self._t0 is not None and self._n:
+            self._sync()
+            self.epochs.append((self._n, time.perf_counter() - self._t0))
+        self._t0 = None
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._stop()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._stop()
+
+    def summary(self) -> dict[str, Any] | None:
+        if not self.epochs:
+            return None
+        timed = self.epochs[1:] if len(self.epochs) > 1 else self.epochs
+        images, seconds = sum(n for n, _ in timed), sum(s for _, s in timed)
+        dev = self._device or torch.device("cpu")
+        from .measure import device_name
+
+        return {
+            "img_per_s": images / seconds if seconds > 0 else None,
+            "images_timed": images, "seconds_timed": seconds, "epochs_timed": len(timed),
+            "epochs_run": len(self.epochs), "first_epoch_s": self.epochs[0][1],
+            "peak_mem_gib": (torch.cuda.max_memory_allocated(dev) / 2**30) if dev.type == "cuda" else None,
+            "device": device_name(dev),
+            "includes": "forward + backward + optimiser step + data loading, per device (DDP: one rank)",
+        }

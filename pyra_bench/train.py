@@ -152,7 +152,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     import lightning as L
     import torch
 
-    from .lit import AdaptationModule
+    from .lit import AdaptationModule, TrainingCost
     from .models import count_parameters
 
     variant = OmegaConf.select(cfg, "method.kwargs.variant")
@@ -187,6 +187,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "config.json", OmegaConf.to_container(cfg, resolve=True))
     history: dict[int, float] = {}
+    training_cost: dict[str, Any] = {}  # per trained stage: training throughput / peak memory (lit.TrainingCost)
     epoch_offset = 0
     for i, stage in enumerate(stages):
         stage_epochs = max(1, round(t.epochs * stage.epochs_fraction)) if stage.epochs_fraction > 0 else 0
@@ -200,6 +201,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             method.restore(model, saved["method_state"])
             model.load_state_dict(saved["model"])
             history.update(saved.get("eval_history", {}))
+            if saved.get("training_cost"):
+                training_cost[stage.name] = saved["training_cost"]
             print(f"[pyra_bench] stage {stage.name!r} already finished; restored from {source}")
             epoch_offset += stage_epochs
             if stage.name == stop_after and i < len(stages) - 1:
@@ -218,7 +221,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         last = ckpt_dir / "last.ckpt"
         from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
-        callbacks = [ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0, every_n_epochs=1)]
+        cost = TrainingCost()
+        callbacks = [ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0, every_n_epochs=1), cost]
         loggers = make_loggers(cfg, run_dir, rid)
         if loggers:
             callbacks.append(LearningRateMonitor(logging_interval="epoch"))
@@ -237,8 +241,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if stage.evaluate and (i == len(stages) - 1) and (epoch_offset + stage_epochs) not in module.eval_history:
             trainer.validate(module, datamodule=dm, verbose=False)
         history.update(module.eval_history)
+        if cost.summary():
+            training_cost[stage.name] = cost.summary()
         if trainer.is_global_zero:
-            _save_stage(done, model, method, module.eval_history)
+            _save_stage(done, model, method, module.eval_history, training_cost.get(stage.name))
         epoch_offset += stage_epochs
         if stage.name == stop_after and i < len(stages) - 1:
             return _stopped(rid, stage.name, run_dir)
@@ -279,6 +285,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "params": params.as_dict(),
         "flops": flops,
         "throughput": throughput,
+        "training_cost": training_cost,
         "method_state": method.state(),
         "config": OmegaConf.to_container(cfg, resolve=True),
         "git_rev": git_revision(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -316,12 +323,13 @@ def _stopped(rid: str, stage: str, run_dir: Path) -> dict[str, Any]:
     return {"run_id": rid, "status": "stopped", "stage": stage, "run_dir": str(run_dir)}
 
 
-def _save_stage(path: Path, model, method, eval_history: dict) -> None:
+def _save_stage(path: Path, model, method, eval_history: dict, training_cost: dict | None = None) -> None:
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "method_state": method.state(), "eval_history": eval_history}, tmp)
+    torch.save({"model": model.state_dict(), "method_state": method.state(), "eval_history": eval_history,
+                "training_cost": training_cost}, tmp)
     os.replace(tmp, path)
 
 
@@ -346,6 +354,9 @@ def _print_summary(rec: dict, path: Path) -> None:
         f"params     trainable {p['trainable']:,} | paper-counted {p['paper_counted']:,} = "
         f"{p['paper_pct']:.2f}% of the backbone ({p['backbone']:,})",
         f"MACs       {f.get('gmacs', float('nan')):.4g} G per image (inference model, LoRA merged)",
+        *(f"training   {name}: {c['img_per_s']:.1f} img/s on {c['device']}"
+          + (f", peak memory {c['peak_mem_gib']:.2f} GiB" if c.get("peak_mem_gib") is not None else "")
+          for name, c in (rec.get("training_cost") or {}).items() if c.get("img_per_s")),
         f"record     {path}",
     ]
     print("\n".join(["", "=" * 72, *lines, "=" * 72]))

@@ -48,6 +48,13 @@ def test_every_method_trains_and_writes_a_record(tmp_path, method):
     assert back["params"]["trainable"] > 0 and back["flops"]["gmacs"] > 0
     assert back["config"]["method"]["name"] == method
     assert iter_records([cfg.results_dir])[0]["run_id"] == rec["run_id"]
+    # training cost per trained stage: smoke trainer = 2 steps of batch 8 per epoch, the first epoch untimed
+    assert back["training_cost"], "every method trains at least one stage"
+    for stage, c in back["training_cost"].items():
+        assert c["epochs_timed"] == max(1, c["epochs_run"] - 1), stage
+        assert c["images_timed"] == 2 * 8 * c["epochs_timed"], stage
+        assert c["img_per_s"] == pytest.approx(c["images_timed"] / c["seconds_timed"], rel=1e-2)
+        assert c["peak_mem_gib"] is None and c["device"]  # CPU
 
 
 def test_rerun_skips_and_resume_continues_from_checkpoint(tmp_path):
@@ -148,6 +155,7 @@ def test_chained_runs_stop_after_a_stage_and_go_on(tmp_path, capsys):
     rec = _train(_cfg(tmp_path, "method=spvit", "compression=flops:0.7"))
     assert rec["status"] == "completed" and "stage 'lora' already finished" in capsys.readouterr().out
     assert sorted(p.name for p in stages.iterdir()) == ["lora.pt", "prune.pt", "retrain.pt"]
+    assert sorted(rec["training_cost"]) == ["lora", "prune", "retrain"]  # the restored stage's cost too
 
     other = _cfg(tmp_path, "method=spvit", "compression=flops:0.7", f"init_from={stages}/prune.pt",
                  f"results_dir={tmp_path}/results2", f"run_dir={tmp_path}/run2")
