@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -230,17 +231,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--paper", default=str(PAPER_CSV), help="the paper's numbers (CSV)")
     ap.add_argument("--no-figures", action="store_true")
     a = ap.parse_args(argv)
+    tables = [s.strip() for s in a.tables.split(",") if s.strip()]
+    for t in tables:
+        if t not in TABLE_KIND:
+            ap.error(f"unknown table {t!r}; valid choices: {', '.join(TABLE_KIND)}")
+    formats = {f.strip() for f in a.format.split(",") if f.strip()}
+    if not formats or formats - {"md", "tex", "csv"}:
+        ap.error(f"unknown format(s) {', '.join(sorted(formats - {'md', 'tex', 'csv'})) or '(none)'}; valid choices: md, tex, csv")
+    if not Path(a.paper).is_file():
+        ap.error(f"the paper's numbers are missing: {a.paper} (rebuild with scripts/transcribe_paper.py)")
+    for r in a.records:
+        if not Path(r).exists():
+            print(f"[tables] warning: {r} does not exist; no records read from it", file=sys.stderr)
     recs = iter_records(a.records)
     df = records_frame(recs, a.metric)
     summary = summarise(df)
     paper = load_paper(Path(a.paper))
     out = Path(a.out)
-    formats = {f.strip() for f in a.format.split(",")}
     label = "last-epoch top-1 (VTAB protocol)" if a.metric == "last" else "BEST evaluated epoch top-1 (paper's convention)"
     print(f"[tables] {len(recs)} records, {len(df)} with accuracy; metric: {label}")
-    for t in [s.strip() for s in a.tables.split(",") if s.strip()]:
-        if t not in TABLE_KIND:
-            ap.error(f"unknown table {t!r}; valid choices: {', '.join(TABLE_KIND)}")
+    for t in tables:
         table, cmp = build_table(t, summary, paper)
         filled = int(table["Average"].notna().sum()) if "Average" in table else 0
         title = f"Table {t} ({label})"

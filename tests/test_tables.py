@@ -1,6 +1,7 @@
 """The aggregator, fed the paper's own per-task numbers, must reproduce the paper's printed Averages."""
 
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -108,3 +109,17 @@ def test_transcribed_csv_matches_the_paper_text():
     committed = _paper()
     assert len(fresh) == len(committed) == 653
     assert (fresh["value"].to_numpy() == committed["value"].to_numpy()).all()
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--tables", "2,9"], "unknown table '9'; valid choices: 2, 3"),
+    (["--format", "md,xlsx"], "unknown format.* xlsx; valid choices: md, tex, csv"),
+    (["--paper", "/nonexistent/paper.csv"], "the paper's numbers are missing"),
+])
+def test_bad_arguments_fail_before_anything_is_written(tmp_path, capsys, args, match):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        tables.main(["--records", str(tmp_path), "--out", str(out), "--no-figures", *args])
+    assert e.value.code == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert not out.exists()
