@@ -128,10 +128,16 @@ def load_checkpoint(model: VisionTransformer, path: str | os.PathLike, backbone:
     from timm.models import load_state_dict
     from timm.models.vision_transformer import checkpoint_filter_fn
 
+    def read() -> dict:
+        if suffix == ".safetensors":
+            return load_state_dict(str(path))
+        try:
+            return load_state_dict(str(path), weights_only=True)
+        except TypeError:  # timm < 1.0.9 has no weights_only (torch >= 2.6 defaults to it anyway)
+            return load_state_dict(str(path))
+
     try:
-        state = load_state_dict(str(path), weights_only=True) if suffix != ".safetensors" else load_state_dict(str(path))
-    except TypeError:  # older timm without weights_only
-        state = load_state_dict(str(path))
+        state = read()
     except Exception as e:  # noqa: BLE001 - any read error becomes a clear message
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
     try:

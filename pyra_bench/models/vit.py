@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import nn
 
 from ..errors import InputError
@@ -44,7 +43,7 @@ class ReducingAttention(Attention):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.0
         )
-        out = self.norm(out.transpose(1, 2).reshape(B, N, self.attn_dim))
+        out = self.norm(out.transpose(1, 2).reshape(B, N, -1))
         return self.proj_drop(self.proj(out)), q, k
 
 
@@ -118,6 +117,8 @@ def patch_vit(model: VisionTransformer, prop_attn: bool = True) -> VisionTransfo
             raise UnsupportedModelError(f"block {i} is a {type(blk).__name__}; only timm's plain Block is supported")
         if type(blk.attn) is not Attention or getattr(blk.attn, "gate", None) is not None:
             raise UnsupportedModelError(f"block {i}: only timm's plain (ungated) Attention is supported")
+        if not hasattr(blk.attn, "norm"):  # timm < 1.0.16 has no output norm (scale_norm): an identity
+            blk.attn.norm = nn.Identity()
         blk.attn.__class__ = ReducingAttention
         blk.attn.prop_attn = prop_attn
         blk.__class__ = ReducingBlock
