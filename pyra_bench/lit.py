@@ -66,6 +66,8 @@ class AdaptationModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold only what trains (the backbone is frozen)
         self.train_acc = torchmetrics.Accuracy("multiclass", num_classes=num_classes)
         self.test_acc = torchmetrics.Accuracy("multiclass", num_classes=num_classes)
+        self.test_count = torchmetrics.SumMetric()  # images evaluated (all ranks): the split, no padding
+        self.eval_images: int | None = None
         self.eval_history: dict[int, float] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,10 +90,13 @@ class AdaptationModule(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         x, y = batch
         self.test_acc(self.model(x), y)
+        self.test_count.update(y.numel())
 
     def on_validation_epoch_end(self):
         acc = float(self.test_acc.compute()) * 100.0
         self.test_acc.reset()
+        self.eval_images = int(self.test_count.compute())
+        self.test_count.reset()
         if self.trainer.sanity_checking:
             return
         if self.trainer.state.fn == "validate":  # a stand-alone evaluation after fit: the final weights

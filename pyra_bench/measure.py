@@ -119,7 +119,8 @@ def device_name(device: str | torch.device = "cpu") -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{cpu_name()} ({torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"{cpu_name()} ({n} thread{'' if n == 1 else 's'})"
 
 
 def slugify(text: str) -> str:

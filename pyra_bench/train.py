@@ -187,6 +187,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "config.json", OmegaConf.to_container(cfg, resolve=True))
     history: dict[int, float] = {}
+    eval_images: int | None = None  # images behind the last evaluation (the whole split, also under DDP)
     training_cost: dict[str, Any] = {}  # per trained stage: training throughput / peak memory (lit.TrainingCost)
     epoch_offset = 0
     for i, stage in enumerate(stages):
@@ -241,6 +242,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if stage.evaluate and (i == len(stages) - 1) and (epoch_offset + stage_epochs) not in module.eval_history:
             trainer.validate(module, datamodule=dm, verbose=False)
         history.update(module.eval_history)
+        eval_images = module.eval_images if module.eval_images is not None else eval_images
         if cost.summary():
             training_cost[stage.name] = cost.summary()
         if trainer.is_global_zero:
@@ -263,10 +265,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
         throughput = measure_throughput(infer, image_size=cfg.backbone.image_size)
     if cfg.get("export_inference_model", True):
-        tmp = run_dir / "inference_model.pt.tmp"
-        torch.save({"state_dict": infer.state_dict(), "method_state": method.state(),
-                    "config": OmegaConf.to_container(cfg, resolve=True)}, tmp)
-        os.replace(tmp, run_dir / "inference_model.pt")
+        from .export import FILE_NAME, save_inference_model
+
+        save_inference_model(run_dir / FILE_NAME, infer, method, cfg)
 
     epochs_evaluated = sorted(history)
     last_epoch = epochs_evaluated[-1] if epochs_evaluated else None
@@ -280,6 +281,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "test_top1": history.get(last_epoch) if last_epoch is not None else None,
             "test_top1_best": max(history.values()) if history else None,
             "test_top1_by_epoch": {str(k): history[k] for k in epochs_evaluated},
+            "test_images": eval_images,
             "val_top1": None,
         },
         "params": params.as_dict(),

@@ -7,11 +7,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from pyra_bench.errors import InputError
+from pyra_bench.export import load_inference_model
 from pyra_bench.methods import METHODS
 from pyra_bench.records import atomic_write_json, iter_records, read_record
+from pyra_bench.train import make_datamodule
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = str(ROOT / "conf")
@@ -37,7 +40,8 @@ COMPRESSION = {"peft": "none", "spvit": "flops:0.7"}
 
 @pytest.mark.parametrize("method", METHODS.names())
 def test_every_method_trains_and_writes_a_record(tmp_path, method):
-    cfg = _cfg(tmp_path, f"method={method}", f"compression={COMPRESSION.get(method, 'low')}")
+    cfg = _cfg(tmp_path, f"method={method}", f"compression={COMPRESSION.get(method, 'low')}",
+               "export_inference_model=true")
     rec = _train(cfg)
     assert rec["status"] == "completed"
     path = Path(cfg.results_dir) / f"{rec['run_id']}.json"
@@ -48,6 +52,16 @@ def test_every_method_trains_and_writes_a_record(tmp_path, method):
     assert back["params"]["trainable"] > 0 and back["flops"]["gmacs"] > 0
     assert back["config"]["method"]["name"] == method
     assert iter_records([cfg.results_dir])[0]["run_id"] == rec["run_id"]
+    assert back["metrics"]["test_images"] == 797  # the whole digits test split
+    # the exported inference model (LoRA merged) reloads on its own and scores what the run reported
+    model = load_inference_model(Path(cfg.run_dir) / "inference_model.pt")
+    assert not any(".lora_" in k for k in model.state_dict())
+    correct = n = 0
+    with torch.no_grad():
+        for x, y in make_datamodule(cfg).test_dataloader():
+            correct += int((model(x).argmax(-1) == y).sum())
+            n += len(y)
+    assert n == 797 and abs(100.0 * correct / n - back["metrics"]["test_top1"]) <= 100.0 / n + 1e-9
     # training cost per trained stage: smoke trainer = 2 steps of batch 8 per epoch, the first epoch untimed
     assert back["training_cost"], "every method trains at least one stage"
     for stage, c in back["training_cost"].items():
@@ -175,3 +189,41 @@ def test_bad_chaining_options_fail_before_training(tmp_path, override, match):
     with pytest.raises(InputError, match=match):
         _train(cfg)
     assert not Path(cfg.run_dir).exists(), "nothing is written before the inputs are checked"
+
+
+def test_ddp_run_evaluates_every_test_image_exactly_once(tmp_path):
+    """Multi-device training through Lightning's DDP (2 CPU processes, gloo): the run completes, and its
+    top-1 covers the 797 test images once each (Lightning's default sampler would pad to 798 with a
+    repeat); the exported model, evaluated in one process, reproduces it."""
+    p = subprocess.run([sys.executable, "-m", "pyra_bench.train", "backbone=vit_tiny_test", "trainer=smoke",
+                        "logger=csv", "method=pyra", "compression=low", "trainer.accelerator=cpu",
+                        "trainer.devices=2", "trainer.strategy=ddp", f"results_dir={tmp_path}/results",
+                        f"run_dir={tmp_path}/run"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (rec_path,) = Path(tmp_path, "results").glob("*.json")
+    rec = read_record(rec_path)
+    assert rec["metrics"]["test_images"] == 797
+    model = load_inference_model(tmp_path / "run")
+    cfg = _cfg(tmp_path, "method=pyra", "compression=low")
+    with torch.no_grad():
+        hits = [(model(x).argmax(-1) == y) for x, y in make_datamodule(cfg).test_dataloader()]
+    acc = 100.0 * float(torch.cat(hits).float().mean())
+    assert abs(acc - rec["metrics"]["test_top1"]) <= 100.0 / 797 + 1e-9
+
+
+def test_loading_an_inference_model_that_is_missing_or_does_not_fit(tmp_path):
+    from pyra_bench.models import CheckpointError
+
+    with pytest.raises(InputError, match="no exported inference model"):
+        load_inference_model(tmp_path)
+    torch.save({"weights": 1}, tmp_path / "inference_model.pt")
+    with pytest.raises(CheckpointError, match="not a pyra_bench inference model"):
+        load_inference_model(tmp_path)
+    cfg = _cfg(tmp_path, "method=tome", "compression=low", "export_inference_model=true")
+    _train(cfg)
+    blob = torch.load(Path(cfg.run_dir) / "inference_model.pt", weights_only=False)
+    blob["state_dict"].pop("head.weight")
+    torch.save(blob, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match=r"(?s)does not fit .*Missing key.*head.weight"):
+        load_inference_model(tmp_path / "bad.pt")

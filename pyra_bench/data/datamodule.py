@@ -169,9 +169,17 @@ class VTABDataModule(L.LightningDataModule):
         if train and len(ds) < batch:
             raise ConfigError(f"{self.task}/{split} has {len(ds)} images, fewer than one batch of {batch} "
                              f"(drop_last=True would give no training step)")
+        sampler = None
+        if not train and torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            # Evaluate every image exactly once across ranks. Lightning's default DistributedSampler pads the
+            # split with repeats to equal shards, which would bias the reported top-1.
+            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+            sampler = UnrepeatedDistributedSampler(ds, shuffle=False)
         return DataLoader(
             ds, batch_size=batch, shuffle=train, drop_last=train, num_workers=self.num_workers,
-            pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0, sampler=sampler,
             generator=torch.Generator().manual_seed(self.seed) if train else None,
         )
 
