@@ -374,12 +374,29 @@ def _in_multirun() -> bool:
         return False
 
 
+def train_with_retries(cfg: DictConfig) -> dict[str, Any]:
+    """:func:`train`, tried again up to ``cfg.retries`` times after a failure that is not bad input (a
+    transient CUDA / NCCL / file-system error): each attempt resumes from the run's checkpoints."""
+    retries = int(cfg.get("retries", 0) or 0)
+    for attempt in range(retries + 1):
+        try:
+            return train(cfg)
+        except InputError:
+            raise  # the same input fails the same way
+        except Exception as e:
+            if attempt == retries:
+                raise
+            log.warning("run failed (%s: %s); retry %d of %d, resuming from its checkpoints",
+                        type(e).__name__, e, attempt + 1, retries)
+    raise AssertionError("unreachable")
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """One run. In a sweep (``-m``) a failing run is recorded and reported, and the sweep goes on;
     a single run re-raises (non-zero exit)."""
     try:
-        rec = train(cfg)
+        rec = train_with_retries(cfg)
     except Exception as e:
         _write_failure(cfg, e)
         if _in_multirun():

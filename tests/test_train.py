@@ -227,3 +227,38 @@ def test_loading_an_inference_model_that_is_missing_or_does_not_fit(tmp_path):
     torch.save(blob, tmp_path / "bad.pt")
     with pytest.raises(CheckpointError, match=r"(?s)does not fit .*Missing key.*head.weight"):
         load_inference_model(tmp_path / "bad.pt")
+
+
+def test_a_transient_failure_is_retried_and_resumes(tmp_path, monkeypatch):
+    """retries=1: a run that dies mid-way (after its first epoch's checkpoint) is tried again in place and
+    resumes from that checkpoint; bad input is not retried; retries=0 gives up at once."""
+    import lightning as L
+
+    from pyra_bench import train as train_mod
+
+    real_fit, calls = L.Trainer.fit, []
+
+    def flaky_fit(self, *a, **kw):
+        calls.append(kw.get("ckpt_path"))
+        if len(calls) == 1:
+            self.fit_loop.max_epochs = 1  # train one epoch (checkpointed), then die
+            real_fit(self, *a, **kw)
+            raise RuntimeError("CUDA error: an illegal memory access (simulated)")
+        return real_fit(self, *a, **kw)
+
+    monkeypatch.setattr(L.Trainer, "fit", flaky_fit)
+    cfg = _cfg(tmp_path, "method=tome", "compression=low", "retries=1", "trainer.eval_every=1")
+    rec = train_mod.train_with_retries(cfg)
+    assert rec["status"] == "completed" and sorted(rec["metrics"]["test_top1_by_epoch"]) == ["1", "2"]
+    assert calls[0] is None and calls[1].endswith("last.ckpt")  # the retry resumed
+
+    calls.clear()
+    cfg0 = _cfg(tmp_path, "method=pyra", "compression=low", "retries=0")
+    with pytest.raises(RuntimeError, match="simulated"):
+        train_mod.train_with_retries(cfg0)
+    assert len(calls) == 1
+
+    calls.clear()
+    with pytest.raises(InputError):
+        train_mod.train_with_retries(_cfg(tmp_path, "method=pyra", "compression=[999]", "retries=3"))
+    assert calls == []
