@@ -262,3 +262,12 @@ def test_a_transient_failure_is_retried_and_resumes(tmp_path, monkeypatch):
     with pytest.raises(InputError):
         train_mod.train_with_retries(_cfg(tmp_path, "method=pyra", "compression=[999]", "retries=3"))
     assert calls == []
+
+
+def test_help_lists_every_group_option_and_the_operating_points():
+    p = subprocess.run([sys.executable, "-m", "pyra_bench.train", "--help"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert f"method: {', '.join(sorted(METHODS.names()))}" in p.stdout
+    assert "task: caltech101, cifar100," in p.stdout and "sun397, svhn" in p.stdout
+    assert "compression=none | low | high | r<N>" in p.stdout
