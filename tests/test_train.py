@@ -271,3 +271,10 @@ def test_help_lists_every_group_option_and_the_operating_points():
     assert f"method: {', '.join(sorted(METHODS.names()))}" in p.stdout
     assert "task: caltech101, cifar100," in p.stdout and "sun397, svhn" in p.stdout
     assert "compression=none | low | high | r<N>" in p.stdout
+
+
+def test_mixed_precision_run(tmp_path):
+    """trainer.precision=bf16-mixed (Lightning autocast; the proportional-attention bias follows q's dtype)."""
+    rec = _train(_cfg(tmp_path, "method=pyra", "compression=low", "trainer.precision=bf16-mixed"))
+    assert rec["status"] == "completed" and rec["config"]["trainer"]["precision"] == "bf16-mixed"
+    assert 0.0 <= rec["metrics"]["test_top1"] <= 100.0 and rec["metrics"]["test_images"] == 797
