@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from .errors import InputError, exit_on_input_error
 
 # The config resolvers (run_id, first) are registered by pyra_bench.train; the method configs use them.
-from .train import _compression_str, git_revision
+from .train import _compression_str, _run_id, git_revision
 
 log = logging.getLogger("pyra_bench.bench")
 
@@ -58,6 +58,66 @@ def output_path(cfg: DictConfig, schedule: str) -> Path:
         return Path(cfg.bench.output)
     name = f"{cfg.backbone.name}__{cfg.method.name}__{schedule}__{device_slug(cfg.bench.device)}.json"
     return Path(cfg.bench.output_dir) / name
+
+
+def bench_runs(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Measure the exported inference models of finished runs (``bench.run``: a run folder, its
+    ``inference_model.pt``, or a glob of either), all on this device in one go -- the paper's protocol of
+    one GPU for every method. With ``bench.update_record`` the throughput is written into each run's
+    record (atomically) so that the tables and figures use it."""
+    import glob
+
+    import torch
+
+    from .errors import InputFileNotFoundError
+    from .export import load_inference_model
+    from .measure import MEASURED_MODEL, device_slug, measure_model, software_versions
+    from .records import atomic_write_json, read_record
+
+    b = cfg.bench
+    if b.get("threads"):
+        torch.set_num_threads(int(b.threads))
+    paths = sorted(glob.glob(str(b.run))) if any(c in str(b.run) for c in "*?[") else [str(b.run)]
+    if not paths:
+        raise InputFileNotFoundError(f"bench.run={b.run}: no run folder matches")
+    slug, out = device_slug(b.device), []
+    for p in paths:
+        t0 = time.time()
+        model = load_inference_model(p)  # checks the file before any measuring
+        rc = model.pyra_config
+        variant = (rc["method"].get("kwargs") or {}).get("variant")
+        rid = _run_id(rc["task"]["name"], rc["backbone"]["name"], rc["method"]["name"], rc["compression"],
+                      rc["seed"], variant)
+        res = measure_model(
+            model, int(rc["backbone"]["image_size"]), params=False, flops=bool(b.flops), throughput=bool(b.throughput),
+            throughput_kwargs=dict(batch_size=int(b.batch_size), device=str(b.device), dtype=str(b.dtype),
+                                   warmup_s=float(b.warmup_s), duration_s=float(b.duration_s),
+                                   channels_last=bool(b.channels_last)))
+        if res["throughput"] is not None:
+            res["throughput"]["measured_by"] = f"pyra_bench.bench bench.run (exported model of {rid})"
+        record = {
+            "schema": 1, "kind": "bench", "run_id": f"bench__{rid}__{slug}", "of_run": rid,
+            "backbone": rc["backbone"]["name"], "method": rc["method"]["name"], "variant": variant,
+            "schedule": _compression_str(rc["compression"]), "measured": MEASURED_MODEL + ", exported by the run",
+            "weights": "trained (exported inference model)", "params": None, "flops": res["flops"],
+            "throughput": res["throughput"], "config": {"bench": OmegaConf.to_container(b, resolve=True)},
+            "git_rev": git_revision(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "versions": software_versions(), "wall_time_s": round(time.time() - t0, 1),
+        }
+        path = atomic_write_json(Path(b.output_dir) / f"{rid}__{slug}.json", record)
+        record["_path"] = str(path)
+        if b.get("update_record") and res["throughput"] is not None:
+            rec_path = Path(b.get("records_dir") or rc.get("results_dir") or "results/runs") / f"{rid}.json"
+            if rec_path.is_file():
+                run_rec = read_record(rec_path)
+                run_rec["throughput"] = res["throughput"]
+                atomic_write_json(rec_path, run_rec)
+                record["updated_record"] = str(rec_path)
+            else:
+                log.warning("run record %s not found (set bench.records_dir); throughput not written into it", rec_path)
+        print(format_report(record))
+        out.append(record)
+    return out
 
 
 def run_bench(cfg: DictConfig) -> dict[str, Any]:
@@ -136,6 +196,8 @@ def format_report(rec: dict[str, Any]) -> str:
                                f"threads {t['threads']} | torch {t['versions']['torch']}, timm {t['versions']['timm']}"))
     if rec.get("_path"):
         rows.append(("record", rec["_path"]))
+    if rec.get("updated_record"):
+        rows.append(("run record", f"throughput written into {rec['updated_record']}"))
     w = max(len(k) for k, _ in rows)
     line = "=" * 100
     return "\n".join([line, *(f"{k:<{w}}  {v}" for k, v in rows), line])
@@ -144,6 +206,9 @@ def format_report(rec: dict[str, Any]) -> str:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
 def main(cfg: DictConfig) -> float | None:
     try:
+        if cfg.bench.get("run"):
+            recs = bench_runs(cfg)
+            return (recs[-1].get("throughput") or {}).get("img_per_s")
         rec = run_bench(cfg)
     except InputError as e:
         exit_on_input_error(e, "pyra_bench.bench")

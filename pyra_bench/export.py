@@ -63,4 +63,5 @@ def load_inference_model(path: str | os.PathLike, map_location: str | torch.devi
         infer.load_state_dict(blob["state_dict"], strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{path} does not fit the model its config describes: {e}") from e
+    infer.pyra_config = blob["config"]  # the run's resolved config (plain dict), for measuring / reporting
     return infer.to(map_location).eval()

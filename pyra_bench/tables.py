@@ -250,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     label = "last-epoch top-1 (VTAB protocol)" if a.metric == "last" else "BEST evaluated epoch top-1 (paper's convention)"
     print(f"[tables] {len(recs)} records, {len(df)} with accuracy; metric: {label}")
+    devices = sorted({(r.get("throughput") or {}).get("device") for r in recs} - {None})
+    if len(devices) > 1:
+        print(f"[tables] warning: throughput was measured on {len(devices)} devices ({'; '.join(devices)}); the "
+              f"columns mix them. Measure every run on one device: python -m pyra_bench.bench "
+              f"bench.run='outputs/runs/*' bench.device=cuda", file=sys.stderr)
     for t in tables:
         table, cmp = build_table(t, summary, paper)
         filled = int(table["Average"].notna().sum()) if "Average" in table else 0

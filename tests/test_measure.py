@@ -201,3 +201,36 @@ def test_bench_cli_help_lists_groups():
     assert out.returncode == 0, out.stderr
     assert "backbone:" in out.stdout and "method:" in out.stdout and "bench:" in out.stdout
     assert "vit_b16_in21k" in out.stdout and "tome" in out.stdout
+
+
+@pytest.mark.parametrize("method,compression", [("rap", "flops:0.6"), ("pyra", "low")])
+def test_bench_measures_finished_runs_and_updates_their_records(tmp_path, method, compression):
+    """bench.run: the exported model, rebuilt from its run's config alone, has the MACs the run recorded
+    (RaP: a pruned structure); its throughput lands in the run record, where the tables read it."""
+    from hydra import compose, initialize_config_dir
+
+    from pyra_bench import tables
+    from pyra_bench.bench import bench_runs
+    from pyra_bench.errors import InputError
+    from pyra_bench.records import iter_records
+    from pyra_bench.train import train
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        tcfg = compose("train", overrides=[
+            "task=digits", "backbone=vit_tiny_test", "trainer=smoke", "logger=csv", f"method={method}",
+            f"compression={compression}", f"results_dir={tmp_path}/results", f"run_dir={tmp_path}/runs/{method}"])
+        bcfg = compose("bench", overrides=[
+            f"bench.run={tmp_path}/runs/*", "bench.batch_size=2", "bench.warmup_s=0", "bench.duration_s=0.02",
+            f"bench.output_dir={tmp_path}/bench"])
+        missing = compose("bench", overrides=[f"bench.run={tmp_path}/nowhere/*"])
+    run = train(tcfg)
+    assert run["throughput"] is None
+    (bench,) = bench_runs(bcfg)
+    assert bench["of_run"] == run["run_id"] and bench["flops"]["gmacs"] == run["flops"]["gmacs"]
+    (updated,) = iter_records([tmp_path / "results"])
+    assert updated["throughput"]["img_per_s"] > 0 and "bench.run" in updated["throughput"]["measured_by"]
+    assert updated["metrics"] == run["metrics"]  # nothing else changed
+    frame = tables.records_frame([updated])
+    assert frame["throughput"].iloc[0] == updated["throughput"]["img_per_s"]
+    with pytest.raises(InputError, match="no run folder matches"):
+        bench_runs(missing)

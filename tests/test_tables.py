@@ -123,3 +123,13 @@ def test_bad_arguments_fail_before_anything_is_written(tmp_path, capsys, args, m
     assert e.value.code == 2
     assert re.search(match, capsys.readouterr().err)
     assert not out.exists()
+
+
+def test_throughput_from_several_devices_is_warned_about(tmp_path, capsys):
+    for i, dev in enumerate(["NVIDIA H100", "NVIDIA A100", "NVIDIA H100"]):
+        write_record(tmp_path, {"run_id": f"r{i}", "task": "cifar100", "backbone": "vit_b16_in21k", "method": "tome",
+                                "schedule": "low", "seed": i, "status": "completed", "metrics": {"test_top1": 70.0},
+                                "throughput": {"img_per_s": 1000.0 + i, "device": dev}})
+    tables.main(["--records", str(tmp_path), "--out", str(tmp_path / "out"), "--tables", "2", "--no-figures"])
+    err = capsys.readouterr().err
+    assert "measured on 2 devices (NVIDIA A100; NVIDIA H100)" in err
