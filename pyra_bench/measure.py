@@ -490,6 +490,74 @@ def measure_throughput(
     }
 
 
+def measure_training_step(
+    model: nn.Module,
+    batch_size: int = 64,
+    image_size: int | None = 224,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "float32",
+    warmup_s: float = 5.0,
+    duration_s: float = 10.0,
+    min_iters: int = 2,
+    lr: float = 1e-3,
+) -> dict[str, Any]:
+    """Training images/s of a built (trainable) model: whole steps of forward, cross-entropy, backward and
+    an AdamW step over the parameters that require gradients (the frozen backbone gets none), in train
+    mode, on one random batch allocated once, each step followed by a device synchronisation. Data loading
+    is excluded (see the run records' ``training_cost`` for the figure with it). ``model`` itself is left
+    untouched: a copy is trained. ``dtype``: autocast as in :func:`measure_throughput`."""
+    device = torch.device(device)
+    dtype = normalize_dtype(dtype)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' requested but CUDA is not available")
+    if device.type == "cpu" and dtype == "float16":
+        raise ValueError("float16 autocast is for CUDA; use dtype=bfloat16 (or float32) on the CPU")
+    net = copy.deepcopy(model).to(device).train()
+    params = [p for p in net.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    opt = torch.optim.AdamW(params, lr=lr)
+    in_chans, image_size = input_spec(net, image_size)
+    num_classes = getattr(net, "num_classes", None) or 10
+    x = torch.randn(batch_size, in_chans, image_size, image_size, device=device)
+    y = torch.randint(0, int(num_classes), (batch_size,), device=device)
+    amp = dtype != "float32"
+    autocast = (torch.autocast(device_type=device.type, dtype=DTYPES[dtype]) if amp else contextlib.nullcontext())
+
+    def step() -> None:
+        with autocast:
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    t0, warm_iters = time.perf_counter(), 0
+    while warm_iters < 1 or time.perf_counter() - t0 < warmup_s:
+        step()
+        _sync(device)
+        warm_iters += 1
+    times: list[float] = []
+    while len(times) < min_iters or sum(times) < duration_s:
+        t = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    total, med = sum(times), statistics.median(times)
+    return {
+        "img_per_s": batch_size * len(times) / total, "img_per_s_median": batch_size / med,
+        "iters": len(times), "timed_s": total, "warmup_iters": warm_iters, "batch_size": batch_size,
+        "image_size": image_size, "trainable_params": sum(p.numel() for p in params),
+        "device": device_name(device), "dtype": dtype, "autocast": amp, "threads": torch.get_num_threads(),
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "protocol": "train mode, random batch, forward + cross-entropy + backward + AdamW step, device sync "
+                    "per step; data loading excluded",
+        "versions": software_versions(),
+    }
+
+
 # ---------------------------------------------------------------------------------------------------------
 # all of it for a built model
 # ---------------------------------------------------------------------------------------------------------

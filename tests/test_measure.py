@@ -234,3 +234,26 @@ def test_bench_measures_finished_runs_and_updates_their_records(tmp_path, method
     assert frame["throughput"].iloc[0] == updated["throughput"]["img_per_s"]
     with pytest.raises(InputError, match="no run folder matches"):
         bench_runs(missing)
+
+
+def test_training_step_throughput_leaves_the_model_untouched():
+    from pyra_bench.measure import measure_training_step
+
+    model = build_model("vit_tiny_test", 10, "pyra", "low")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    r = measure_training_step(model, batch_size=4, image_size=32, warmup_s=0.0, duration_s=0.01)
+    assert r["img_per_s"] > 0 and r["iters"] >= 2 and r["batch_size"] == 4
+    assert r["trainable_params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # a copy was trained
+    with pytest.raises(ValueError, match="float16 autocast is for CUDA"):
+        measure_training_step(model, batch_size=2, image_size=32, dtype="float16")
+
+
+@pytest.mark.parametrize("script", ["bench_speedup.py", "bench_training.py"])
+def test_benchmark_scripts_run_in_quick_mode(script, tmp_path):
+    """The benchmark scripts (timings are reported, never asserted) run end to end on the tiny ViT."""
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--quick", "--out-dir", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "peft" in p.stdout and "pyra" in p.stdout and "tome" in p.stdout
