@@ -12,6 +12,7 @@ Everything is composed by Hydra from ``conf/train.yaml`` (``--help`` lists the g
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import platform
@@ -263,7 +264,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("measure_throughput", False):
         from .measure import measure_throughput
 
-        throughput = measure_throughput(infer, image_size=cfg.backbone.image_size)
+        tp = cfg.get("throughput") or {}
+        device = tp.get("device", "auto")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() and t.accelerator in ("auto", "gpu", "cuda") else "cpu"
+        batch = tp.get("batch_size") or (256 if str(device).startswith("cuda") else 8)
+        throughput = measure_throughput(copy.deepcopy(infer), batch_size=int(batch), image_size=cfg.backbone.image_size,
+                                        device=device, dtype=tp.get("dtype", "float32"),
+                                        warmup_s=float(tp.get("warmup_s", 10.0)),
+                                        duration_s=float(tp.get("duration_s", 10.0)))
     if cfg.get("export_inference_model", True):
         from .export import FILE_NAME, save_inference_model
 

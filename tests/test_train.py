@@ -278,3 +278,11 @@ def test_mixed_precision_run(tmp_path):
     rec = _train(_cfg(tmp_path, "method=pyra", "compression=low", "trainer.precision=bf16-mixed"))
     assert rec["status"] == "completed" and rec["config"]["trainer"]["precision"] == "bf16-mixed"
     assert 0.0 <= rec["metrics"]["test_top1"] <= 100.0 and rec["metrics"]["test_images"] == 797
+
+
+def test_throughput_measured_after_training_on_the_training_device(tmp_path):
+    rec = _train(_cfg(tmp_path, "method=tome", "compression=low", "measure_throughput=true",
+                      "throughput.warmup_s=0", "throughput.duration_s=0.02"))
+    tp = rec["throughput"]
+    assert tp["img_per_s"] > 0 and tp["device_type"] == "cpu" and tp["batch_size"] == 8  # CPU default
+    assert tp["lora_merged"] and tp["image_size"] == 32
