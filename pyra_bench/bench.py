@@ -60,6 +60,14 @@ def output_path(cfg: DictConfig, schedule: str) -> Path:
     return Path(cfg.bench.output_dir) / name
 
 
+def throughput_kwargs(b: DictConfig) -> dict[str, Any]:
+    """The ``bench.*`` timing settings for :func:`pyra_bench.measure.measure_throughput`; a null batch size
+    means 512 on CUDA (the authors' protocol) and 8 on the CPU."""
+    batch = b.get("batch_size") or (512 if str(b.device).startswith("cuda") else 8)
+    return dict(batch_size=int(batch), device=str(b.device), dtype=str(b.dtype), warmup_s=float(b.warmup_s),
+                duration_s=float(b.duration_s), channels_last=bool(b.channels_last))
+
+
 def bench_runs(cfg: DictConfig) -> list[dict[str, Any]]:
     """Measure the exported inference models of finished runs (``bench.run``: a run folder, its
     ``inference_model.pt``, or a glob of either), all on this device in one go -- the paper's protocol of
@@ -90,9 +98,7 @@ def bench_runs(cfg: DictConfig) -> list[dict[str, Any]]:
                       rc["seed"], variant)
         res = measure_model(
             model, int(rc["backbone"]["image_size"]), params=False, flops=bool(b.flops), throughput=bool(b.throughput),
-            throughput_kwargs=dict(batch_size=int(b.batch_size), device=str(b.device), dtype=str(b.dtype),
-                                   warmup_s=float(b.warmup_s), duration_s=float(b.duration_s),
-                                   channels_last=bool(b.channels_last)))
+            throughput_kwargs=throughput_kwargs(b))
         if res["throughput"] is not None:
             res["throughput"]["measured_by"] = f"pyra_bench.bench bench.run (exported model of {rid})"
         record = {
@@ -136,9 +142,7 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
     res = measure_model(
         model, int(cfg.backbone.image_size), params=bool(b.params), flops=bool(b.flops),
         throughput=bool(b.throughput),
-        throughput_kwargs=dict(batch_size=int(b.batch_size), device=str(b.device), dtype=str(b.dtype),
-                               warmup_s=float(b.warmup_s), duration_s=float(b.duration_s),
-                               channels_last=bool(b.channels_last)),
+        throughput_kwargs=throughput_kwargs(b),
     )
     variant = OmegaConf.select(cfg, "method.kwargs.variant")
     slug = device_slug(b.device)

@@ -268,7 +268,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         device = tp.get("device", "auto")
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() and t.accelerator in ("auto", "gpu", "cuda") else "cpu"
-        batch = tp.get("batch_size") or (256 if str(device).startswith("cuda") else 8)
+        batch = tp.get("batch_size") or (512 if str(device).startswith("cuda") else 8)
         throughput = measure_throughput(copy.deepcopy(infer), batch_size=int(batch), image_size=cfg.backbone.image_size,
                                         device=device, dtype=tp.get("dtype", "float32"),
                                         warmup_s=float(tp.get("warmup_s", 10.0)),
