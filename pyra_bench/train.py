@@ -129,27 +129,56 @@ def make_model(cfg: DictConfig, num_classes: int, pretrained: bool, checkpoint: 
     )
 
 
-def make_loggers(cfg: DictConfig, run_dir: Path, run_id: str) -> list:
+def make_wandb_logger(cfg: DictConfig, run_dir: Path, run_id: str):
+    """One W&B run per pyra_bench run (shared by its stages), offline unless ``logger.wandb.mode=online``.
+    Its id is derived from the run id, so a resumed or retried run continues the same W&B run."""
+    wb = cfg.logger.get("wandb") or {}
+    if not wb.get("enabled", False):
+        return None
+    import hashlib
+
+    from lightning.pytorch.loggers import WandbLogger
+
+    mode = wb.get("mode", "offline")
+    return WandbLogger(project=wb.get("project", "pyra_bench"), entity=wb.get("entity"), name=run_id,
+                       id=hashlib.sha1(run_id.encode()).hexdigest()[:16], resume="allow", save_dir=str(run_dir),
+                       tags=list(wb.get("tags", [])), offline=mode == "offline", mode=mode,
+                       config=OmegaConf.to_container(cfg, resolve=True))
+
+
+def make_loggers(cfg: DictConfig, run_dir: Path, run_id: str, wandb_logger=None) -> list:
     from lightning.pytorch.loggers import CSVLogger
 
     loggers = []
     if cfg.logger.get("csv", True):
         loggers.append(CSVLogger(save_dir=str(run_dir), name="logs"))
-    wb = cfg.logger.get("wandb") or {}
-    if wb.get("enabled", False):
-        from lightning.pytorch.loggers import WandbLogger
-
-        os.environ.setdefault("WANDB_MODE", wb.get("mode", "offline"))
-        loggers.append(WandbLogger(project=wb.get("project", "pyra_bench"), entity=wb.get("entity"), name=run_id,
-                                   save_dir=str(run_dir), tags=list(wb.get("tags", [])), offline=wb.get("mode") == "offline",
-                                   config=OmegaConf.to_container(cfg, resolve=True)))
+    if wandb_logger is not None:
+        loggers.append(wandb_logger)
     return loggers
+
+
+def _finish_wandb(wandb_logger) -> None:
+    """Close the W&B run (each run of a Hydra multirun must finish its own, wandb#1314)."""
+    if wandb_logger is not None:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------------------
 def train(cfg: DictConfig) -> dict[str, Any]:
+    """One run: validate, train every stage of the method, measure, write the record (see module doc)."""
+    wandb_logger: list = []
+    try:
+        return _train(cfg, wandb_logger)
+    finally:
+        _finish_wandb(wandb_logger[0] if wandb_logger else None)
+
+
+def _train(cfg: DictConfig, wandb_holder: list) -> dict[str, Any]:
     import lightning as L
     import torch
 
@@ -225,7 +254,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
         cost = TrainingCost()
         callbacks = [ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0, every_n_epochs=1), cost]
-        loggers = make_loggers(cfg, run_dir, rid)
+        if not wandb_holder:
+            wandb_holder.append(make_wandb_logger(cfg, run_dir, rid))
+        loggers = make_loggers(cfg, run_dir, rid, wandb_holder[0])
         if loggers:
             callbacks.append(LearningRateMonitor(logging_interval="epoch"))
         trainer = L.Trainer(

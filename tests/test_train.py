@@ -286,3 +286,17 @@ def test_throughput_measured_after_training_on_the_training_device(tmp_path):
     tp = rec["throughput"]
     assert tp["img_per_s"] > 0 and tp["device_type"] == "cpu" and tp["batch_size"] == 8  # CPU default
     assert tp["lora_merged"] and tp["image_size"] == 32
+
+
+def test_wandb_logs_offline_one_run_per_pyra_run(tmp_path, monkeypatch):
+    """logger=wandb works without the network (offline), the three stages of SPViT share one W&B run,
+    and the run is finished when train returns (so the next run of a multirun starts its own)."""
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    cfg = _cfg(tmp_path, "method=spvit", "compression=flops:0.7", "logger=wandb")
+    rec = _train(cfg)
+    assert rec["status"] == "completed" and wandb.run is None
+    runs = list((Path(cfg.run_dir) / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, runs
+    assert list(runs[0].glob("*.wandb")), "the offline run holds its log"
