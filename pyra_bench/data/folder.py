@@ -192,24 +192,39 @@ def _verify_key(dataset: VTABFolderDataset) -> dict[str, Any]:
     return {"list": dataset.list_file.name, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "images": len(dataset)}
 
 
+def _stamp_paths(dataset: VTABFolderDataset) -> list[Path]:
+    """Where the verification stamp of a split may live: next to the data, else (a read-only data folder)
+    in the user cache, keyed by the split list's absolute path."""
+    import hashlib
+
+    from ..demo_pretrain import cache_dir
+
+    key = hashlib.sha1(str(dataset.list_file.resolve()).encode()).hexdigest()[:20]
+    return [dataset.task_dir / f".verified_{dataset.split}.json", cache_dir() / "verified" / f"{key}.json"]
+
+
 def verify_once(dataset: VTABFolderDataset, progress: bool = True, workers: int = 1) -> bool:
-    """:func:`verify_images`, remembered: a stamp ``<task>/.verified_<split>.json`` records the split list
-    (size, mtime, count) that decoded cleanly, so later runs on the same folder skip the decoding pass.
-    Re-preparing the task rewrites the list and so invalidates the stamp. Returns True if it decoded now."""
+    """:func:`verify_images`, remembered: a stamp ``<task>/.verified_<split>.json`` (or, when the data folder
+    is read-only, one in the user cache) records the split list (size, mtime, count) that decoded cleanly,
+    so later runs on the same folder skip the decoding pass. Re-preparing the task rewrites the list and so
+    invalidates the stamp. Returns True if it decoded now."""
     import json
 
-    stamp = dataset.task_dir / f".verified_{dataset.split}.json"
-    key = _verify_key(dataset)
-    try:
-        if json.loads(stamp.read_text()) == key:
-            return False
-    except (OSError, ValueError):
-        pass
-    verify_images(dataset, progress=progress, workers=workers)
-    try:
-        from ..records import atomic_write_json
+    from ..records import atomic_write_json
 
-        atomic_write_json(stamp, key)
-    except OSError:  # a read-only data folder: verify again next time
-        pass
+    key = _verify_key(dataset)
+    stamps = _stamp_paths(dataset)
+    for stamp in stamps:
+        try:
+            if json.loads(stamp.read_text()) == key:
+                return False
+        except (OSError, ValueError):
+            pass
+    verify_images(dataset, progress=progress, workers=workers)
+    for stamp in stamps:
+        try:
+            atomic_write_json(stamp, key)
+            break
+        except OSError:  # not writable: try the next place; nowhere -> verify again next time
+            continue
     return True
