@@ -6,12 +6,13 @@ STAMP  := $(VENV)/.installed
 # Extra pip arguments, e.g. PIP_ARGS="--index-url https://download.pytorch.org/whl/cu124" for a CUDA build.
 PIP_ARGS ?=
 
-.PHONY: venv demo test test-fast bench tables lint prepare-vtab clean help
+.PHONY: venv demo test test-fast bench bench-train tables lint prepare-vtab clean help
 
 help:
 	@echo "make demo       - create .venv if needed and run the offline demo (python -m pyra_bench.train)"
 	@echo "make test       - create .venv if needed and run the test suite"
 	@echo "make bench      - CPU throughput/FLOPs benchmark of every method at low/high (results/bench/)"
+	@echo "make bench-train - CPU training-step speed of PEFT vs ToMe/PYRA at low/high (results/bench/)"
 	@echo "make tables     - rebuild the paper's tables/figures from results/runs into results/tables"
 	@echo "make prepare-vtab TASKS=all DATA_ROOT=data/vtab-1k - build VTAB-1k folders from TFDS"
 	@echo "make lint       - ruff"
@@ -35,6 +36,9 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) scripts/bench_speedup.py
+
+bench-train: $(STAMP)
+	$(PY) scripts/bench_training.py
 
 tables: $(STAMP)
 	$(PY) -m pyra_bench.tables --records results/runs --out results/tables
