@@ -95,7 +95,7 @@ def bench_runs(cfg: DictConfig) -> list[dict[str, Any]]:
         rc = model.pyra_config
         variant = (rc["method"].get("kwargs") or {}).get("variant")
         rid = _run_id(rc["task"]["name"], rc["backbone"]["name"], rc["method"]["name"], rc["compression"],
-                      rc["seed"], variant)
+                      rc["seed"], variant, rc.get("protocol", "final"), rc.get("run_tag"))
         res = measure_model(
             model, int(rc["backbone"]["image_size"]), params=False, flops=bool(b.flops), throughput=bool(b.throughput),
             throughput_kwargs=throughput_kwargs(b))

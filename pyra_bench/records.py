@@ -12,12 +12,15 @@ Schema (``schema: 1``). Fields that a run did not measure are absent or null, ne
       "schedule": "high",                      # schedule name / description; "none" for no compression
       "seed": 0,
       "data_format": "jpeg_folder",            # how the images were read (jpeg_folder | tfds | embedded)
-      "metrics": {
+      "protocol": "final",                     # final (train800val200 -> test) | tuning (train800 -> val200)
+      "metrics": {                             # tuning runs carry val_* instead and test_top1 null
         "test_top1": 72.1,                     # the reported number: last epoch (VTAB protocol)
         "test_top1_best": 72.9,                # max over evaluated epochs (the paper's convention, labelled)
         "test_top1_by_epoch": {"0": 5.1, "10": 60.2, ...},
+        "test_images": 10000,                  # images behind the last evaluation (the whole split)
         "val_top1": null
       },
+      "training_cost": {"train": {"img_per_s": 512.0, "peak_mem_gib": 9.1, ...}},   # per trained stage
       "params": {"trainable": 399652, "paper_counted": 304320, "backbone": 85798656,
                  "paper_pct": 0.3547},       # % of backbone params, counted as the paper counts
       "flops": {"gmacs": 5.07, "paper_gflops": 4.75, "tokens_per_block": [...]},

@@ -66,13 +66,12 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
 
 
 def plan(overrides: list[str]) -> list[dict[str, Any]]:
-    from .train import _run_id
+    from .train import run_id_of
 
     jobs = []
     for combo in expand_sweep(overrides):
         cfg = _compose(combo)
-        variant = cfg.method.get("kwargs", {}).get("variant") if cfg.method.get("kwargs") else None
-        rid = _run_id(cfg.task.name, cfg.backbone.name, cfg.method.name, cfg.compression, cfg.seed, variant)
+        rid = run_id_of(cfg)
         results = Path(cfg.results_dir)
         hours = GPU_HOURS_PER_100_EPOCHS.get(cfg.backbone.name, 0.0) * cfg.trainer.epochs / 100 \
             * METHOD_FACTOR.get(cfg.method.name, 1.0)

@@ -33,9 +33,72 @@ log = logging.getLogger("pyra_bench.train")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-def _run_id(task, backbone, method, compression, seed, variant=None) -> str:
-    variant = None if variant in (None, "None", "null", "full") else variant
-    return record_id(str(task), str(backbone), str(method), _compression_str(compression), int(seed), variant)
+PROTOCOLS = {  # protocol -> (training split, evaluated split)
+    "final": ("train800val200", "test"),  # the VTAB-1k protocol: what the tables report
+    "tuning": ("train800", "val200"),     # hyperparameter selection, never touching the test split
+}
+
+
+def _null(v: Any) -> bool:
+    return v in (None, "None", "null", "")
+
+
+def _run_id(task, backbone, method, compression, seed, variant=None, protocol="final", tag=None) -> str:
+    """The run's identity (record file, run folder, W&B id): task, backbone, method[-variant], operating
+    point, seed, plus ``__tune`` for the tuning protocol and ``__<run_tag>`` when one is set."""
+    variant = None if _null(variant) or variant == "full" else variant
+    rid = record_id(str(task), str(backbone), str(method), _compression_str(compression), int(seed), variant)
+    if not _null(protocol) and protocol != "final":
+        rid += f"__{'tune' if protocol == 'tuning' else protocol}"
+    if not _null(tag):
+        rid += "__" + "".join(c if c.isalnum() or c in "-_." else "-" for c in str(tag))
+    return rid
+
+
+def run_id_of(cfg: DictConfig) -> str:
+    """:func:`_run_id` of a composed run config."""
+    return _run_id(cfg.task.name, cfg.backbone.name, cfg.method.name, cfg.compression, cfg.seed,
+                   OmegaConf.select(cfg, "method.kwargs.variant"), cfg.get("protocol", "final"), cfg.get("run_tag"))
+
+
+#: Config keys that do not change what a run computes (where and how fast it runs); everything else in
+#: task / backbone / method / trainer / compression / seed / protocol must match an existing record.
+EXECUTION_KEYS = {"trainer.num_workers", "trainer.devices", "trainer.strategy", "trainer.accelerator",
+                  "trainer.num_nodes", "trainer.cpu_threads", "trainer.eval_batch_size", "backbone.weights"}
+
+
+def _identity(config: dict) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, v: Any) -> None:
+        if isinstance(v, dict):
+            for k, x in v.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), x)
+        else:
+            flat[prefix] = v
+
+    for key in ("task", "backbone", "method", "trainer", "compression", "seed", "protocol"):
+        walk(key, config.get(key))
+    return {k: v for k, v in flat.items() if k not in EXECUTION_KEYS}
+
+
+def check_record_matches(cfg: DictConfig, record_path: Path) -> None:
+    """A run is skipped when its record exists; refuse to skip when that record was made with other
+    settings (e.g. a learning-rate sweep without ``run_tag``), which would silently report the wrong run."""
+    from .records import read_record
+
+    try:
+        old = read_record(record_path).get("config") or {}
+    except (OSError, ValueError):
+        return
+    now, before = _identity(OmegaConf.to_container(cfg, resolve=True)), _identity(old)
+    # keys only one side has (a setting added or removed since the record was written) are not compared
+    diff = sorted(k for k in now.keys() & before.keys() if now[k] != before[k])
+    if diff:
+        shown = "; ".join(f"{k}: {before.get(k)!r} in the record, {now.get(k)!r} now" for k in diff[:6])
+        raise ConfigError(f"a record for this run id exists with different settings ({record_path}): {shown}"
+                          f"{' ...' if len(diff) > 6 else ''}\n  Set run_tag=<name> to keep both runs, or force=true "
+                          f"to replace the record.")
 
 
 def _compression_str(c: Any) -> str:
@@ -107,6 +170,7 @@ def make_datamodule(cfg: DictConfig, task: str | None = None):
         task=task or cfg.task.name, data_root=cfg.data_root, batch_size=t.batch_size, eval_batch_size=t.eval_batch_size,
         num_workers=t.num_workers, image_size=cfg.backbone.image_size, normalization=cfg.backbone.normalization,
         source=cfg.task.source if task in (None, cfg.task.name) else _default_source(task), seed=cfg.seed,
+        train_split=PROTOCOLS[cfg.get("protocol", "final")][0], eval_split=PROTOCOLS[cfg.get("protocol", "final")][1],
     )
 
 
@@ -186,10 +250,14 @@ def _train(cfg: DictConfig, wandb_holder: list) -> dict[str, Any]:
     from .models import count_parameters
 
     variant = OmegaConf.select(cfg, "method.kwargs.variant")
-    rid = _run_id(cfg.task.name, cfg.backbone.name, cfg.method.name, cfg.compression, cfg.seed, variant)
+    rid = run_id_of(cfg)
+    protocol = cfg.get("protocol", "final")
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"unknown protocol {protocol!r}; valid choices: {', '.join(PROTOCOLS)}")
     results_dir, run_dir = Path(cfg.results_dir), Path(cfg.run_dir)
     record_path = results_dir / f"{rid}.json"
     if record_path.exists() and not cfg.get("force", False):
+        check_record_matches(cfg, record_path)
         print(f"[pyra_bench] {rid}: record exists ({record_path}); skipping (force=true to re-run)")
         return {"run_id": rid, "status": "skipped", "path": str(record_path)}
 
@@ -309,21 +377,14 @@ def _train(cfg: DictConfig, wandb_holder: list) -> dict[str, Any]:
 
         save_inference_model(run_dir / FILE_NAME, infer, method, cfg)
 
-    epochs_evaluated = sorted(history)
-    last_epoch = epochs_evaluated[-1] if epochs_evaluated else None
     from .data import get_task
 
     record = {
         "run_id": rid, "status": "completed", "task": cfg.task.name, "group": get_task(cfg.task.name).group,
         "backbone": cfg.backbone.name, "method": cfg.method.name, "variant": variant,
         "schedule": _compression_str(cfg.compression), "seed": int(cfg.seed), "data_format": dm.data_format,
-        "metrics": {
-            "test_top1": history.get(last_epoch) if last_epoch is not None else None,
-            "test_top1_best": max(history.values()) if history else None,
-            "test_top1_by_epoch": {str(k): history[k] for k in epochs_evaluated},
-            "test_images": eval_images,
-            "val_top1": None,
-        },
+        "protocol": protocol,
+        "metrics": _metrics(history, eval_images, "val" if protocol == "tuning" else "test"),
         "params": params.as_dict(),
         "flops": flops,
         "throughput": throughput,
@@ -338,6 +399,17 @@ def _train(cfg: DictConfig, wandb_holder: list) -> dict[str, Any]:
     (results_dir / "failed" / f"{rid}.json").unlink(missing_ok=True)  # a stale failure of an earlier attempt
     _print_summary(record, path)
     return record
+
+
+def _metrics(history: dict[int, float], images: int | None, split: str) -> dict[str, Any]:
+    """Top-1 of the last evaluated epoch, the best one (labelled), every evaluated epoch and the number of
+    images behind it, under ``test_*`` (final protocol) or ``val_*`` (tuning protocol: val200)."""
+    epochs = sorted(history)
+    other = "val" if split == "test" else "test"
+    return {f"{split}_top1": history[epochs[-1]] if epochs else None,
+            f"{split}_top1_best": max(history.values()) if history else None,
+            f"{split}_top1_by_epoch": {str(k): history[k] for k in epochs},
+            f"{split}_images": images, f"{other}_top1": None}
 
 
 def _check_chaining(cfg: DictConfig, method: str, names: list[str]) -> tuple[str | None, tuple[int, Path | None]]:
@@ -388,11 +460,12 @@ def _flops(model, image_size: int) -> dict[str, Any]:
 
 def _print_summary(rec: dict, path: Path) -> None:
     m, p, f = rec["metrics"], rec["params"], rec["flops"] or {}
+    sp, name = ("val", "val200 split (tuning protocol)") if rec.get("protocol") == "tuning" else ("test", "test split")
     lines = [
         f"run        {rec['run_id']}",
-        f"top-1      {m['test_top1']:.2f}% on the test split (last epoch); best evaluated epoch "
-        f"{m['test_top1_best']:.2f}%" if m["test_top1"] is not None else "top-1      (not evaluated)",
-        "by epoch   " + ", ".join(f"{k}: {v:.1f}" for k, v in m["test_top1_by_epoch"].items()),
+        f"top-1      {m[f'{sp}_top1']:.2f}% on the {name} (last epoch); best evaluated epoch "
+        f"{m[f'{sp}_top1_best']:.2f}%" if m[f"{sp}_top1"] is not None else "top-1      (not evaluated)",
+        "by epoch   " + ", ".join(f"{k}: {v:.1f}" for k, v in m[f"{sp}_top1_by_epoch"].items()),
         f"params     trainable {p['trainable']:,} | paper-counted {p['paper_counted']:,} = "
         f"{p['paper_pct']:.2f}% of the backbone ({p['backbone']:,})",
         f"MACs       {f.get('gmacs', float('nan')):.4g} G per image (inference model, LoRA merged)",
@@ -445,13 +518,13 @@ def main(cfg: DictConfig) -> float | None:
         if isinstance(e, InputError):
             exit_on_input_error(e, "pyra_bench.train")
         raise
-    return (rec.get("metrics") or {}).get("test_top1")
+    m = rec.get("metrics") or {}
+    return m.get("test_top1") if m.get("test_top1") is not None else m.get("val_top1")
 
 
 def _write_failure(cfg: DictConfig, e: BaseException) -> None:
     try:
-        variant = OmegaConf.select(cfg, "method.kwargs.variant")
-        rid = _run_id(cfg.task.name, cfg.backbone.name, cfg.method.name, cfg.compression, cfg.seed, variant)
+        rid = run_id_of(cfg)
         path = Path(cfg.results_dir) / "failed" / f"{rid}.json"
         atomic_write_json(path, {"schema": 1, "run_id": rid, "status": "failed", "error": f"{type(e).__name__}: {e}",
                                  "traceback": traceback.format_exc(), "task": cfg.task.name,

@@ -300,3 +300,26 @@ def test_wandb_logs_offline_one_run_per_pyra_run(tmp_path, monkeypatch):
     runs = list((Path(cfg.run_dir) / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, runs
     assert list(runs[0].glob("*.wandb")), "the offline run holds its log"
+
+
+def test_tuning_protocol_trains_on_train800_and_evaluates_val200(tmp_path):
+    rec = _train(_cfg(tmp_path, "method=tome", "compression=low", "protocol=tuning"))
+    assert rec["run_id"].endswith("__tune") and rec["protocol"] == "tuning"
+    m = rec["metrics"]
+    assert m["test_top1"] is None and m["val_images"] == 200 and 0 <= m["val_top1"] <= 100
+    assert rec["config"]["protocol"] == "tuning"
+    from pyra_bench.tables import records_frame
+
+    assert records_frame([rec]).empty, "tuning runs never enter the paper's tables"
+
+
+def test_a_record_made_with_other_settings_is_not_taken_for_this_run(tmp_path):
+    """Re-running with a changed hyperparameter (same run id) must not silently skip; run_tag keeps both."""
+    _train(_cfg(tmp_path, "method=pyra", "compression=low"))
+    with pytest.raises(InputError, match=r"(?s)different settings.*trainer.lr: 0.001 in the record, 0.01 now.*run_tag"):
+        _train(_cfg(tmp_path, "method=pyra", "compression=low", "trainer.lr=0.01"))
+    # settings that only change where/how fast it runs do not count
+    assert _train(_cfg(tmp_path, "method=pyra", "compression=low", "trainer.num_workers=1"))["status"] == "skipped"
+    tagged = _train(_cfg(tmp_path, "method=pyra", "compression=low", "trainer.lr=0.01", "run_tag=lr0.01"))
+    assert tagged["status"] == "completed" and tagged["run_id"].endswith("__lr0.01")
+    assert len(iter_records([tmp_path / "results"])) == 2
