@@ -374,6 +374,16 @@ def _sdpa_backend_ctx(name: str | None):
     return sdpa_kernel([getattr(SDPBackend, _SDPA_BACKENDS[name])])
 
 
+def _device_and_dtype(device: str | torch.device, dtype: str | torch.dtype) -> tuple[torch.device, str]:
+    """Checked device and dtype name for the timing functions."""
+    device, dtype = torch.device(device), normalize_dtype(dtype)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' requested but CUDA is not available")
+    if device.type == "cpu" and dtype == "float16":
+        raise ValueError("float16 autocast is for CUDA; use dtype=bfloat16 (or float32) on the CPU")
+    return device, dtype
+
+
 def measure_throughput(
     model: nn.Module,
     batch_size: int = 512,
@@ -404,12 +414,7 @@ def measure_throughput(
     can be compared on the same kernel (spec section 7): on CUDA, FlashAttention takes no additive mask,
     so by default the unmerged model runs Flash and the merged ones the memory-efficient kernel.
     """
-    device = torch.device(device)
-    dtype = normalize_dtype(dtype)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' requested but CUDA is not available")
-    if device.type == "cpu" and dtype == "float16":
-        raise ValueError("float16 autocast is for CUDA; use dtype=bfloat16 (or float32) on the CPU")
+    device, dtype = _device_and_dtype(device, dtype)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     backend_ctx = _sdpa_backend_ctx(sdpa_backend)
@@ -506,12 +511,7 @@ def measure_training_step(
     mode, on one random batch allocated once, each step followed by a device synchronisation. Data loading
     is excluded (see the run records' ``training_cost`` for the figure with it). ``model`` itself is left
     untouched: a copy is trained. ``dtype``: autocast as in :func:`measure_throughput`."""
-    device = torch.device(device)
-    dtype = normalize_dtype(dtype)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' requested but CUDA is not available")
-    if device.type == "cpu" and dtype == "float16":
-        raise ValueError("float16 autocast is for CUDA; use dtype=bfloat16 (or float32) on the CPU")
+    device, dtype = _device_and_dtype(device, dtype)
     net = copy.deepcopy(model).to(device).train()
     params = [p for p in net.parameters() if p.requires_grad]
     if not params:
