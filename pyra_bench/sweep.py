@@ -66,27 +66,37 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
 
 
 def plan(overrides: list[str]) -> list[dict[str, Any]]:
-    from .train import run_id_of
+    from .errors import ConfigError
+    from .train import check_record_matches, run_id_of
 
     jobs = []
     for combo in expand_sweep(overrides):
         cfg = _compose(combo)
         rid = run_id_of(cfg)
+        conflict = ""
+        if (Path(cfg.results_dir) / f"{rid}.json").exists() and not cfg.force:
+            try:
+                check_record_matches(cfg, Path(cfg.results_dir) / f"{rid}.json")
+            except ConfigError as e:
+                conflict = str(e).splitlines()[0]
         results = Path(cfg.results_dir)
         hours = GPU_HOURS_PER_100_EPOCHS.get(cfg.backbone.name, 0.0) * cfg.trainer.epochs / 100 \
             * METHOD_FACTOR.get(cfg.method.name, 1.0)
         jobs.append({"run_id": rid, "overrides": combo, "record": results / f"{rid}.json",
-                     "failed": results / "failed" / f"{rid}.json", "gpu_hours": hours, "force": bool(cfg.force)})
+                     "failed": results / "failed" / f"{rid}.json", "gpu_hours": hours, "force": bool(cfg.force),
+                     "conflict": conflict})
     return jobs
 
 
 def status(job: dict[str, Any], since: float | None = None) -> tuple[str, str]:
+    """succeeded / skipped (its record predates the sweep) / failed (a failure newer than any record, e.g.
+    a record made with other settings) / missing."""
     rec, failed = job["record"], job["failed"]
-    if rec.exists():
-        created = rec.stat().st_mtime
-        return ("succeeded", "") if since is None or created >= since else ("skipped", "record existed before the sweep")
-    if failed.exists():
+    rec_t = rec.stat().st_mtime if rec.exists() else None
+    if failed.exists() and (rec_t is None or failed.stat().st_mtime >= rec_t):
         return "failed", json.loads(failed.read_text()).get("error", "?").splitlines()[0][:160]
+    if rec_t is not None:
+        return ("succeeded", "") if since is None or rec_t >= since else ("skipped", "record existed before the sweep")
     return "missing", ""
 
 
@@ -134,12 +144,16 @@ def main(argv: list[str] | None = None) -> int:
     jobs = plan(a.overrides)
     if a.command == "dry-run":
         todo = [j for j in jobs if not j["record"].exists() or j["force"]]
+        stop = [j for j in jobs if j["conflict"]]
         for j in jobs:
-            mark = "run " if j in todo else "skip"
-            print(f"{mark}  {j['run_id']:70s} ~{j['gpu_hours']:.2f} GPU-h  {' '.join(j['overrides'])}")
+            mark = "run " if j in todo else ("STOP" if j["conflict"] else "skip")
+            print(f"{mark}  {j['run_id']:70s} ~{j['gpu_hours']:.2f} GPU-h  {' '.join(j['overrides'])}"
+                  + (f"\n      {j['conflict']}" if j["conflict"] else ""))
         hours = sum(j["gpu_hours"] for j in todo)
-        print(f"\n{len(jobs)} runs in the sweep, {len(jobs) - len(todo)} already have records (skipped), "
-              f"{len(todo)} to run, about {hours:.1f} GPU hours (estimates: see pyra_bench/sweep.py)")
+        print(f"\n{len(jobs)} runs in the sweep, {len(jobs) - len(todo) - len(stop)} already have records (skipped), "
+              f"{len(todo)} to run, about {hours:.1f} GPU hours (estimates: see pyra_bench/sweep.py)"
+              + (f"; {len(stop)} would STOP: their records were made with other settings (set run_tag or "
+                 f"force=true)" if stop else ""))
     else:
         print(format_summary(summarise(jobs)))
     return 0

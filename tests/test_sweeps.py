@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pyra_bench import tables
+from pyra_bench import sweep, tables
 from pyra_bench.records import iter_records
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,7 +28,7 @@ def _summary_line(out):
     return next(line for line in out.splitlines() if line.startswith("sweep summary:"))
 
 
-def test_sweep_is_idempotent_and_isolates_failures(tmp_path):
+def test_sweep_is_idempotent_and_isolates_failures(tmp_path, monkeypatch, capsys):
     out = _sweep(tmp_path, "method=tome,pyra", "seed=0,1")
     assert "4 succeeded, 0 skipped, 0 failed, 0 missing" in _summary_line(out)
     recs = iter_records([tmp_path / "results"])
@@ -43,12 +43,22 @@ def test_sweep_is_idempotent_and_isolates_failures(tmp_path):
     victim.unlink()
     assert "1 succeeded, 3 skipped" in _summary_line(_sweep(tmp_path, "method=tome,pyra", "seed=0,1"))
     assert victim.exists()
+    # the same runs with another learning rate are not taken from the old records: dry-run warns, the sweep
+    # reports them as failed with the reason, and run_tag keeps them apart
+    monkeypatch.setenv("PYRA_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setenv("PYRA_RUNS", str(tmp_path / "runs"))
+    assert sweep.main(["dry-run", *TINY, "method=tome,pyra", "seed=0", "trainer.lr=0.01"]) == 0
+    assert "2 would STOP" in capsys.readouterr().out
+    line = _summary_line(_sweep(tmp_path, "method=tome,pyra", "seed=0", "trainer.lr=0.01"))
+    assert "0 succeeded, 0 skipped, 2 failed" in line, line
+    line = _summary_line(_sweep(tmp_path, "method=tome", "seed=0", "trainer.lr=0.01", "run_tag=lr0.01"))
+    assert "1 succeeded, 0 skipped, 0 failed" in line, line
     # a failing run (infeasible schedule) does not stop the sweep and is reported
     out = _sweep(tmp_path, "method=tome,pyra", "seed=2", "budget=low,[99]")
     line = _summary_line(out)
     assert "2 succeeded" in line and "2 failed" in line, out[-2000:]
     assert "infeasible merging schedule" in out
-    failed = list((tmp_path / "results" / "failed").glob("*.json"))
+    failed = list((tmp_path / "results" / "failed").glob("*seed2.json"))
     assert len(failed) == 2 and json.loads(failed[0].read_text())["status"] == "failed"
 
 
