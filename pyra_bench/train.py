@@ -2,12 +2,19 @@
 
 Everything is composed by Hydra from ``conf/train.yaml`` (``--help`` lists the groups). A run is:
 
-1. validate the inputs (task, data folder, weights file, schedule) before anything expensive;
+0. skip the run if its record exists (and was made with the same settings, :func:`check_record_matches`);
+1. validate the inputs (task, data folder and images, weights file, schedule, stage options) before
+   anything expensive, and before the run folder is created;
 2. build the frozen backbone with LoRA and the method (:func:`pyra_bench.models.build_model`);
 3. run the method's stages, each a Lightning ``fit`` (resumable from ``<run_dir>/ckpt/<stage>/last.ckpt``;
    a finished stage is saved to ``<run_dir>/stages/<stage>.pt`` and skipped on re-run);
-4. evaluate top-1 on the test split (every ``trainer.eval_every`` epochs and the last), measure the
-   LoRA-merged inference model (params, MACs, optionally throughput) and write the run record atomically.
+4. evaluate top-1 on the protocol's split (``final``: test; ``tuning``: val200) every
+   ``trainer.eval_every`` epochs and after the last, measure the LoRA-merged inference model (params,
+   MACs, optionally throughput), export it (:mod:`pyra_bench.export`) and write the run record atomically.
+
+The run id (record, run folder, W&B id) is :func:`run_id_of`. A failure other than bad input is retried
+in place ``retries`` times (:func:`train_with_retries`); in a multirun a failed run is recorded under
+``<results_dir>/failed/`` and the sweep goes on.
 """
 
 from __future__ import annotations
