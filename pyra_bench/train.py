@@ -240,16 +240,46 @@ def _finish_wandb(wandb_logger) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------------------
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """One run: validate, train every stage of the method, measure, write the record (see module doc)."""
+def train(cfg: DictConfig, fresh: bool | None = None) -> dict[str, Any]:
+    """One run: validate, train every stage of the method, measure, write the record (see module doc).
+
+    ``fresh`` (default: ``cfg.force``) discards the run folder's checkpoints and finished stages first, so
+    ``force=true`` really re-trains; otherwise an interrupted run resumes from them."""
     wandb_logger: list = []
     try:
-        return _train(cfg, wandb_logger)
+        return _train(cfg, wandb_logger, bool(cfg.get("force", False)) if fresh is None else fresh)
     finally:
         _finish_wandb(wandb_logger[0] if wandb_logger else None)
 
 
-def _train(cfg: DictConfig, wandb_holder: list) -> dict[str, Any]:
+RUN_STATE = ("ckpt", "stages", "inference_model.pt")  # what a fresh start removes from a run folder
+
+
+def _prepare_run_dir(cfg: DictConfig, run_dir: Path, fresh: bool) -> None:
+    """Create the run folder; a fresh start clears its training state, a resume warns when the folder was
+    started with other settings (e.g. more epochs is a legitimate extension, another lr is probably not)."""
+    import shutil
+
+    if fresh:
+        for name in RUN_STATE:
+            path = run_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    elif (run_dir / "config.json").is_file() and any((run_dir / n).exists() for n in RUN_STATE[:2]):
+        import json
+
+        before = _identity(json.loads((run_dir / "config.json").read_text()))
+        now = _identity(OmegaConf.to_container(cfg, resolve=True))
+        diff = sorted(k for k in now.keys() & before.keys() if now[k] != before[k])
+        if diff:
+            log.warning("resuming %s, which was started with other settings (%s); force=true starts afresh",
+                        run_dir, "; ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in diff[:6]))
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _train(cfg: DictConfig, wandb_holder: list, fresh: bool) -> dict[str, Any]:
     import lightning as L
     import torch
 
@@ -289,7 +319,7 @@ def _train(cfg: DictConfig, wandb_holder: list) -> dict[str, Any]:
     if cfg.get("verify_images", True):  # the slowest check last: decode every image once (remembered)
         for d in (dm, *stage_data.values()):
             d.verify()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    _prepare_run_dir(cfg, run_dir, fresh)
     atomic_write_json(run_dir / "config.json", OmegaConf.to_container(cfg, resolve=True))
     history: dict[int, float] = {}
     eval_images: int | None = None  # images behind the last evaluation (the whole split, also under DDP)
@@ -500,7 +530,7 @@ def train_with_retries(cfg: DictConfig) -> dict[str, Any]:
     retries = int(cfg.get("retries", 0) or 0)
     for attempt in range(retries + 1):
         try:
-            return train(cfg)
+            return train(cfg, fresh=bool(cfg.get("force", False)) and attempt == 0)  # retries resume
         except InputError:
             raise  # the same input fails the same way
         except Exception as e:

@@ -323,3 +323,21 @@ def test_a_record_made_with_other_settings_is_not_taken_for_this_run(tmp_path):
     tagged = _train(_cfg(tmp_path, "method=pyra", "compression=low", "trainer.lr=0.01", "run_tag=lr0.01"))
     assert tagged["status"] == "completed" and tagged["run_id"].endswith("__lr0.01")
     assert len(iter_records([tmp_path / "results"])) == 2
+
+
+def test_force_retrains_from_scratch_and_a_changed_resume_is_warned_about(tmp_path, caplog):
+    import logging
+
+    cfg = _cfg(tmp_path, "method=tome", "compression=low")
+    first = _train(cfg)
+    stage = Path(cfg.run_dir) / "stages" / "train.pt"
+    t0 = stage.stat().st_mtime_ns
+    again = _train(_cfg(tmp_path, "method=tome", "compression=low", "force=true"))
+    assert again["status"] == "completed" and stage.stat().st_mtime_ns > t0, "force=true trained again"
+    assert again["metrics"]["test_top1_by_epoch"].keys() == first["metrics"]["test_top1_by_epoch"].keys()
+    # an interrupted run resumed with another lr: allowed (e.g. to extend epochs) but warned about
+    Path(cfg.results_dir, f"{first['run_id']}.json").unlink()
+    stage.unlink()
+    with caplog.at_level(logging.WARNING, logger="pyra_bench.train"):
+        _train(_cfg(tmp_path, "method=tome", "compression=low", "trainer.lr=0.01"))
+    assert "started with other settings (trainer.lr: 0.001 -> 0.01)" in caplog.text
