@@ -341,3 +341,11 @@ def test_force_retrains_from_scratch_and_a_changed_resume_is_warned_about(tmp_pa
     with caplog.at_level(logging.WARNING, logger="pyra_bench.train"):
         _train(_cfg(tmp_path, "method=tome", "compression=low", "trainer.lr=0.01"))
     assert "started with other settings (trainer.lr: 0.001 -> 0.01)" in caplog.text
+
+
+def test_demo_backbone_is_not_pretrained_before_the_schedule_is_checked(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYRA_BENCH_CACHE", str(tmp_path / "cache"))
+    cfg = _cfg(tmp_path, "backbone=vit_demo_mnist", "method=tome", "compression=[999]")
+    with pytest.raises(InputError, match="infeasible merging schedule"):
+        _train(cfg)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
