@@ -304,8 +304,8 @@ def _train(cfg: DictConfig, wandb_holder: list, fresh: bool) -> dict[str, Any]:
     # 1. validate first, cheapest checks first: data folders and lists, weights file, model/schedule, stage
     #    options, then every image (raises before any training, and before the run folder is made)
     dm = make_datamodule(cfg)
-    if cfg.backbone.get("weights") == "demo":  # the demo backbone may need a minute of pre-training first:
-        make_model(cfg, dm.num_classes, False, None)  # check the method and schedule on it before that
+    if cfg.backbone.get("weights") in ("demo", "hub"):  # pre-training (demo) or a download (hub) may come
+        make_model(cfg, dm.num_classes, False, None)      # first: check the method and schedule before that
     pretrained, checkpoint = resolve_weights(cfg.backbone)
     L.seed_everything(cfg.seed, workers=True)
     model = make_model(cfg, dm.num_classes, pretrained, checkpoint)
