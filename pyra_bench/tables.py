@@ -13,6 +13,10 @@ each rebuilt table has the paper's rows and sits beside the published values:
   (the best evaluated epoch, the paper's convention; labelled in every output).
 * Several records for one cell (seeds) are averaged; "# params" and "Throughput" are means over tasks.
 
+Tuning runs (``protocol=tuning``: train800 -> val200) never enter these tables; ``tuning.md|.csv`` lists
+their val200 top-1 per setting (``run_tag``) and task, and the best setting per task, for choosing the
+hyperparameters of the final runs.
+
 Outputs, per table: ``table<N>.md|.tex|.csv`` and ``table<N>_vs_paper.md|.csv`` (measured, paper,
 difference); figures ``fig_<backbone>.png|.pdf`` (accuracy versus throughput, one curve per method).
 """
@@ -159,6 +163,34 @@ def _fmt(df: pd.DataFrame) -> pd.DataFrame:
                                         else (f"{v:.2f}" if isinstance(v, float) else v)))
 
 
+def tuning_table(records: Iterable[dict]) -> pd.DataFrame:
+    """val200 top-1 of the tuning runs: one row per (backbone, method, variant, schedule, run_tag), one
+    column per task (seeds averaged), and a ``best`` row per (backbone, method, variant, schedule) naming
+    the best tag of each task."""
+    rows = []
+    for r in records:
+        acc = (r.get("metrics") or {}).get("val_top1")
+        if r.get("protocol") != "tuning" or acc is None:
+            continue
+        rows.append({"backbone": r.get("backbone"), "method": r.get("method"),
+                     "variant": _variant(r.get("method"), r.get("variant")), "schedule": str(r.get("schedule")),
+                     "run_tag": str((r.get("config") or {}).get("run_tag") or "-"), "task": r.get("task"),
+                     "acc": float(acc)})
+    if not rows:
+        return pd.DataFrame(columns=[*KEY, "run_tag"])
+    df = pd.DataFrame(rows)
+    wide = df.pivot_table(index=[*KEY, "run_tag"], columns="task", values="acc", aggfunc="mean")
+    wide = wide[[t for t in TASKS + sorted(set(wide.columns) - set(TASKS)) if t in wide.columns]]
+    out = []
+    for key, g in wide.groupby(level=list(range(len(KEY))), sort=True):
+        block = g.reset_index()
+        out.append(block)
+        best = {c: block.loc[block[c].idxmax(), "run_tag"] if block[c].notna().any() else None
+                for c in g.columns}
+        out.append(pd.DataFrame([{**dict(zip(KEY, key)), "run_tag": "best", **best}]))
+    return pd.concat(out, ignore_index=True)
+
+
 def write_table(df: pd.DataFrame, out: Path, name: str, formats: set[str], title: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -262,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
         write_table(table, out, f"table{t}", formats, title)
         write_table(cmp, out, f"table{t}_vs_paper", formats & {"md", "csv"}, f"Table {t}: measured vs paper ({label})")
         print(f"[tables] table {t}: {len(table)} rows, {filled} with a complete Average -> {out}/table{t}.*")
+    tuning = tuning_table(recs)
+    if len(tuning):
+        write_table(tuning, out, "tuning", formats & {"md", "csv"}, "Tuning runs: val200 top-1 (train800 -> val200)")
+        print(f"[tables] tuning: {int((tuning['run_tag'] != 'best').sum())} settings -> {out}/tuning.*")
     if not a.no_figures:
         for p in draw_figures(summary, out):
             print(f"[tables] figure -> {p}")

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from pyra_bench import tables
-from pyra_bench.records import write_record
+from pyra_bench.records import iter_records, write_record
 
 PAPER_TXT = Path(__file__).resolve().parents[2] / "shared" / "paper" / "pyra_eccv2024.txt"
 
@@ -133,3 +133,21 @@ def test_throughput_from_several_devices_is_warned_about(tmp_path, capsys):
     tables.main(["--records", str(tmp_path), "--out", str(tmp_path / "out"), "--tables", "2", "--no-figures"])
     err = capsys.readouterr().err
     assert "measured on 2 devices (NVIDIA A100; NVIDIA H100)" in err
+
+
+def test_tuning_runs_are_summarised_apart_with_the_best_setting_per_task(tmp_path):
+    vals = {("lr1e-3", "cifar100"): 60.0, ("lr3e-3", "cifar100"): 64.0,
+            ("lr1e-3", "dtd"): 55.0, ("lr3e-3", "dtd"): 51.0}
+    for i, ((tag, task), acc) in enumerate(vals.items()):
+        write_record(tmp_path, {"run_id": f"t{i}", "task": task, "backbone": "vit_b16_in21k", "method": "pyra",
+                                "schedule": "high", "seed": 0, "status": "completed", "protocol": "tuning",
+                                "config": {"run_tag": tag},
+                                "metrics": {"test_top1": None, "val_top1": acc}})
+    recs = iter_records([tmp_path])
+    assert tables.records_frame(recs).empty  # never in the paper's tables
+    t = tables.tuning_table(recs)
+    rows = {r["run_tag"]: r for r in t.to_dict("records")}
+    assert rows["lr1e-3"]["cifar100"] == 60.0 and rows["lr3e-3"]["dtd"] == 51.0
+    assert rows["best"]["cifar100"] == "lr3e-3" and rows["best"]["dtd"] == "lr1e-3"
+    tables.main(["--records", str(tmp_path), "--out", str(tmp_path / "out"), "--tables", "2", "--no-figures"])
+    assert "lr3e-3" in (tmp_path / "out" / "tuning.md").read_text()
