@@ -455,7 +455,8 @@ def verify_task(data_root: str | os.PathLike, task: str, progress: bool = True) 
     from .folder import VTABFolderDataset, verify_images
 
     datasets = {s: VTABFolderDataset(data_root, task, s) for s in SPLITS}
-    counts = {s: verify_images(ds, progress=progress) for s, ds in datasets.items()}
+    workers = min(8, os.cpu_count() or 1)
+    counts = {s: verify_images(ds, progress=progress, workers=workers) for s, ds in datasets.items()}
     meta = read_meta(Path(data_root) / task)
     if meta and meta.get("counts") and meta["counts"] != counts:
         raise PrepareError(f"{task}: image counts {counts} differ from meta.json {meta['counts']}")
