@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from .errors import InputError, exit_on_input_error
 
 # The config resolvers (run_id, first) are registered by pyra_bench.train; the method configs use them.
-from .train import _compression_str, _run_id, git_revision
+from .train import _compression_str, git_revision, run_id_of
 
 log = logging.getLogger("pyra_bench.bench")
 
@@ -63,7 +63,9 @@ def output_path(cfg: DictConfig, schedule: str) -> Path:
 def throughput_kwargs(b: DictConfig) -> dict[str, Any]:
     """The ``bench.*`` timing settings for :func:`pyra_bench.measure.measure_throughput`; a null batch size
     means 512 on CUDA (the authors' protocol) and 8 on the CPU."""
-    batch = b.get("batch_size") or (512 if str(b.device).startswith("cuda") else 8)
+    from .measure import default_batch_size
+
+    batch = b.get("batch_size") or default_batch_size(str(b.device))
     return dict(batch_size=int(batch), device=str(b.device), dtype=str(b.dtype), warmup_s=float(b.warmup_s),
                 duration_s=float(b.duration_s), channels_last=bool(b.channels_last))
 
@@ -94,8 +96,7 @@ def bench_runs(cfg: DictConfig) -> list[dict[str, Any]]:
         model = load_inference_model(p)  # checks the file before any measuring
         rc = model.pyra_config
         variant = (rc["method"].get("kwargs") or {}).get("variant")
-        rid = _run_id(rc["task"]["name"], rc["backbone"]["name"], rc["method"]["name"], rc["compression"],
-                      rc["seed"], variant, rc.get("protocol", "final"), rc.get("run_tag"))
+        rid = run_id_of(OmegaConf.create(rc))
         res = measure_model(
             model, int(rc["backbone"]["image_size"]), params=False, flops=bool(b.flops), throughput=bool(b.throughput),
             throughput_kwargs=throughput_kwargs(b))

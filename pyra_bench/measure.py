@@ -384,6 +384,36 @@ def _device_and_dtype(device: str | torch.device, dtype: str | torch.dtype) -> t
     return device, dtype
 
 
+def default_batch_size(device: str | torch.device) -> int:
+    """Timing batch when none is given: 512 on CUDA (the authors' protocol), 8 on the CPU."""
+    return 512 if torch.device(device).type == "cuda" else 8
+
+
+def _time_calls(fn, device: torch.device, warmup_s: float, duration_s: float, min_warmup_iters: int = 1,
+                min_iters: int = 2) -> tuple[list[float], int, float]:
+    """Call ``fn`` (one whole forward or training step) until ``warmup_s`` has passed (at least
+    ``min_warmup_iters`` calls), then time calls, each between device synchronisations, until ``duration_s``
+    seconds have been summed (at least ``min_iters``). Returns (call times, warm-up calls, warm-up seconds)."""
+    _sync(device)
+    t0, warm_iters = time.perf_counter(), 0
+    while warm_iters < min_warmup_iters or time.perf_counter() - t0 < warmup_s:
+        fn()
+        _sync(device)
+        warm_iters += 1
+    warm_elapsed = time.perf_counter() - t0
+    times: list[float] = []
+    total = 0.0
+    while len(times) < min_iters or total < duration_s:
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        dt = time.perf_counter() - t
+        times.append(dt)
+        total += dt
+    return times, warm_iters, warm_elapsed
+
+
 def measure_throughput(
     model: nn.Module,
     batch_size: int = 512,
@@ -434,29 +464,14 @@ def measure_throughput(
     x = torch.randn(batch_size, in_chans, image_size, image_size, device=device).contiguous(memory_format=fmt)
     amp = dtype != "float32"
     autocast = (torch.autocast(device_type=device.type, dtype=DTYPES[dtype]) if amp else contextlib.nullcontext())
-    times: list[float] = []
-    warm_iters = 0
     try:
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        _sync(device)
         with _eval_mode(model), torch.inference_mode(), autocast, backend_ctx:
-            t0 = time.perf_counter()
-            while warm_iters < min_warmup_iters or time.perf_counter() - t0 < warmup_s:
-                model(x)
-                _sync(device)
-                warm_iters += 1
-            warm_elapsed = time.perf_counter() - t0
-            total = 0.0
-            while len(times) < min_iters or total < duration_s:
-                _sync(device)
-                t = time.perf_counter()
-                model(x)
-                _sync(device)
-                dt = time.perf_counter() - t
-                times.append(dt)
-                total += dt
+            times, warm_iters, warm_elapsed = _time_calls(lambda: model(x), device, warmup_s, duration_s,
+                                                          min_warmup_iters, min_iters)
+        total = sum(times)
         peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     finally:
         torch.backends.cudnn.benchmark = prev_bench
@@ -533,18 +548,7 @@ def measure_training_step(
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    _sync(device)
-    t0, warm_iters = time.perf_counter(), 0
-    while warm_iters < 1 or time.perf_counter() - t0 < warmup_s:
-        step()
-        _sync(device)
-        warm_iters += 1
-    times: list[float] = []
-    while len(times) < min_iters or sum(times) < duration_s:
-        t = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - t)
+    times, warm_iters, _ = _time_calls(step, device, warmup_s, duration_s, 1, min_iters)
     total, med = sum(times), statistics.median(times)
     return {
         "img_per_s": batch_size * len(times) / total, "img_per_s_median": batch_size / med,

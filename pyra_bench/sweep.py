@@ -73,16 +73,16 @@ def plan(overrides: list[str]) -> list[dict[str, Any]]:
     for combo in expand_sweep(overrides):
         cfg = _compose(combo)
         rid = run_id_of(cfg)
-        conflict = ""
-        if (Path(cfg.results_dir) / f"{rid}.json").exists() and not cfg.force:
+        results = Path(cfg.results_dir)
+        record, conflict = results / f"{rid}.json", ""
+        if record.exists() and not cfg.force:
             try:
-                check_record_matches(cfg, Path(cfg.results_dir) / f"{rid}.json")
+                check_record_matches(cfg, record)
             except ConfigError as e:
                 conflict = str(e).splitlines()[0]
-        results = Path(cfg.results_dir)
         hours = GPU_HOURS_PER_100_EPOCHS.get(cfg.backbone.name, 0.0) * cfg.trainer.epochs / 100 \
             * METHOD_FACTOR.get(cfg.method.name, 1.0)
-        jobs.append({"run_id": rid, "overrides": combo, "record": results / f"{rid}.json",
+        jobs.append({"run_id": rid, "overrides": combo, "record": record,
                      "failed": results / "failed" / f"{rid}.json", "gpu_hours": hours, "force": bool(cfg.force),
                      "conflict": conflict})
     return jobs

@@ -89,6 +89,13 @@ def _identity(config: dict) -> dict[str, Any]:
     return {k: v for k, v in flat.items() if k not in EXECUTION_KEYS}
 
 
+def _settings_diff(cfg: DictConfig, old_config: dict) -> list[tuple[str, Any, Any]]:
+    """(key, old value, current value) for every identity setting (:func:`_identity`) that differs. Keys
+    only one side has (a setting added or removed since ``old_config`` was written) are not compared."""
+    now, before = _identity(OmegaConf.to_container(cfg, resolve=True)), _identity(old_config)
+    return [(k, before[k], now[k]) for k in sorted(now.keys() & before.keys()) if now[k] != before[k]]
+
+
 def check_record_matches(cfg: DictConfig, record_path: Path) -> None:
     """A run is skipped when its record exists; refuse to skip when that record was made with other
     settings (e.g. a learning-rate sweep without ``run_tag``), which would silently report the wrong run."""
@@ -98,11 +105,9 @@ def check_record_matches(cfg: DictConfig, record_path: Path) -> None:
         old = read_record(record_path).get("config") or {}
     except (OSError, ValueError):
         return
-    now, before = _identity(OmegaConf.to_container(cfg, resolve=True)), _identity(old)
-    # keys only one side has (a setting added or removed since the record was written) are not compared
-    diff = sorted(k for k in now.keys() & before.keys() if now[k] != before[k])
+    diff = _settings_diff(cfg, old)
     if diff:
-        shown = "; ".join(f"{k}: {before.get(k)!r} in the record, {now.get(k)!r} now" for k in diff[:6])
+        shown = "; ".join(f"{k}: {before!r} in the record, {now!r} now" for k, before, now in diff[:6])
         raise ConfigError(f"a record for this run id exists with different settings ({record_path}): {shown}"
                           f"{' ...' if len(diff) > 6 else ''}\n  Set run_tag=<name> to keep both runs, or force=true "
                           f"to replace the record.")
@@ -173,11 +178,12 @@ def make_datamodule(cfg: DictConfig, task: str | None = None):
     from .data import VTABDataModule
 
     t = cfg.trainer
+    train_split, eval_split = PROTOCOLS[cfg.get("protocol", "final")]
     return VTABDataModule(
         task=task or cfg.task.name, data_root=cfg.data_root, batch_size=t.batch_size, eval_batch_size=t.eval_batch_size,
         num_workers=t.num_workers, image_size=cfg.backbone.image_size, normalization=cfg.backbone.normalization,
         source=cfg.task.source if task in (None, cfg.task.name) else _default_source(task), seed=cfg.seed,
-        train_split=PROTOCOLS[cfg.get("protocol", "final")][0], eval_split=PROTOCOLS[cfg.get("protocol", "final")][1],
+        train_split=train_split, eval_split=eval_split,
     )
 
 
@@ -270,12 +276,10 @@ def _prepare_run_dir(cfg: DictConfig, run_dir: Path, fresh: bool) -> None:
     elif (run_dir / "config.json").is_file() and any((run_dir / n).exists() for n in RUN_STATE[:2]):
         import json
 
-        before = _identity(json.loads((run_dir / "config.json").read_text()))
-        now = _identity(OmegaConf.to_container(cfg, resolve=True))
-        diff = sorted(k for k in now.keys() & before.keys() if now[k] != before[k])
+        diff = _settings_diff(cfg, json.loads((run_dir / "config.json").read_text()))
         if diff:
             log.warning("resuming %s, which was started with other settings (%s); force=true starts afresh",
-                        run_dir, "; ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in diff[:6]))
+                        run_dir, "; ".join(f"{k}: {before!r} -> {now!r}" for k, before, now in diff[:6]))
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
@@ -382,8 +386,8 @@ def _train(cfg: DictConfig, wandb_holder: list, fresh: bool) -> dict[str, Any]:
             trainer.validate(module, datamodule=dm, verbose=False)
         history.update(module.eval_history)
         eval_images = module.eval_images if module.eval_images is not None else eval_images
-        if cost.summary():
-            training_cost[stage.name] = cost.summary()
+        if (summary := cost.summary()) is not None:
+            training_cost[stage.name] = summary
         if trainer.is_global_zero:
             _save_stage(done, model, method, module.eval_history, training_cost.get(stage.name))
         epoch_offset += stage_epochs
@@ -400,13 +404,13 @@ def _train(cfg: DictConfig, wandb_holder: list, fresh: bool) -> dict[str, Any]:
     flops = _flops(infer, cfg.backbone.image_size)
     throughput = None
     if cfg.get("measure_throughput", False):
-        from .measure import measure_throughput
+        from .measure import default_batch_size, measure_throughput
 
         tp = cfg.get("throughput") or {}
         device = tp.get("device", "auto")
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() and t.accelerator in ("auto", "gpu", "cuda") else "cpu"
-        batch = tp.get("batch_size") or (512 if str(device).startswith("cuda") else 8)
+        batch = tp.get("batch_size") or default_batch_size(device)
         throughput = measure_throughput(copy.deepcopy(infer), batch_size=int(batch), image_size=cfg.backbone.image_size,
                                         device=device, dtype=tp.get("dtype", "float32"),
                                         warmup_s=float(tp.get("warmup_s", 10.0)),
@@ -508,9 +512,9 @@ def _print_summary(rec: dict, path: Path) -> None:
         f"params     trainable {p['trainable']:,} | paper-counted {p['paper_counted']:,} = "
         f"{p['paper_pct']:.2f}% of the backbone ({p['backbone']:,})",
         f"MACs       {f.get('gmacs', float('nan')):.4g} G per image (inference model, LoRA merged)",
-        *(f"training   {name}: {c['img_per_s']:.1f} img/s on {c['device']}"
+        *(f"training   {stage}: {c['img_per_s']:.1f} img/s on {c['device']}"
           + (f", peak memory {c['peak_mem_gib']:.2f} GiB" if c.get("peak_mem_gib") is not None else "")
-          for name, c in (rec.get("training_cost") or {}).items() if c.get("img_per_s")),
+          for stage, c in (rec.get("training_cost") or {}).items() if c.get("img_per_s")),
         f"record     {path}",
     ]
     print("\n".join(["", "=" * 72, *lines, "=" * 72]))

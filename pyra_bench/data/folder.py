@@ -171,7 +171,6 @@ def verify_images(dataset: VTABFolderDataset, progress: bool = False, max_errors
             return str(e)
         return None
 
-    bad: list[str] = []
     with ThreadPoolExecutor(max(1, int(workers))) as pool:
         results = pool.map(check, range(len(dataset)), chunksize=64)
         if progress:
