@@ -1,0 +1,23 @@
+"""Where pyra_bench finds its own files: the Hydra configs and the paper's published numbers.
+
+In a checkout they live at the repository's top level (``conf/``, ``results/paper/``); an installed wheel
+carries them inside the package. Every entry point asks here, never computes a path of its own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+_CHECKOUT = PACKAGE_DIR.parent
+
+
+def _first_existing(*candidates: Path) -> Path:
+    return next((c for c in candidates if c.exists()), candidates[-1])
+
+
+#: The Hydra config folder (``train.yaml``, ``bench.yaml`` and the config groups).
+CONF_DIR: Path = _first_existing(PACKAGE_DIR / "conf", _CHECKOUT / "conf")
+#: The paper's Tables 2-8 as transcribed by ``scripts/transcribe_paper.py``.
+PAPER_CSV: Path = _first_existing(PACKAGE_DIR / "paper" / "paper_tables.csv",
+                                  _CHECKOUT / "results" / "paper" / "paper_tables.csv")
