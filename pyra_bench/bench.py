@@ -21,10 +21,10 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from . import factory  # noqa: F401  (registers the config resolvers the method configs use)
 from .errors import InputError, exit_on_input_error
-
-# The config resolvers (run_id, first) are registered by pyra_bench.train; the method configs use them.
-from .train import _compression_str, git_revision, run_id_of
+from .identity import compression_str, git_state, method_key, method_options, run_id, utc_now
+from .paths import CONF_DIR
 
 log = logging.getLogger("pyra_bench.bench")
 
@@ -35,20 +35,17 @@ def build_for_bench(cfg: DictConfig):
 
     pretrained, checkpoint = False, None
     if cfg.bench.get("load_weights", False):
-        from .train import resolve_weights
-
-        pretrained, checkpoint = resolve_weights(cfg.backbone)
-    compression = _container(cfg.compression)
+        pretrained, checkpoint = factory.resolve_weights(cfg.backbone)
     return build_model(
-        cfg.backbone.name, int(cfg.num_classes), cfg.method.name, compression,
+        cfg.backbone.name, int(cfg.num_classes), factory.make_method(cfg),
         lora_rank=cfg.backbone.get("lora_rank"), pretrained=pretrained, checkpoint=checkpoint,
-        drop_path_rate=0.0,
-        method_kwargs=_container(cfg.method.get("kwargs")) or {},
+        drop_path_rate=0.0, prop_attn=bool(cfg.backbone.get("prop_attn", True)),
     )
 
 
-def _container(v: Any) -> Any:
-    return OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+def _git_rev() -> str | None:
+    g = git_state()
+    return (g.get("rev", "") + ("+dirty" if g.get("dirty") else "")) or None
 
 
 def output_path(cfg: DictConfig, schedule: str) -> Path:
@@ -72,7 +69,7 @@ def throughput_kwargs(b: DictConfig) -> dict[str, Any]:
 
 def bench_runs(cfg: DictConfig) -> list[dict[str, Any]]:
     """Measure the exported inference models of finished runs (``bench.run``: a run folder, its
-    ``inference_model.pt``, or a glob of either), all on this device in one go -- the paper's protocol of
+    ``inference_model.safetensors``, or a glob of either), all on this device in one go -- the paper's protocol of
     one GPU for every method. With ``bench.update_record`` the throughput is written into each run's
     record (atomically) so that the tables and figures use it."""
     import glob
@@ -95,8 +92,7 @@ def bench_runs(cfg: DictConfig) -> list[dict[str, Any]]:
         t0 = time.time()
         model = load_inference_model(p)  # checks the file before any measuring
         rc = model.pyra_config
-        variant = (rc["method"].get("kwargs") or {}).get("variant")
-        rid = run_id_of(OmegaConf.create(rc))
+        rid = rc.get("run_id") or run_id(OmegaConf.create(rc))
         res = measure_model(
             model, int(rc["backbone"]["image_size"]), params=False, flops=bool(b.flops), throughput=bool(b.throughput),
             throughput_kwargs=throughput_kwargs(b))
@@ -104,11 +100,12 @@ def bench_runs(cfg: DictConfig) -> list[dict[str, Any]]:
             res["throughput"]["measured_by"] = f"pyra_bench.bench bench.run (exported model of {rid})"
         record = {
             "schema": 1, "kind": "bench", "run_id": f"bench__{rid}__{slug}", "of_run": rid,
-            "backbone": rc["backbone"]["name"], "method": rc["method"]["name"], "variant": variant,
-            "schedule": _compression_str(rc["compression"]), "measured": MEASURED_MODEL + ", exported by the run",
+            "backbone": rc["backbone"]["name"], "method": rc["method"]["name"],
+            "method_key": method_key(rc["method"]), "method_options": method_options(rc["method"]),
+            "schedule": compression_str(rc["compression"]), "measured": MEASURED_MODEL + ", exported by the run",
             "weights": "trained (exported inference model)", "params": None, "flops": res["flops"],
             "throughput": res["throughput"], "config": {"bench": OmegaConf.to_container(b, resolve=True)},
-            "git_rev": git_revision(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "git_rev": _git_rev(), "created": utc_now(),
             "versions": software_versions(), "wall_time_s": round(time.time() - t0, 1),
         }
         path = atomic_write_json(Path(b.output_dir) / f"{rid}__{slug}.json", record)
@@ -139,25 +136,25 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
     torch.manual_seed(0)
     t0 = time.time()
     model = build_for_bench(cfg)
-    schedule = _compression_str(cfg.compression)
+    schedule = compression_str(cfg.compression)
     res = measure_model(
         model, int(cfg.backbone.image_size), params=bool(b.params), flops=bool(b.flops),
         throughput=bool(b.throughput),
         throughput_kwargs=throughput_kwargs(b),
     )
-    variant = OmegaConf.select(cfg, "method.kwargs.variant")
     slug = device_slug(b.device)
     record = {
         "schema": 1,
         "kind": "bench",
         "run_id": f"bench__{cfg.backbone.name}__{cfg.method.name}__{schedule}__{slug}",
-        "backbone": cfg.backbone.name, "method": cfg.method.name, "variant": variant, "schedule": schedule,
+        "backbone": cfg.backbone.name, "method": cfg.method.name,
+        "method_key": method_key(cfg.method), "method_options": method_options(cfg.method), "schedule": schedule,
         "measured": MEASURED_MODEL,
         "weights": "loaded" if b.get("load_weights", False) else "random init (values do not affect MACs/throughput)",
         "merging_schedule": list(getattr(model.pyra_method, "schedule", []) or []),
         "params": res["params"], "flops": res["flops"], "throughput": res["throughput"],
         "config": OmegaConf.to_container(cfg, resolve=True),
-        "git_rev": git_revision(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "git_rev": _git_rev(), "created": utc_now(),
         "versions": software_versions(), "wall_time_s": round(time.time() - t0, 1),
     }
     path = atomic_write_json(output_path(cfg, schedule), record)
@@ -174,7 +171,7 @@ def _fmt_tokens(t: list[int]) -> str:
 
 def format_report(rec: dict[str, Any]) -> str:
     p, f, t = rec.get("params"), rec.get("flops"), rec.get("throughput")
-    rows = [("model", f"{rec['backbone']} / {rec['method']}" + (f" ({rec['variant']})" if rec.get("variant") else "")
+    rows = [("model", f"{rec['backbone']} / {rec.get('method_key') or rec['method']}"
              + f" / {rec['schedule']}  -- {rec['measured']}")]
     if p:
         rows.append(("params", f"trainable {p['trainable']:,} | paper-counted {p['paper_counted']:,} = "
@@ -208,7 +205,7 @@ def format_report(rec: dict[str, Any]) -> str:
     return "\n".join([line, *(f"{k:<{w}}  {v}" for k, v in rows), line])
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="bench")
 def main(cfg: DictConfig) -> float | None:
     try:
         if cfg.bench.get("run"):

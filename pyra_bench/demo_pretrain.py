@@ -38,8 +38,10 @@ _KEY_VERSION = 1
 
 
 def cache_dir() -> Path:
-    """``$PYRA_BENCH_CACHE`` or ``~/.cache/pyra_bench``."""
-    return Path(os.environ.get("PYRA_BENCH_CACHE") or Path.home() / ".cache" / "pyra_bench").expanduser()
+    """``$PYRA_BENCH_CACHE`` or ``~/.cache/pyra_bench`` (:func:`pyra_bench.paths.user_cache_dir`)."""
+    from .paths import user_cache_dir
+
+    return user_cache_dir()
 
 
 def make_recipe(**overrides: Any) -> dict[str, Any]:

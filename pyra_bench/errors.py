@@ -35,3 +35,11 @@ def exit_on_input_error(e: InputError, prog: str = "pyra_bench") -> None:
         raise e
     print(f"{prog}: error: {e}", file=sys.stderr)
     raise SystemExit(2)
+
+
+class CheckpointFormatError(InputError, ValueError):
+    """A checkpoint, stage or record file that is truncated, corrupt or of another format."""
+
+
+class SettingsMismatchError(ConfigError):
+    """A record, finished stage or checkpoint of this run id was made with other settings."""

@@ -1,18 +1,20 @@
 """The deployable model of a run: saved next to its checkpoints, and loaded back without the run.
 
-``<run_dir>/inference_model.pt`` holds the inference model's state dict (LoRA folded into qkv, pruned or
-merged structure as trained), the method's structural state (schedule, kept heads/channels, ...) and the
-run's resolved config. :func:`load_inference_model` rebuilds the architecture from the config (no
-pre-trained weights are read: every tensor comes from the file), re-applies the method's structure, merges
-LoRA and loads the state dict strictly, so a file that does not fit is refused clearly::
+``<run_dir>/inference_model.safetensors`` holds the inference model's tensors (LoRA folded into qkv, pruned
+or merged structure as trained); ``<run_dir>/inference_model.json`` the method's structural state
+(schedule, kept heads/channels, ...) and the run's resolved config. :func:`load_inference_model` rebuilds
+the architecture from the config (no pre-trained weights are read: every tensor comes from the file),
+re-applies the method's structure, merges LoRA and loads the tensors strictly, so a file that does not fit
+is refused clearly. Nothing in these files can run code (safetensors + JSON)::
 
     from pyra_bench.export import load_inference_model
-    model = load_inference_model("outputs/runs/<run_id>/inference_model.pt")   # eval mode, on CPU
-    logits = model(images)                                                     # (B, num_classes)
+    model = load_inference_model("outputs/runs/<run_id>")      # eval mode, on CPU
+    logits = model(images)                                     # (B, num_classes)
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -21,47 +23,79 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from .errors import InputFileNotFoundError
+from .errors import CheckpointFormatError, InputFileNotFoundError
 from .models.backbones import CheckpointError
+from .records import atomic_write_json
 
-FILE_NAME = "inference_model.pt"
+FILE_NAME = "inference_model.safetensors"
+META_NAME = "inference_model.json"
+FORMAT = 2
 
 
-def save_inference_model(path: str | os.PathLike, infer: nn.Module, method: Any, cfg: DictConfig | dict) -> Path:
-    """Write ``infer`` (the merged inference model), ``method.state()`` and ``cfg`` atomically to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+def save_inference_model(run_dir: str | os.PathLike, infer: nn.Module, method: Any, cfg: DictConfig | dict) -> Path:
+    """Write ``infer`` (the merged inference model), ``method.state()`` and ``cfg`` to ``run_dir``."""
+    from safetensors.torch import save_file
+
+    folder = Path(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path, tmp = folder / FILE_NAME, folder / f".{FILE_NAME}.tmp"
     config = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    torch.save({"state_dict": infer.state_dict(), "method_state": method.state(), "config": config}, tmp)
-    os.replace(tmp, path)
+    try:
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in infer.state_dict().items()}, str(tmp),
+                  metadata={"format": str(FORMAT)})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    atomic_write_json(folder / META_NAME, {"format": FORMAT, "tensors": FILE_NAME, "tensors_bytes": path.stat().st_size,
+                                           "method_state": method.state(), "config": config})
     return path
+
+
+def _locate(path: Path) -> tuple[Path, Path]:
+    if path.is_dir():
+        return path / META_NAME, path / FILE_NAME
+    if path.suffix == ".safetensors":
+        return path.with_name(META_NAME), path
+    if path.suffix == ".json":
+        return path, path.with_name(FILE_NAME)
+    if path.suffix == ".pt":
+        raise CheckpointFormatError(f"{path} is an inference model of an older pyra_bench (a torch pickle); it is "
+                                    f"not loaded, since unpickling can run code. Re-export it by re-running the run "
+                                    f"(force=true) or loading the run's stage files.")
+    return path.with_name(META_NAME), path.with_name(FILE_NAME)
 
 
 def load_inference_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild and load a run's exported inference model (eval mode). See the module docstring."""
-    from .data import get_task
-    from .train import make_model
+    from safetensors.torch import load_file
 
-    path = Path(path)
-    if path.is_dir():
-        path = path / FILE_NAME
-    if not path.is_file():
+    from .data import get_task
+    from .factory import make_model
+
+    meta_path, tensors_path = _locate(Path(path))
+    if not meta_path.is_file() or not tensors_path.is_file():
         raise InputFileNotFoundError(f"no exported inference model at {path} (a run writes <run_dir>/{FILE_NAME} "
-                                     f"unless export_inference_model=false)")
-    blob = torch.load(path, map_location=map_location, weights_only=False)
-    if not isinstance(blob, dict) or not {"state_dict", "method_state", "config"} <= set(blob):
-        raise CheckpointError(f"{path} is not a pyra_bench inference model (expected state_dict, method_state, "
+                                     f"and {META_NAME} unless export_inference_model=false)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointFormatError(f"{meta_path} is not readable JSON ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not {"method_state", "config"} <= set(meta):
+        raise CheckpointError(f"{meta_path} is not a pyra_bench inference model (format {FORMAT}: method_state, "
                               f"config)")
-    cfg = OmegaConf.create(blob["config"])
+    try:
+        state = load_file(str(tensors_path))
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointFormatError(f"{tensors_path} is not a readable safetensors file ({e})") from e
+    cfg = OmegaConf.create(meta["config"])
     num_classes = int(cfg.task.get("num_classes") or get_task(cfg.task.name).num_classes)
     model = make_model(cfg, num_classes, pretrained=False, checkpoint=None)
     method = model.pyra_method
-    method.restore(model, blob["method_state"])
+    method.restore(model, meta["method_state"])
     infer = method.inference_model(model)
     try:
-        infer.load_state_dict(blob["state_dict"], strict=True)
+        infer.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{path} does not fit the model its config describes: {e}") from e
-    infer.pyra_config = blob["config"]  # the run's resolved config (plain dict), for measuring / reporting
+        raise CheckpointError(f"{tensors_path} does not fit the model its config describes: {e}") from e
+    infer.pyra_config = meta["config"]  # the run's resolved config (plain dict), for measuring / reporting
     return infer.to(map_location).eval()

@@ -10,11 +10,15 @@ cosine is not shifted by the warm-up). The authors' loop applied each epoch's lr
 
 from __future__ import annotations
 
+import contextlib
 import math
+import random
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 import torchmetrics
 from torch import nn
@@ -51,27 +55,62 @@ def param_groups(model: nn.Module, method: Any, lr: float, weight_decay: float,
     return [g for g in groups.values() if g["params"]]
 
 
+def epoch_seed(seed: int, stage: int, epoch: int) -> int:
+    """The RNG seed of one training epoch: an interrupted run resumed at epoch k draws the same shuffle
+    order and dropout masks from epoch k on as an uninterrupted one."""
+    return (int(seed) * 1_000_003 + int(stage) * 10_007 + int(epoch)) % (2**31 - 1)
+
+
 class AdaptationModule(L.LightningModule):
-    """Wraps a built model (see :func:`pyra_bench.models.build_model`) and its method."""
+    """Trains what the method makes trainable; evaluates top-1 on the protocol's split at chosen epochs.
+
+    Args:
+        model: a built model (:func:`pyra_bench.models.build_model`) carrying ``pyra_method``.
+        num_classes: classes of the task.
+        optim: lr, weight_decay, warmup_lr, min_lr, warmup_epochs, method_lr, method_weight_decay.
+        epochs: epochs of this stage.
+        epoch_offset: epochs of the stages before (evaluations are numbered by global epoch).
+        eval_epochs: global epochs after which to evaluate (empty: never in this stage).
+        seed / stage_index: seed the RNGs per epoch (:func:`epoch_seed`).
+        settings: the run's result-changing settings, stored in every checkpoint.
+        eval_precision: ``auto`` (the trainer's precision context), ``32`` or ``bf16`` (autocast).
+        eval_data: the data module whose ``val_dataloader`` is evaluated (default: the trainer's).
+    """
 
     def __init__(self, model: nn.Module, num_classes: int, optim: dict[str, Any], epochs: int,
-                 epoch_offset: int = 0, evaluate: bool = True):
+                 epoch_offset: int = 0, eval_epochs: Iterable[int] = (), seed: int = 0, stage_index: int = 0,
+                 settings: dict[str, Any] | None = None, eval_precision: str = "auto",
+                 eval_data: L.LightningDataModule | None = None):
         super().__init__()
         self.model = model
         self.method = model.pyra_method
         self.optim = dict(optim)
         self.epochs = max(int(epochs), 1)
         self.epoch_offset = epoch_offset
-        self.evaluate = evaluate
+        self.eval_epochs = {int(e) for e in eval_epochs}
+        self.seed, self.stage_index = int(seed), int(stage_index)
+        self.settings = dict(settings or {})
+        self.eval_precision = str(eval_precision)
         self.strict_loading = False  # checkpoints hold only what trains (the backbone is frozen)
         self.train_acc = torchmetrics.Accuracy("multiclass", num_classes=num_classes)
-        self.test_acc = torchmetrics.Accuracy("multiclass", num_classes=num_classes)
-        self.test_count = torchmetrics.SumMetric()  # images evaluated (all ranks): the split, no padding
         self.eval_images: int | None = None
         self.eval_history: dict[int, float] = {}
+        self._eval_data = eval_data
+        self._eval_loader = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+    def on_train_epoch_start(self) -> None:
+        seed = epoch_seed(self.seed, self.stage_index, self.current_epoch)
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
+        loaders = self.trainer.train_dataloader
+        for dl in (loaders.values() if isinstance(loaders, dict) else
+                   loaders if isinstance(loaders, (list, tuple)) else [loaders]):
+            if getattr(dl, "generator", None) is not None:  # the shuffle order (single-process sampler)
+                dl.generator.manual_seed(seed)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -87,33 +126,57 @@ class AdaptationModule(L.LightningModule):
             self.log("train/acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True)
         return loss
 
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.test_acc(self.model(x), y)
-        self.test_count.update(y.numel())
+    # -- evaluation ------------------------------------------------------------------------------------
+    def on_train_epoch_end(self) -> None:
+        epoch = self.epoch_offset + self.current_epoch + 1
+        if epoch in self.eval_epochs:
+            acc = self.evaluate()
+            self.eval_history[epoch] = acc
+            self.log("test/top1", acc, prog_bar=True, sync_dist=False, on_epoch=True)
 
-    def on_validation_epoch_end(self):
-        acc = float(self.test_acc.compute()) * 100.0
-        self.test_acc.reset()
-        self.eval_images = int(self.test_count.compute())
-        self.test_count.reset()
-        if self.trainer.sanity_checking:
-            return
-        if self.trainer.state.fn == "validate":  # a stand-alone evaluation after fit: the final weights
-            epoch = self.epoch_offset + self.epochs
-        else:  # evaluated after this many epochs of training
-            epoch = self.epoch_offset + self.current_epoch + 1
-        self.eval_history[epoch] = acc
-        self.log("test/top1", acc, prog_bar=True, sync_dist=False)
+    def _precision_context(self):
+        if self.eval_precision in ("bf16", "bf16-mixed"):
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if self.eval_precision in ("32", "32-true", "fp32"):
+            return contextlib.nullcontext()
+        return self.trainer.precision_plugin.forward_context()
 
+    @torch.inference_mode()
+    def evaluate(self) -> float:
+        """Top-1 (%) on the datamodule's evaluation split, each image counted once across DDP ranks.
+        One host-device synchronisation per evaluation (the final counts)."""
+        if self._eval_loader is None:
+            self._eval_loader = (self._eval_data or self.trainer.datamodule).val_dataloader()
+        was_training = self.model.training
+        self.model.eval()
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        total = torch.zeros((), dtype=torch.long, device=self.device)
+        try:
+            with self._precision_context():
+                for batch in self._eval_loader:
+                    x, y = self._apply_batch_transfer_handler(batch, self.device)
+                    correct += (self.model(x).argmax(-1) == y).sum()
+                    total += y.numel()
+        finally:
+            self.model.train(was_training)
+        correct = self.trainer.strategy.reduce(correct, reduce_op="sum")
+        total = self.trainer.strategy.reduce(total, reduce_op="sum")
+        self.eval_images = int(total)
+        return 100.0 * float(correct) / max(int(total), 1)
+
+    # -- checkpoints ---------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
                                     if k in keep or "token_reducer" in k}
-        checkpoint["eval_history"] = dict(self.eval_history)
+        checkpoint["pyra_bench"] = {"settings": self.settings, "stage_index": self.stage_index,
+                                    "eval_history": {str(k): v for k, v in self.eval_history.items()},
+                                    "eval_images": self.eval_images}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.eval_history = {int(k): v for k, v in checkpoint.get("eval_history", {}).items()}
+        meta = checkpoint.get("pyra_bench") or {}
+        self.eval_history = {int(k): v for k, v in (meta.get("eval_history") or {}).items()}
+        self.eval_images = meta.get("eval_images")
 
     def configure_optimizers(self):
         o = self.optim
@@ -137,8 +200,8 @@ class AdaptationModule(L.LightningModule):
 class TrainingCost(L.Callback):
     """Training throughput and peak accelerator memory of one stage (the "training-efficient" half of the
     paper's claim), without touching the hot path: the clock is read (after one device synchronisation)
-    only at the start of a training epoch and where its training part ends (the first of: validation
-    start, training-epoch end), and the images are counted from batch shapes (no host-device sync).
+    only at the start of a training epoch and where its training part ends (training-epoch end, which
+    callbacks see before the module evaluates), and the images are counted from batch shapes (no host-device sync).
 
     ``summary()``: images per second of training (forward + backward + optimiser step + data loading),
     over the epochs after the first when there are several (the first pays for warm-up, cudnn autotuning
@@ -173,9 +236,6 @@ class TrainingCost(L.Callback):
             self._sync()
             self.epochs.append((self._n, time.perf_counter() - self._t0))
         self._t0 = None
-
-    def on_validation_start(self, trainer, pl_module) -> None:
-        self._stop()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._stop()

@@ -21,3 +21,12 @@ CONF_DIR: Path = _first_existing(PACKAGE_DIR / "conf", _CHECKOUT / "conf")
 #: The paper's Tables 2-8 as transcribed by ``scripts/transcribe_paper.py``.
 PAPER_CSV: Path = _first_existing(PACKAGE_DIR / "paper" / "paper_tables.csv",
                                   _CHECKOUT / "results" / "paper" / "paper_tables.csv")
+
+
+def user_cache_dir() -> Path:
+    """pyra_bench's cache (demo backbone, image stamps and caches, weight hashes): ``$PYRA_BENCH_CACHE``
+    (or ``$PYRA_CACHE``), else ``~/.cache/pyra_bench``."""
+    import os
+
+    return Path(os.environ.get("PYRA_BENCH_CACHE") or os.environ.get("PYRA_CACHE")
+                or Path.home() / ".cache" / "pyra_bench").expanduser()

@@ -42,23 +42,23 @@ from typing import Any
 SCHEMA_VERSION = 1
 
 
-def record_id(task: str, backbone: str, method: str, schedule: str, seed: int, variant: str | None = None) -> str:
-    parts = [task, backbone, method if not variant else f"{method}-{variant}", str(schedule), f"seed{seed}"]
-    return "__".join(p.replace("/", "_").replace(" ", "") for p in parts)
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
-def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
-    """Write JSON to ``path`` atomically: a temp file in the same folder, fsync, then ``os.replace``.
-
-    A reader never sees a half-written file, and a crash leaves either the old file or none.
-    """
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically: a temp file in the same folder (made with the user's umask,
+    like a plain ``open``), fsync, ``os.replace``, fsync of the folder. A reader never sees a half-written
+    file; a crash or a full disk leaves the old file (or none) and no temp file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False, default=_json_default)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -66,7 +66,20 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    try:
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
     return path
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
+    """Write JSON to ``path`` atomically (:func:`atomic_write_text`)."""
+    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
 def _json_default(obj: Any) -> Any:

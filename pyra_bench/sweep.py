@@ -16,14 +16,19 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import time
+import logging
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+from .paths import CONF_DIR
+
+log = logging.getLogger("pyra_bench")
 
 #: Rough GPU hours of one 100-epoch VTAB-1k run (1,000 training images, 11 test evaluations) on one
 #: RTX 3090 / A100-class GPU, from the paper's throughputs and the recipe; token-merging methods train
@@ -37,12 +42,12 @@ def _compose(overrides: list[str], hydra_cfg: bool = False) -> DictConfig:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    import pyra_bench.train  # noqa: F401  (registers the config resolvers)
+    import pyra_bench.factory  # noqa: F401  (registers the config resolvers)
 
     if GlobalHydra.instance().is_initialized():  # e.g. called from the multirun-end callback
         GlobalHydra.instance().clear()
 
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("train", overrides=overrides, return_hydra_config=hydra_cfg)
 
 
@@ -65,74 +70,155 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     return [list(c) for c in itertools.product(*lists)]
 
 
-def plan(overrides: list[str]) -> list[dict[str, Any]]:
-    from .errors import ConfigError
-    from .train import check_record_matches, run_id_of
+def record_conflict(cfg: DictConfig, record: Path) -> str:
+    """Why an existing record cannot be taken for this run ("" when it can): other settings, unreadable."""
+    from .identity import describe_diff, result_settings, settings_diff
+    from .records import read_record
 
-    jobs = []
+    try:
+        old = read_record(record)
+    except (OSError, ValueError) as e:
+        return f"unreadable record ({e}): the run will redo it"
+    now = result_settings(cfg)
+    before = {k: v for k, v in (old.get("settings") or result_settings(old.get("config") or {})).items()
+              if not k.startswith("weights.")}
+    diff = settings_diff(now, before)
+    return f"record made with other settings: {describe_diff(diff)}" if diff else ""
+
+
+def plan(overrides: list[str]) -> list[dict[str, Any]]:
+    """Every job of the sweep with its run id, record status and estimated GPU hours; jobs with the same
+    run id as an earlier one are marked ``duplicate_of`` (the sweep launches them once)."""
+    from .identity import run_id
+
+    jobs, seen = [], {}
     for combo in expand_sweep(overrides):
         cfg = _compose(combo)
-        rid = run_id_of(cfg)
+        rid = run_id(cfg)
         results = Path(cfg.results_dir)
-        record, conflict = results / f"{rid}.json", ""
-        if record.exists() and not cfg.force:
-            try:
-                check_record_matches(cfg, record)
-            except ConfigError as e:
-                conflict = str(e).splitlines()[0]
+        record = results / f"{rid}.json"
+        conflict = record_conflict(cfg, record) if record.exists() and not cfg.force else ""
         hours = GPU_HOURS_PER_100_EPOCHS.get(cfg.backbone.name, 0.0) * cfg.trainer.epochs / 100 \
             * METHOD_FACTOR.get(cfg.method.name, 1.0)
         jobs.append({"run_id": rid, "overrides": combo, "record": record,
                      "failed": results / "failed" / f"{rid}.json", "gpu_hours": hours, "force": bool(cfg.force),
-                     "conflict": conflict})
+                     "conflict": conflict, "duplicate_of": seen.get(rid)})
+        seen.setdefault(rid, len(jobs) - 1)
     return jobs
 
 
-def status(job: dict[str, Any], since: float | None = None) -> tuple[str, str]:
-    """succeeded / skipped (its record predates the sweep) / failed (a failure newer than any record, e.g.
-    a record made with other settings) / missing."""
+def status(job: dict[str, Any]) -> tuple[str, str]:
+    """completed (a record exists) / failed (a failure newer than any record) / missing."""
     rec, failed = job["record"], job["failed"]
     rec_t = rec.stat().st_mtime if rec.exists() else None
     if failed.exists() and (rec_t is None or failed.stat().st_mtime >= rec_t):
         return "failed", json.loads(failed.read_text()).get("error", "?").splitlines()[0][:160]
-    if rec_t is not None:
-        return ("succeeded", "") if since is None or rec_t >= since else ("skipped", "record existed before the sweep")
-    return "missing", ""
+    return ("completed", "") if rec_t is not None else ("missing", "")
 
 
-def summarise(jobs: list[dict[str, Any]], since: float | None = None) -> dict[str, list]:
-    out: dict[str, list] = {"succeeded": [], "skipped": [], "failed": [], "missing": []}
-    for j in jobs:
-        s, why = status(j, since)
-        out[s].append({"run_id": j["run_id"], "why": why})
+# ---------------------------------------------------------------------------------------------------------
+# A running sweep: deduplication, per-job outcomes, the end-of-sweep summary
+# ---------------------------------------------------------------------------------------------------------
+class DedupSweeper(BasicSweeper):
+    """Hydra's basic sweeper, launching each run id once: a job whose composed config has the run id of an
+    earlier job of the sweep is dropped (and listed in ``<sweep dir>/sweep_plan.json``), so e.g. PEFT in a
+    sweep over budgets trains once per task instead of once per budget, never twice in one folder."""
+
+    def __init__(self, max_batch_size: int | None = None, params: dict | None = None):
+        super().__init__(max_batch_size=max_batch_size, params=params)
+        self._seen: dict[str, int] = {}
+        self._plan: list[dict[str, Any]] = []
+        self._launched = 0
+
+    def _run_id(self, overrides: list[str]) -> str | None:
+        from .identity import run_id
+
+        try:
+            return run_id(self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides)))
+        except Exception:  # noqa: BLE001 - the job itself reports what is wrong with it
+            return None
+
+    def get_job_batch(self) -> Sequence[Sequence[str]]:
+        batch = super().get_job_batch()
+        kept = []
+        for overrides in batch:
+            rid = self._run_id(list(overrides))
+            if rid is not None and rid in self._seen:
+                self._plan.append({"run_id": rid, "overrides": list(overrides), "job": None,
+                                   "duplicate_of": self._seen[rid]})
+                log.info("sweep: %s is launched once (job %d); not again for %s", rid, self._seen[rid],
+                         " ".join(overrides))
+                continue
+            if rid is not None:
+                self._seen[rid] = self._launched
+            self._plan.append({"run_id": rid, "overrides": list(overrides), "job": self._launched})
+            self._launched += 1
+            kept.append(overrides)
+        from .records import atomic_write_json
+
+        atomic_write_json(Path(self.config.hydra.sweep.dir) / "sweep_plan.json", self._plan)
+        return kept
+
+
+def collect_outcomes(sweep_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    """The outcome of every job of a sweep folder, grouped: completed, skipped, stopped, failed,
+    interrupted, missing (launched, no outcome), duplicate (not launched: same run id as another job)."""
+    sweep_dir = Path(sweep_dir)
+    try:
+        planned = json.loads((sweep_dir / "sweep_plan.json").read_text())
+    except (OSError, ValueError):
+        planned = [{"job": int(p.name), "run_id": None, "overrides": []}
+                   for p in sorted(sweep_dir.iterdir()) if p.is_dir() and p.name.isdigit()] if sweep_dir.is_dir() else []
+    out: dict[str, list] = {k: [] for k in ("completed", "skipped", "stopped", "failed", "interrupted", "missing",
+                                            "duplicate")}
+    for job in planned:
+        if job.get("job") is None:
+            out["duplicate"].append({"run_id": job["run_id"], "why": f"same run id as job {job['duplicate_of']}"})
+            continue
+        path = sweep_dir / str(job["job"]) / "outcome.json"
+        try:
+            o = json.loads(path.read_text())
+        except (OSError, ValueError):
+            out["missing"].append({"run_id": job.get("run_id") or f"job {job['job']}",
+                                   "why": "no outcome (not run, or the job was killed)"})
+            continue
+        kind = o.get("status") if o.get("status") in out else "completed"
+        out[kind].append({"run_id": o.get("run_id") or job.get("run_id"), "why": (o.get("error") or "")[:200]})
     return out
 
 
 def format_summary(summary: dict[str, list]) -> str:
-    lines = ["sweep summary: " + ", ".join(f"{len(v)} {k}" for k, v in summary.items())]
-    for k in ("failed", "missing"):
-        for item in summary[k]:
-            lines.append(f"  {k:9s} {item['run_id']}" + (f"  -- {item['why']}" if item["why"] else ""))
+    lines = ["sweep summary: " + ", ".join(f"{len(v)} {k}" for k, v in summary.items() if v or k in
+                                             ("completed", "failed"))]
+    for k in ("failed", "interrupted", "missing", "duplicate"):
+        for item in summary.get(k, []):
+            lines.append(f"  {k:11s} {item['run_id']}" + (f"  -- {item['why']}" if item["why"] else ""))
     return "\n".join(lines)
 
 
-class SummaryCallback(Callback):
-    """Hydra callback: after a multirun, print (and save) what succeeded, failed and was skipped."""
+def report_sweep(sweep_dir: Path) -> dict[str, list]:
+    """Print and save (``<sweep dir>/sweep_summary.json``) the summary of a sweep folder."""
+    summary = collect_outcomes(sweep_dir)
+    print("\n" + format_summary(summary), flush=True)
+    try:
+        from .records import atomic_write_json
 
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self.start = time.time() - 1.0
+        atomic_write_json(Path(sweep_dir) / "sweep_summary.json", summary)
+    except OSError:
+        pass
+    return summary
+
+
+class SummaryCallback(Callback):
+    """Hydra callback: after a multirun, print (and save) what completed, failed and was skipped, and end
+    with a non-zero exit status when a run failed, was interrupted or did not report."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        try:
-            overrides = list(config.hydra.overrides.task)
-            summary = summarise(plan(overrides), getattr(self, "start", None))
-            text = format_summary(summary)
-            print("\n" + text)
-            out = Path(config.hydra.sweep.dir) / "sweep_summary.json"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(summary, indent=2))
-        except Exception as e:  # noqa: BLE001 - a summary must never fail the sweep
-            print(f"[pyra_bench] could not summarise the sweep: {e}")
+        summary = report_sweep(Path(config.hydra.sweep.dir))
+        bad = sum(len(summary[k]) for k in ("failed", "interrupted", "missing"))
+        if bad:  # Hydra turns a callback's exception into a warning; SystemExit still ends the process
+            print(f"sweep: {bad} run(s) did not complete (see the summary above)", file=sys.stderr, flush=True)
+            raise SystemExit(1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,19 +229,32 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     jobs = plan(a.overrides)
     if a.command == "dry-run":
-        todo = [j for j in jobs if not j["record"].exists() or j["force"]]
-        stop = [j for j in jobs if j["conflict"]]
+        todo = [j for j in jobs if j["duplicate_of"] is None and (not j["record"].exists() or j["force"]
+                                                                  or j["conflict"].startswith("unreadable"))]
         for j in jobs:
-            mark = "run " if j in todo else ("STOP" if j["conflict"] else "skip")
+            if j["duplicate_of"] is not None:
+                mark = "dup "
+            elif j in todo:
+                mark = "run "
+            else:
+                mark = "STOP" if j["conflict"] else "skip"
             print(f"{mark}  {j['run_id']:70s} ~{j['gpu_hours']:.2f} GPU-h  {' '.join(j['overrides'])}"
                   + (f"\n      {j['conflict']}" if j["conflict"] else ""))
+        stop = [j for j in jobs if j["conflict"] and j not in todo]
+        dups = [j for j in jobs if j["duplicate_of"] is not None]
         hours = sum(j["gpu_hours"] for j in todo)
-        print(f"\n{len(jobs)} runs in the sweep, {len(jobs) - len(todo) - len(stop)} already have records (skipped), "
-              f"{len(todo)} to run, about {hours:.1f} GPU hours (estimates: see pyra_bench/sweep.py)"
+        print(f"\n{len(jobs)} jobs in the sweep ({len(dups)} duplicate run ids launched once), "
+              f"{len(jobs) - len(dups) - len(todo) - len(stop)} already have records (skipped), {len(todo)} to run, "
+              f"about {hours:.1f} GPU hours (estimates: see pyra_bench/sweep.py)"
               + (f"; {len(stop)} would STOP: their records were made with other settings (set run_tag or "
                  f"force=true)" if stop else ""))
     else:
-        print(format_summary(summarise(jobs)))
+        unique = [j for j in jobs if j["duplicate_of"] is None]
+        groups: dict[str, list] = {"completed": [], "failed": [], "missing": []}
+        for j in unique:
+            s, why = status(j)
+            groups[s].append({"run_id": j["run_id"], "why": why})
+        print(format_summary(groups))
     return 0
 
 

@@ -10,6 +10,8 @@ method names.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,14 +64,57 @@ class Stage:
 
 class Method:
     name: str = "base"
+    #: how tables, figures and logs name the method (default: the registered name)
+    display_name: str | None = None
     #: parameter-group name for the method's own parameters (the separate lr/wd of the trainer config)
     param_group: str = "method"
+    #: constructor options that do NOT change results (e.g. a worker count); every other option does, so
+    #: it is part of the run id (when it differs from its default) and of the record check
+    execution_options: frozenset[str] = frozenset()
+    #: options whose value alone names them in the run id (PYRA's ``variant``: ``pyra-wd_sigmoid``);
+    #: other non-default options appear as ``<option>=<value>``
+    bare_key_options: tuple[str, ...] = ()
 
     def __init__(self, schedule: Any = "none", **kwargs: Any):
         if kwargs:
             raise UnknownOptionError(f"method {self.name!r} got unknown options: {', '.join(sorted(kwargs))}")
         self.schedule_spec = schedule
         self.schedule: list[int] = []
+
+    # -- identity -----------------------------------------------------------------------------------
+    @classmethod
+    def label(cls) -> str:
+        return cls.display_name or cls.name
+
+    @classmethod
+    def option_defaults(cls) -> dict[str, Any]:
+        """The constructor's options (all classes in the MRO) with their defaults; ``schedule`` excluded."""
+        out: dict[str, Any] = {}
+        for klass in reversed(cls.__mro__):
+            init = klass.__dict__.get("__init__")
+            if init is None or klass is object:
+                continue
+            for p in inspect.signature(init).parameters.values():
+                if p.name not in ("self", "schedule") and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+                    out[p.name] = None if p.default is inspect.Parameter.empty else p.default
+        return out
+
+    @classmethod
+    def result_options(cls, options: Mapping[str, Any] | None) -> dict[str, Any]:
+        """The result-changing options among ``options`` (a method config's ``kwargs``) that differ from
+        the constructor's defaults, sorted by name: what the run id and the record name besides the method."""
+        defaults = cls.option_defaults()
+        return {k: v for k, v in sorted(dict(options or {}).items())
+                if k not in cls.execution_options and (k not in defaults or defaults[k] != v)}
+
+    @classmethod
+    def run_key(cls, options: Mapping[str, Any] | None) -> str:
+        """The method's part of a run id: its name plus its non-default result-changing options."""
+        parts = [cls.name]
+        for k, v in cls.result_options(options).items():
+            v = "-".join(str(x) for x in v) if isinstance(v, (list, tuple)) else str(v)
+            parts.append(v if k in cls.bare_key_options else f"{k}={v}")
+        return "-".join(p.replace("/", "_").replace(" ", "") for p in parts)
 
     # -- building -----------------------------------------------------------------------------------
     def resolve_schedule(self, ctx: BuildContext) -> list[int]:

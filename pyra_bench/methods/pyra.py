@@ -14,7 +14,9 @@ from .tome import ToMe
 @METHODS.register("pyra")
 class PYRAMethod(ToMe):
     name = "pyra"
+    display_name = "PYRA"
     param_group = "pyra"
+    bare_key_options = ("variant",)
 
     def __init__(self, schedule: Any = "high", variant: str = "full", wr_init: str = "uniform",
                  ln_eps: float = 1e-5, **kwargs: Any):

@@ -1,0 +1,228 @@
+"""Config -> objects: the data module, the model, the Lightning trainer with its callbacks and loggers.
+
+The ``trainer`` config group holds two kinds of keys: the training recipe (:data:`RECIPE_KEYS`: epochs,
+learning rates, batch sizes, evaluation schedule ...), read by pyra_bench, and everything else, which
+is passed to ``lightning.pytorch.Trainer`` as it is (``+trainer.gradient_clip_val=1.0`` reaches the
+Trainer; a misspelt option is refused by :func:`check_trainer_options` before anything is built).
+``callbacks`` and ``logger`` are dicts of ``_target_`` entries, instantiated as lightning-hydra-template
+does; an entry set to null (``logger.wandb=null``) or with ``enabled: false`` is left out.
+
+Importing this module registers the OmegaConf resolvers the configs use (``first``, ``gpu_count``,
+``wandb_id``), so every entry point that composes a config imports it first.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import ConfigError, InputFileNotFoundError
+from .identity import PROTOCOLS, wandb_id
+
+log = logging.getLogger("pyra_bench")
+
+#: ``trainer`` keys that are pyra_bench's recipe, not Lightning Trainer options.
+RECIPE_KEYS = frozenset({
+    "epochs", "warmup_epochs", "batch_size", "eval_batch_size", "lr", "weight_decay", "warmup_lr", "min_lr",
+    "drop_path", "lora_dropout", "lora_init", "eval_every", "eval_epochs", "evaluation", "eval_precision",
+    "num_workers", "max_steps_per_epoch", "cpu_threads", "checkpoint_every", "compile", "_target_",
+})
+#: Trainer options pyra_bench sets itself, with the recipe key to use instead.
+FRAMEWORK_TRAINER_KEYS = {
+    "max_epochs": "trainer.epochs", "min_epochs": "trainer.epochs", "max_steps": "trainer.max_steps_per_epoch",
+    "callbacks": "callbacks.<name>._target_", "logger": "logger.<name>._target_",
+    "limit_train_batches": "trainer.max_steps_per_epoch", "limit_val_batches": "trainer.evaluation",
+    "check_val_every_n_epoch": "trainer.eval_every", "val_check_interval": "trainer.eval_every",
+    "num_sanity_val_steps": None, "default_root_dir": "run_dir", "enable_checkpointing": "trainer.checkpoint_every",
+}
+
+
+def _first(*values):
+    """The first value that is not null (``${first:${budget},high}``)."""
+    return next((v for v in values if v not in (None, "None", "null")), None)
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+OmegaConf.register_new_resolver("first", _first, replace=True)
+OmegaConf.register_new_resolver("gpu_count", _gpu_count, replace=True)
+OmegaConf.register_new_resolver("wandb_id", wandb_id, replace=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Trainer
+# ---------------------------------------------------------------------------------------------------------
+def trainer_options(cfg: DictConfig) -> dict[str, Any]:
+    """The ``trainer`` keys that are Lightning Trainer options (everything but :data:`RECIPE_KEYS`)."""
+    t = OmegaConf.to_container(cfg.trainer, resolve=True)
+    return {k: v for k, v in t.items() if k not in RECIPE_KEYS}
+
+
+def check_trainer_options(cfg: DictConfig) -> None:
+    """Refuse Trainer options that Lightning does not have or that pyra_bench sets itself."""
+    import lightning as L
+
+    valid = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
+    problems = []
+    for key in trainer_options(cfg):
+        if key in FRAMEWORK_TRAINER_KEYS:
+            use = FRAMEWORK_TRAINER_KEYS[key]
+            problems.append(f"trainer.{key} is set by pyra_bench" + (f"; use {use}" if use else ""))
+        elif key not in valid:
+            close = difflib.get_close_matches(key, sorted(valid | RECIPE_KEYS), n=3)
+            problems.append(f"trainer.{key} is neither a lightning Trainer option nor a recipe key"
+                            + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    if problems:
+        raise ConfigError("bad trainer option(s):\n  " + "\n  ".join(problems)
+                          + f"\n  Recipe keys: {', '.join(sorted(RECIPE_KEYS - {'_target_'}))}; any other key "
+                            f"must be a lightning.pytorch.Trainer argument.")
+
+
+def _entries(group: Any) -> list[tuple[str, DictConfig]]:
+    if group is None:
+        return []
+    out = []
+    for name, entry in group.items():
+        if entry is None or (OmegaConf.is_dict(entry) and entry.get("enabled", True) is False):
+            continue
+        if not OmegaConf.is_dict(entry) or "_target_" not in entry:
+            raise ConfigError(f"{name}: expected a config with _target_ (a class to instantiate), got {entry!r}")
+        out.append((str(name), entry))
+    return out
+
+
+def _instantiate(name: str, entry: DictConfig) -> Any:
+    from hydra.utils import instantiate
+
+    entry = OmegaConf.masked_copy(entry, [k for k in entry if k != "enabled"]) if "enabled" in entry else entry
+    try:
+        return instantiate(entry, _convert_="partial")
+    except Exception as e:  # noqa: BLE001 - a config that does not construct is a config error
+        raise ConfigError(f"could not build {name} ({entry.get('_target_')}): {e}") from e
+
+
+def make_callbacks(cfg: DictConfig) -> list:
+    """The user-configured callbacks (``callbacks.<name>: {_target_: ...}``)."""
+    return [_instantiate(f"callbacks.{n}", e) for n, e in _entries(cfg.get("callbacks"))]
+
+
+def make_loggers(cfg: DictConfig) -> list:
+    """The configured loggers (``logger.<name>: {_target_: ...}``); they may use ``${run_dir}`` and
+    ``${run_id}``, which the run sets before building them."""
+    return [_instantiate(f"logger.{n}", e) for n, e in _entries(cfg.get("logger"))]
+
+
+def make_trainer(cfg: DictConfig, *, max_epochs: int, callbacks: list, loggers: list, run_dir: Path):
+    """A Lightning Trainer for one stage: the configured options plus what pyra_bench owns (epochs, step
+    cap, callbacks, loggers; Lightning's validation loop off -- the module evaluates -- and checkpoints only by
+    :class:`~pyra_bench.lifecycle.EpochCheckpoint` saves; Lightning's signal handling and SLURM requeue off)."""
+    import lightning as L
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    from .lifecycle import disable_lightning_signals
+
+    opts = trainer_options(cfg)
+    plugins = list(opts.pop("plugins", None) or [])
+    if SLURMEnvironment.detect() and not any(isinstance(p, SLURMEnvironment) for p in plugins):
+        plugins.append(SLURMEnvironment(auto_requeue=False))  # submitit requeues; one mechanism, not two
+    opts.setdefault("enable_model_summary", False)
+    # The module evaluates itself (AdaptationModule.evaluate); Lightning's validation loop is off by design.
+    warnings.filterwarnings("ignore", message=".*val_dataloader.* but have no `validation_step`")
+    try:
+        trainer = L.Trainer(
+            **opts, plugins=plugins or None, max_epochs=max_epochs,
+            limit_train_batches=cfg.trainer.get("max_steps_per_epoch"), limit_val_batches=0,
+            num_sanity_val_steps=0, enable_checkpointing=True, logger=loggers or False, callbacks=callbacks,
+            default_root_dir=str(run_dir),
+        )
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"the trainer options do not construct a lightning Trainer: {e}") from e
+    disable_lightning_signals(trainer)
+    return trainer
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data and model
+# ---------------------------------------------------------------------------------------------------------
+def make_datamodule(cfg: DictConfig, task: str | None = None):
+    """The data module of the run's task (or of another ``task``: a stage trained on other data)."""
+    from .data import VTABDataModule, get_task
+
+    t = cfg.trainer
+    train_split, eval_split = PROTOCOLS[cfg.get("protocol", "final")]
+    if task in (None, cfg.task.name):
+        task, source = cfg.task.name, cfg.task.source
+    else:
+        source = "embedded" if get_task(task).source == "embedded" else "folder"
+    return VTABDataModule(
+        task=task, data_root=cfg.data_root, batch_size=t.batch_size, eval_batch_size=t.eval_batch_size,
+        num_workers=t.num_workers, image_size=cfg.backbone.image_size, normalization=cfg.backbone.normalization,
+        source=source, seed=cfg.seed, train_split=train_split, eval_split=eval_split,
+    )
+
+
+def resolve_weights(bcfg: DictConfig, fetch_demo: bool = True) -> tuple[bool, str | None]:
+    """-> (pretrained_from_hub, checkpoint_path). A missing local file fails here; ``demo`` pre-trains (and
+    caches) the demo backbone unless ``fetch_demo`` is false."""
+    w = str(bcfg.weights) if bcfg.get("weights") is not None else "none"
+    if w == "hub":
+        return True, None
+    if w == "none":
+        return False, None
+    if w == "demo":
+        if not fetch_demo:
+            return False, None
+        from .demo_pretrain import ensure_demo_backbone
+
+        return False, str(ensure_demo_backbone())
+    path = Path(w).expanduser()
+    if not path.is_file():
+        raise InputFileNotFoundError(
+            f"backbone weights file not found: {path}\n  Set backbone.weights=/path/to/file (.npz of the original "
+            f"ViT release, .pth or .safetensors), backbone.weights=hub to download through timm, or set "
+            f"PYRA_WEIGHTS to the folder holding it.")
+    return False, str(path)
+
+
+def method_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg.method.kwargs, resolve=True) if cfg.method.get("kwargs") else {}
+
+
+def make_method(cfg: DictConfig):
+    """The method object of the run config (a registered name or a ``_target_`` class)."""
+    from .identity import method_class
+    from .registry import UnknownChoiceError
+
+    cls = method_class(cfg.method)
+    try:
+        return cls(schedule=cfg.compression, **method_kwargs(cfg))
+    except UnknownChoiceError:
+        raise
+    except TypeError as e:
+        raise ConfigError(f"method {cfg.method.name!r}: {e}") from e
+
+
+def make_model(cfg: DictConfig, num_classes: int, pretrained: bool, checkpoint: str | None):
+    """The frozen backbone with LoRA and the method applied (:func:`pyra_bench.models.build_model`)."""
+    from .models import build_model
+
+    t = cfg.trainer
+    return build_model(
+        cfg.backbone.name, num_classes, make_method(cfg),
+        lora_rank=cfg.backbone.get("lora_rank"), lora_dropout=t.lora_dropout, lora_init=t.lora_init,
+        pretrained=pretrained, checkpoint=checkpoint, drop_path_rate=t.drop_path,
+        prop_attn=bool(cfg.backbone.get("prop_attn", True)),
+    )

@@ -1,0 +1,200 @@
+"""What keeps a run's state safe: signals, per-epoch checkpoints and finished-stage files.
+
+- :func:`handle_signals`: SIGTERM, SIGINT and the SLURM timeout signals (SIGUSR1/2) end the run with
+  :class:`RunInterrupted` (exit status 128 + signal) after the last finished epoch is on disk. A signal
+  that already has a handler (submitit installs its own requeue handler for its timeout signal and
+  ignores SIGTERM) is left to it: one requeue mechanism. Lightning's own signal handling is switched off
+  per trainer (:func:`disable_lightning_signals`), so it neither ends a run with status 0 on SIGTERM nor
+  requeues a SLURM job beside submitit.
+- :class:`EpochCheckpoint`: ``<run_dir>/ckpt/<stage>/last.ckpt`` after every ``every`` epochs and after a
+  stage's last epoch, written atomically on the run folder's own file system; it carries the settings it
+  was made with (:func:`pyra_bench.identity.result_settings`).
+- :func:`save_stage` / :func:`load_stage`: a finished stage as ``<stage>.safetensors`` (tensors only) plus
+  ``<stage>.json`` (method state, evaluation history, training cost, settings). Nothing loaded here runs
+  code: tensors come from safetensors and Lightning checkpoints are read with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Checkpoint
+
+from .errors import CheckpointFormatError
+from .records import atomic_write_json
+
+log = logging.getLogger("pyra_bench")
+
+STAGE_FORMAT = 2  # safetensors + JSON (format 1: a torch pickle, no longer read)
+
+
+class RunInterrupted(BaseException):  # noqa: N818 - not an Exception: never retried, never a "failure"
+    """The run was stopped by a signal; its last finished epoch is saved and the same command resumes."""
+
+    def __init__(self, signum: int):
+        self.signum = int(signum)
+        super().__init__(f"interrupted by {signal.Signals(self.signum).name}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+HANDLED_SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"))
+                        if s is not None)
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise RunInterrupted(signum)
+
+
+@contextmanager
+def handle_signals(signals: tuple[int, ...] = HANDLED_SIGNALS) -> Iterator[None]:
+    """Turn the given signals into :class:`RunInterrupted` inside the block (main thread only), except those
+    that already have a handler of someone else's (e.g. submitit's)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous: dict[int, Any] = {}
+    for s in signals:
+        current = signal.getsignal(s)
+        if current in (signal.SIG_DFL, signal.default_int_handler, None):
+            previous[s] = current
+            signal.signal(s, _raise_interrupted)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
+def disable_lightning_signals(trainer: L.Trainer) -> None:
+    """Stop ``trainer`` from installing its SIGTERM / SLURM-requeue handlers (see the module docstring)."""
+    trainer._signal_connector.register_signal_handlers = lambda: None  # noqa: SLF001 - Lightning has no switch
+
+
+def _replace_atomically(tmp: Path, path: Path) -> None:
+    os.replace(tmp, path)
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+class EpochCheckpoint(Checkpoint):
+    """Save the whole training state (weights that train, optimiser, scheduler, loop progress, evaluation
+    history, settings) to ``path`` every ``every`` epochs and after the stage's last epoch.
+
+    A subclass of Lightning's ``Checkpoint``, so it runs after the module's ``on_train_epoch_end`` (where
+    the evaluation of that epoch happens): a resumed run never repeats or loses an evaluation."""
+
+    def __init__(self, path: str | os.PathLike, every: int = 1):
+        self.path = Path(path)
+        self.every = max(1, int(every))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        if epoch % self.every and epoch < (trainer.max_epochs or 0):
+            return
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        if trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            trainer.save_checkpoint(tmp, weights_only=False)
+            if trainer.is_global_zero:
+                _replace_atomically(tmp, self.path)
+        finally:
+            if trainer.is_global_zero:
+                tmp.unlink(missing_ok=True)
+        trainer.strategy.barrier("pyra_bench.checkpoint")
+
+
+def read_checkpoint_meta(path: Path) -> dict[str, Any]:
+    """The pyra_bench part of a Lightning checkpoint (settings, epoch), read safely; raises
+    :class:`CheckpointFormatError` for a file that is truncated or not such a checkpoint."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same problem for the user
+        raise CheckpointFormatError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(ckpt, dict) or "pyra_bench" not in ckpt:
+        raise CheckpointFormatError(f"{path} is not a pyra_bench training checkpoint")
+    return {**ckpt["pyra_bench"], "epoch": int(ckpt.get("epoch", -1)) + 1}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Finished stages
+# ---------------------------------------------------------------------------------------------------------
+def stage_paths(folder: str | os.PathLike, name: str) -> tuple[Path, Path]:
+    folder = Path(folder)
+    return folder / f"{name}.safetensors", folder / f"{name}.json"
+
+
+def save_stage(folder: str | os.PathLike, name: str, state_dict: Mapping[str, torch.Tensor],
+               meta: Mapping[str, Any]) -> Path:
+    """Write a finished stage: tensors first, then the JSON that makes the stage count as finished."""
+    from safetensors.torch import save_file
+
+    tensors_path, meta_path = stage_paths(folder, name)
+    tensors_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tensors_path.with_name(f".{tensors_path.name}.tmp")
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
+    try:
+        save_file(tensors, str(tmp), metadata={"format": str(STAGE_FORMAT)})
+        _replace_atomically(tmp, tensors_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    atomic_write_json(meta_path, {"format": STAGE_FORMAT, "stage": name, "tensors": tensors_path.name,
+                                  "tensors_bytes": tensors_path.stat().st_size, **meta})
+    return meta_path
+
+
+def stage_exists(folder: str | os.PathLike, name: str) -> bool:
+    return stage_paths(folder, name)[1].is_file()
+
+
+def read_stage_meta(meta_path: str | os.PathLike) -> dict[str, Any]:
+    meta_path = Path(meta_path)
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointFormatError(f"{meta_path} is not a readable stage file ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != STAGE_FORMAT:
+        raise CheckpointFormatError(f"{meta_path} is not a pyra_bench stage file of format {STAGE_FORMAT}")
+    tensors = meta_path.with_name(str(meta.get("tensors")))
+    if not tensors.is_file() or tensors.stat().st_size != meta.get("tensors_bytes"):
+        raise CheckpointFormatError(f"{tensors} is missing or truncated (the stage file {meta_path} expects "
+                                    f"{meta.get('tensors_bytes')} bytes)")
+    return meta
+
+
+def load_stage(meta_path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, meta) of a finished stage; raises :class:`CheckpointFormatError` when unreadable."""
+    from safetensors.torch import load_file
+
+    meta = read_stage_meta(meta_path)
+    tensors = Path(meta_path).with_name(meta["tensors"])
+    try:
+        return load_file(str(tensors)), meta
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointFormatError(f"{tensors} is not a readable safetensors file ({e})") from e
+
+
+def quarantine(path: Path) -> Path:
+    """Move an unreadable file aside (``<name>.corrupt``) so the run can redo what it held."""
+    target = path.with_name(path.name + ".corrupt")
+    os.replace(path, target)
+    return target
