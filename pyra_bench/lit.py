@@ -101,16 +101,29 @@ class AdaptationModule(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
+    def seed_of_epoch(self, epoch: int) -> int:
+        return epoch_seed(self.seed, self.stage_index, epoch)
+
+    def on_train_start(self) -> None:
+        # A fit resumed from a checkpoint keeps the data iterator Lightning made before this epoch's seed
+        # was set; it is made again below, so the resumed epoch shuffles as in an uninterrupted run.
+        self._renew_iterator = self.trainer.ckpt_path is not None
+
     def on_train_epoch_start(self) -> None:
-        seed = epoch_seed(self.seed, self.stage_index, self.current_epoch)
+        seed = self.seed_of_epoch(self.current_epoch)
         torch.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed)
         loaders = self.trainer.train_dataloader
         for dl in (loaders.values() if isinstance(loaders, dict) else
                    loaders if isinstance(loaders, (list, tuple)) else [loaders]):
-            if getattr(dl, "generator", None) is not None:  # the shuffle order (single-process sampler)
-                dl.generator.manual_seed(seed)
+            if getattr(dl, "generator", None) is not None:  # the shuffle order (single-process sampler) of
+                dl.generator.manual_seed(seed)              # loaders made before this hook (epochs > first)
+        if getattr(self, "_renew_iterator", False):
+            self._renew_iterator = False
+            fetcher = getattr(self.trainer.fit_loop, "_data_fetcher", None)
+            if fetcher is not None:
+                iter(fetcher)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
