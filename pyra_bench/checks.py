@@ -80,14 +80,15 @@ def _is_number(v: Any) -> bool:
 
 
 class _Checker:
-    """Collects the problems of one config; each ``check_*`` helper returns the checked value, or ``_BAD``
+    """Collects the problems of one config (one per key); each helper returns the checked value, or ``_BAD``
     (already reported) / ``_ABSENT`` (no such key), so that cross-checks only see good values."""
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg, self.problems = cfg, []
 
     def add(self, key: str, value: Any, message: str) -> object:
-        self.problems.append(Problem(key, value, message))
+        if all(p.key != key for p in self.problems):  # a key read twice (an unresolvable value) is one line
+            self.problems.append(Problem(key, value, message))
         return _BAD
 
     def get(self, key: str) -> Any:

@@ -200,11 +200,16 @@ def test_exit_status_2_and_every_line(base_run, capsys, monkeypatch):
     assert "trainer.epochs=0" in err and "retries=-1" in err and "Traceback" not in err
 
 
-def test_unresolvable_value_is_named(base_run, monkeypatch):
+def test_unresolvable_value_is_named(base_run, base_bench, monkeypatch):
     monkeypatch.delenv("PYRA_NOPE_XYZ", raising=False)
     msg = _only(check_run_config, _with(base_run, results_dir="${oc.env:PYRA_NOPE_XYZ}"), "results_dir",
                 "'${oc.env:PYRA_NOPE_XYZ}'")
     assert "PYRA_NOPE_XYZ" in msg and "cannot be resolved" in msg
+    # a switch read twice (its own check, then to decide what else to check) is still one line
+    _only(check_run_config, _with(base_run, measure_throughput="${oc.env:PYRA_NOPE_XYZ}"), "measure_throughput",
+          "'${oc.env:PYRA_NOPE_XYZ}'")
+    _only(check_bench_config, _with(base_bench, bench__load_weights="${oc.env:PYRA_NOPE_XYZ}"), "bench.load_weights",
+          "'${oc.env:PYRA_NOPE_XYZ}'")
 
 
 def test_precision_names_are_lightnings():
