@@ -43,3 +43,18 @@ class CheckpointFormatError(InputError, ValueError):
 
 class SettingsMismatchError(ConfigError):
     """A record, finished stage or checkpoint of this run id was made with other settings."""
+
+
+class ConfigCheckError(ConfigError):
+    """Every invalid setting :mod:`pyra_bench.checks` found in one config, one line each (``problems``)."""
+
+    def __init__(self, what: str, problems: list) -> None:
+        self.problems = list(problems)
+        n = len(self.problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{what}: {n} invalid setting{'' if n == 1 else 's'} (fix {'it' if n == 1 else 'them'} "
+                         f"and run again)\n{lines}")
+
+
+class HubUnreachableError(InputError, ConnectionError):
+    """Hub weights were asked for, but the Hugging Face hub cannot be reached and they are not cached."""
