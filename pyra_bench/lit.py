@@ -20,7 +20,6 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-import torchmetrics
 from torch import nn
 
 
@@ -92,7 +91,6 @@ class AdaptationModule(L.LightningModule):
         self.settings = dict(settings or {})
         self.eval_precision = str(eval_precision)
         self.strict_loading = False  # checkpoints hold only what trains (the backbone is frozen)
-        self.train_acc = torchmetrics.Accuracy("multiclass", num_classes=num_classes)
         self.eval_images: int | None = None
         self.eval_history: dict[int, float] = {}
         self._eval_data = eval_data
@@ -134,13 +132,14 @@ class AdaptationModule(L.LightningModule):
             self.log("train/extra_loss", extra.detach(), on_step=False, on_epoch=True)
             loss = loss + extra
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
-        if logits is not None:
-            self.train_acc(logits.detach(), y)
-            self.log("train/acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True)
+        if logits is not None:  # a plain per-rank mean: no collective a rank-0-only callback could trigger
+            acc = (logits.detach().argmax(-1) == y).float().mean()
+            self.log("train/acc", acc, prog_bar=True, on_step=False, on_epoch=True)
         return loss
 
     # -- evaluation ------------------------------------------------------------------------------------
-    def on_train_epoch_end(self) -> None:
+    def scheduled_evaluation(self) -> None:
+        """Evaluate when this epoch is one of ``eval_epochs`` (called by :class:`ScheduledEvaluation`)."""
         epoch = self.epoch_offset + self.current_epoch + 1
         if epoch in self.eval_epochs:
             acc = self.evaluate()
@@ -208,6 +207,15 @@ class AdaptationModule(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, [factor(i) for i in range(len(groups))])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+
+class ScheduledEvaluation(L.Callback):
+    """Run the module's evaluation at the end of the scheduled epochs, before the callbacks that Lightning
+    adds after the configured ones (the progress bar syncs metrics on rank 0 only: evaluating after it
+    would deadlock DDP) and before checkpoints (Lightning runs ``Checkpoint`` callbacks last)."""
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        pl_module.scheduled_evaluation()
 
 
 class TrainingCost(L.Callback):

@@ -370,6 +370,8 @@ def run_stages(plan: Plan, model, loggers: list) -> StageResults:
 
 def _fit_stage(plan: Plan, model, stage, index: int, n_epochs: int, offset: int, sdm, loggers: list,
                out: StageResults, module_cls, cost_cls, is_last: bool) -> dict | None:
+    from .lit import ScheduledEvaluation
+
     cfg, t = plan.cfg, plan.cfg.trainer
     module = module_cls(model, plan.datamodule.num_classes, _optim(cfg), n_epochs, offset,
                         eval_epochs=eval_epochs(t, offset, n_epochs, is_last) if stage.evaluate else (),
@@ -377,7 +379,8 @@ def _fit_stage(plan: Plan, model, stage, index: int, n_epochs: int, offset: int,
                         eval_precision=str(t.get("eval_precision", "auto")), eval_data=plan.datamodule)
     ckpt = plan.run_dir / "ckpt" / stage.name / "last.ckpt"
     cost = cost_cls()
-    callbacks = [EpochCheckpoint(ckpt, int(t.get("checkpoint_every") or 1)), cost, *factory.make_callbacks(cfg)]
+    callbacks = [cost, ScheduledEvaluation(), EpochCheckpoint(ckpt, int(t.get("checkpoint_every") or 1)),
+                 *factory.make_callbacks(cfg)]
     trainer = factory.make_trainer(cfg, max_epochs=n_epochs, callbacks=callbacks, loggers=loggers,
                                    run_dir=plan.run_dir)
     resume = ckpt if ckpt.exists() else None
