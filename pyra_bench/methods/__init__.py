@@ -60,9 +60,9 @@ def method_class(name: str, target: str | None = None) -> type[Method]:
     if own is not None and own != name:
         raise ConfigError(f"method {name!r}: class {cls.__qualname__} calls itself {own!r}; use one name "
                           f"(the config's `name:` and the class's `name =`)")
+    if own is None:  # a plug-in class without a name of its own: the registry's name is its identity
+        cls.name = name
     if target and name not in METHODS:
-        if own is None:
-            cls.name = name  # the registry's name is the method's identity (records, run ids)
         METHODS.add(name, cls)
     return cls
 

@@ -18,3 +18,9 @@ class MyMethod(Method):
         super().apply(model, ctx)  # resolves and checks self.schedule from `compression`
         set_token_reducers(model, [ToMeMerge(r, ctx.class_token, ctx.distill_token) if r else None
                                    for r in self.schedule])
+
+
+class EntryPointMethod(MyMethod):
+    """The same method, registered through an entry point (tests/test_plugin.py)."""
+
+    display_name = "EntryPointMethod"
