@@ -16,7 +16,7 @@ import pandas as pd
 if TYPE_CHECKING:
     from .tables import Table
 
-PREAMBLE = r"\usepackage{booktabs,graphicx,amsmath}"
+PREAMBLE = r"\usepackage{booktabs,graphicx,amsmath,longtable}"
 _SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
             "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
             "−": "$-$", "—": "--", "±": r"$\pm$", "σ": r"$\sigma$", "·": r"$\cdot$", "×": r"$\times$",
@@ -42,9 +42,14 @@ def _cell(mean: float, std: float, n: int, dec: int, usual_n: int, mark: str | N
     return {"best": rf"\textbf{{{s}}}", "second": rf"\underline{{{s}}}"}.get(mark or "", s)
 
 
+def _caption(title: str) -> str:
+    """LaTeX numbers its own tables: "Table 6 (...)" becomes "As the paper's Table 6 (...)"."""
+    return re.sub(r"^Table (\d+)", r"As the paper's Table \1", title)
+
+
 def _float(env: str, title: str, label: str, colspec: str, body: list[str], notes: Sequence[str]) -> str:
     lines = [f"% {title} -- needs {PREAMBLE}", rf"\begin{{{env}}}[t]", r"\centering",
-             rf"\caption{{{escape(title)}}}", rf"\label{{tab:{label}}}", _FIT,
+             rf"\caption{{{escape(_caption(title))}}}", rf"\label{{tab:{label}}}", _FIT,
              rf"\begin{{tabular}}{{{colspec}}}", r"\toprule", *body, r"\bottomrule", r"\end{tabular}}"]
     if notes:
         lines.append(r"\par\smallskip{\footnotesize " + r" \quad ".join(escape(n) for n in notes) + "}")
@@ -75,8 +80,12 @@ def table_to_latex(t: Table) -> str:
     return _float("table*" if t.wide else "table", t.title, t.name, "l" + "r" * (ncol - 1), body, notes)
 
 
+LONG = 40  # rows from which a frame becomes a longtable (split across pages) rather than a float
+
+
 def frame_to_latex(df: pd.DataFrame, title: str, label: str, decimals: int = 2) -> str:
-    """A plain frame (vs-paper, paired comparisons): text left, numbers right, NaN as "--"."""
+    """A plain frame (vs-paper, paired comparisons): text left, numbers right, NaN as "--"; a longtable
+    (``longtable`` package) when it has more than :data:`LONG` rows."""
     numeric = [pd.api.types.is_numeric_dtype(df[c]) for c in df.columns]
 
     def fmt(v: object, is_num: bool) -> str:
@@ -86,10 +95,14 @@ def frame_to_latex(df: pd.DataFrame, title: str, label: str, decimals: int = 2) 
             return f"{v:.{decimals}f}"
         return escape(v)
 
-    body = [" & ".join(escape(c) for c in df.columns) + r" \\", r"\midrule"]
-    for row in df.itertuples(index=False):
-        body.append(" & ".join(fmt(v, n) for v, n in zip(row, numeric)) + r" \\")
+    head = " & ".join(escape(c) for c in df.columns) + r" \\"
+    rows = [" & ".join(fmt(v, n) for v, n in zip(row, numeric)) + r" \\" for row in df.itertuples(index=False)]
     colspec = "".join("r" if n else "l" for n in numeric) or "l"
+    if len(rows) > LONG:
+        return "\n".join([f"% {title} -- needs {PREAMBLE}", r"{\footnotesize", rf"\begin{{longtable}}{{{colspec}}}",
+                          rf"\caption{{{escape(_caption(title))}}}\label{{tab:{label}}} \\", r"\toprule", head, r"\midrule",
+                          r"\endhead", r"\bottomrule", r"\endfoot", *rows, r"\end{longtable}}"]) + "\n"
+    body = [head, r"\midrule", *rows]
     return _float("table*" if len(df.columns) > 8 else "table", title, label, colspec, body, [])
 
 

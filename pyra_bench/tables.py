@@ -56,6 +56,8 @@ from .stats import mean_std, per_seed_means, stratified_mean
 TASKS: list[str] = list(VTAB_TASKS)
 TASK_LABELS: list[str] = [TASK_REGISTRY.get(t).display for t in TASKS]
 STRATA: list[list[str]] = [GROUPS[g] for g in ("natural", "specialized", "structured")]
+_STRATA_OF = {"natural": [GROUPS["natural"]], "specialized": [GROUPS["specialized"]],
+              "structured": [GROUPS["structured"]], "average": STRATA}
 TABLE_KIND = {"2": "tasks", "3": "tasks", "4": "average", "5": "average", "6": "groups", "7": "groups", "8": "groups"}
 FORMATS = ("md", "tex", "csv")
 METRICS = {"last": "test_top1", "best": "test_top1_best"}
@@ -222,11 +224,13 @@ def _num(v: Any) -> float | None:
     return None if math.isnan(f) else f
 
 
-def group_records(records: Iterable[dict], metric: str = "last") -> tuple[dict[tuple, Group], list[str]]:
-    """Final-protocol records with an accuracy, grouped by :func:`record_key` -> ({key: Group}, problems)."""
+FRAME_COLUMNS = [*KEY, "task", "seed", "acc", "group", "method_label", "backbone_label", "params_pct",
+                 "method_params", "throughput", "gmacs", "weights", "device", "path"]
+
+
+def _record_rows(records: Iterable[dict], metric: str) -> tuple[list[dict[str, Any]], list[str]]:
     field_ = METRICS[metric]
-    groups: dict[tuple, Group] = {}
-    problems = []
+    rows, problems = [], []
     for r in records:
         if r.get("protocol", "final") != "final":
             continue  # tuning runs: tuning_table
@@ -238,30 +242,74 @@ def group_records(records: Iterable[dict], metric: str = "last") -> tuple[dict[t
         if acc is None:
             problems.append(f"{name} (no {field_})")
             continue
-        k = record_key(r)
-        g = groups.get(tuple(k[c] for c in KEY))
+        params, tp = r.get("params") or {}, r.get("throughput") or {}
+        w = r.get("weights")
+        rows.append({**record_key(r), "task": str(r["task"]), "seed": int(r.get("seed") or 0), "acc": acc,
+                     "group": str(r.get("group") or "other"), "method_label": r.get("method_label"),
+                     "backbone_label": r.get("backbone_label"), "params_pct": _num(params.get("paper_pct")),
+                     "method_params": _num(params.get("method_paper")), "throughput": _num(tp.get("img_per_s")),
+                     "gmacs": _num((r.get("flops") or {}).get("gmacs")),
+                     "weights": None if w is None else json.dumps(w, sort_keys=True, default=str),
+                     "device": tp.get("device"), "path": name})
+    return rows, problems
+
+
+def records_frame(records: Iterable[dict], metric: str = "last") -> pd.DataFrame:
+    """One row per final-protocol record with an accuracy: its group key (:func:`record_key`), task, seed,
+    accuracy (``metric``), "# params", throughput, MACs."""
+    return pd.DataFrame(_record_rows(records, metric)[0], columns=FRAME_COLUMNS)
+
+
+def _group_rows(rows: Iterable[dict[str, Any]]) -> tuple[dict[tuple, Group], list[str]]:
+    groups: dict[tuple, Group] = {}
+    problems = []
+    for row in rows:
+        key = tuple(row[c] for c in KEY)
+        g = groups.get(key)
         if g is None:
-            g = groups[tuple(k[c] for c in KEY)] = Group(**k)
-        seed = int(r.get("seed") or 0)
-        task = str(r["task"])
+            g = groups[key] = Group(**{c: row[c] for c in KEY})
+        task, seed = row["task"], int(row["seed"])
         if seed in g.values.get(task, {}):
-            problems.append(f"{name} (a second record of {task} seed {seed} in one row; the first is used)")
+            problems.append(f"{row['path']} (a second record of {task} seed {seed} in one row; the first is used)")
             continue
-        g.values.setdefault(task, {})[seed] = acc
-        g.groups_of[task] = str(r.get("group") or "other")
-        g.method_label = g.method_label or r.get("method_label")
-        g.backbone_label = g.backbone_label or r.get("backbone_label")
-        params = r.get("params") or {}
-        for attr, v in (("params_pct", params.get("paper_pct")), ("method_params", params.get("method_paper")),
-                        ("throughput", (r.get("throughput") or {}).get("img_per_s")),
-                        ("gmacs", (r.get("flops") or {}).get("gmacs"))):
-            if _num(v) is not None:
-                getattr(g, attr).append(float(v))
-        if r.get("weights") is not None:
-            g.weights.add(str(r["weights"]))
-        if (r.get("throughput") or {}).get("device"):
-            g.devices.add(str(r["throughput"]["device"]))
+        g.values.setdefault(task, {})[seed] = float(row["acc"])
+        g.groups_of[task] = row["group"]
+        g.method_label = g.method_label or row["method_label"]
+        g.backbone_label = g.backbone_label or row["backbone_label"]
+        for attr in ("params_pct", "method_params", "throughput", "gmacs"):
+            if _num(row[attr]) is not None:
+                getattr(g, attr).append(float(row[attr]))
+        if row["weights"]:
+            g.weights.add(row["weights"])
+        if row["device"]:
+            g.devices.add(str(row["device"]))
     return groups, problems
+
+
+def group_records(records: Iterable[dict], metric: str = "last") -> tuple[dict[tuple, Group], list[str]]:
+    """Final-protocol records with an accuracy, grouped by :func:`record_key` -> ({key: Group}, problems)."""
+    rows, problems = _record_rows(records, metric)
+    groups, more = _group_rows(rows)
+    return groups, problems + more
+
+
+def summarise(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per group of a :func:`records_frame`: the key, ``n_runs``, per-task means, the group means and
+    the Average (with ``average_std`` / ``average_n`` over per-seed Averages), "# params", throughput, MACs."""
+    groups, _ = _group_rows(frame.to_dict("records"))
+    out = []
+    for g in groups.values():
+        row: dict[str, Any] = {c: getattr(g, c) for c in KEY}
+        row["n_runs"] = sum(len(s) for s in g.values.values())
+        row.update({t: g.cell(t).mean for t in g.values})
+        for name, strata in _STRATA_OF.items():
+            c = g.mean_cell(strata)
+            row[name] = c.mean
+            if name == "average":
+                row["average_std"], row["average_n"] = c.std, c.n
+        row.update(params_pct=g.mean_params_pct, throughput=g.mean_throughput, gmacs=g.mean_gmacs)
+        out.append(row)
+    return pd.DataFrame(out)
 
 
 # =============================================================================================================
@@ -357,10 +405,6 @@ def _value_cols(kind: str) -> list[tuple[str, str, int]]:
     if kind == "tasks":
         return [(t, lab, 1) for t, lab in zip(TASKS, TASK_LABELS)] + groups + avg
     return groups + avg if kind == "groups" else avg
-
-
-_STRATA_OF = {"natural": [GROUPS["natural"]], "specialized": [GROUPS["specialized"]],
-              "structured": [GROUPS["structured"]], "average": STRATA}
 
 
 def _fmt_pct(v: float) -> str:
@@ -740,8 +784,9 @@ def to_markdown(t: Table) -> str:
     return f"## {t.title}\n\n{body}\n\n" + "\n".join(f"- {x}" for x in notes) + "\n"
 
 
-def write_frame(df: pd.DataFrame, out: Path, name: str, formats: set[str], title: str) -> list[Path]:
-    """A plain frame (vs-paper, paired, tuning) as CSV / Markdown / LaTeX."""
+def write_frame(df: pd.DataFrame, out: Path, name: str, formats: set[str], title: str,
+                tex_drop: Sequence[str] = ()) -> list[Path]:
+    """A plain frame (vs-paper, paired, tuning) as CSV / Markdown / LaTeX (without the ``tex_drop`` columns)."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
     if "csv" in formats:
@@ -752,7 +797,7 @@ def write_frame(df: pd.DataFrame, out: Path, name: str, formats: set[str], title
         (out / f"{name}.md").write_text(f"## {title}\n\n{body}\n")
         written.append(out / f"{name}.md")
     if "tex" in formats:
-        (out / f"{name}.tex").write_text(frame_to_latex(df, title, name))
+        (out / f"{name}.tex").write_text(frame_to_latex(df.drop(columns=list(tex_drop)), title, name))
         written.append(out / f"{name}.tex")
     return written
 
@@ -893,7 +938,7 @@ def build(o: Options) -> list[Path]:
     if len(summary):
         written += write_frame(summary, o.out, "paired", o.formats,
                                f"Paired comparisons ({label}; {round(100 * o.confidence)}% bootstrap CI, "
-                               f"Wilcoxon signed-rank over tasks)")
+                               f"Wilcoxon signed-rank over tasks)", tex_drop=["Sentence"])
         written += write_frame(per_task, o.out, "paired_tasks", o.formats,
                                f"Per-task paired differences ({label})")
         tex_tables += ["paired", "paired_tasks"]

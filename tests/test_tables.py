@@ -113,6 +113,8 @@ def test_metric_best_and_the_spread_over_seeds(tmp_path):
         c = g.mean_cell(tables.STRATA)
         assert c.mean == pytest.approx(mean) and c.n == 2
         assert c.std == pytest.approx(np.std([mean - 10, mean + 10], ddof=1))
+        s = tables.summarise(tables.records_frame(iter_records([tmp_path]), metric)).iloc[0]  # the frame API
+        assert s["average"] == pytest.approx(mean) and s["n_runs"] == 38 and s["average_n"] == 2
 
 
 def test_two_settings_of_one_method_are_two_rows_never_one_average(tmp_path):
