@@ -95,7 +95,10 @@ def _option_default(method: str, option: str) -> Any:
     from .methods import method_class
 
     try:
-        param = inspect.signature(method_class(method).__init__).parameters.get(option)
+        cls = method_class(method)
+        if hasattr(cls, "option_defaults"):  # every class in the MRO (Method.option_defaults)
+            return cls.option_defaults().get(option, inspect.Parameter.empty)
+        param = inspect.signature(cls.__init__).parameters.get(option)
     except (InputError, TypeError, ValueError):
         return inspect.Parameter.empty
     return inspect.Parameter.empty if param is None else param.default
@@ -329,7 +332,8 @@ def method_display(g_or_method: Group | str, record_label: str | None = None) ->
 
 
 def backbone_display(name: str, record_label: str | None = None) -> str:
-    return record_label or BACKBONE_LABELS.get(name, name)
+    """A backbone's name in tables and figures: the records' ``backbone_label``, else the paper's name."""
+    return record_label if record_label and record_label != name else BACKBONE_LABELS.get(name, name)
 
 
 def setting_suffix(g: Group) -> str:
