@@ -41,7 +41,7 @@ bench-train: $(STAMP)
 	$(PY) scripts/bench_training.py
 
 tables: $(STAMP)
-	$(PY) -m pyra_bench.tables --records results/runs --out results/tables
+	$(PY) -m pyra_bench.tables records=results/runs out=results/tables
 
 TASKS ?= all
 DATA_ROOT ?= data/vtab-1k

@@ -106,8 +106,13 @@ def read_record(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def iter_records(paths: Iterable[str | os.PathLike], status: str | None = "completed") -> list[dict[str, Any]]:
-    """Load every ``*.json`` record found in the given files/folders (recursively); skip temp files."""
-    out = []
+    """Load every ``*.json`` record found in the given files/folders (recursively); skip temp files.
+
+    A file that is not a run record (unreadable JSON, a JSON list, another schema) is never fatal and never
+    skipped silently: one ``UserWarning`` names and counts them."""
+    import warnings
+
+    out, bad = [], []
     for p in paths:
         p = Path(p)
         files = [p] if p.is_file() else sorted(p.rglob("*.json"))
@@ -116,9 +121,17 @@ def iter_records(paths: Iterable[str | os.PathLike], status: str | None = "compl
                 continue
             try:
                 rec = read_record(f)
-            except (ValueError, json.JSONDecodeError):
+            except AttributeError:  # valid JSON, but not an object
+                bad.append(f"{f} (not a JSON object)")
+                continue
+            except (OSError, ValueError) as e:  # unreadable, not JSON (JSONDecodeError), or another schema
+                why = str(e).removeprefix(f"{f}: ")
+                bad.append(f"{f} ({'not valid JSON: ' if isinstance(e, json.JSONDecodeError) else ''}{why})")
                 continue
             if status is None or rec.get("status") == status:
                 rec.setdefault("_path", str(f))
                 out.append(rec)
+    if bad:
+        warnings.warn(f"{len(bad)} file(s) that are not run records were not read: {'; '.join(bad[:20])}"
+                      + (f"; ... and {len(bad) - 20} more" if len(bad) > 20 else ""), stacklevel=2)
     return out

@@ -1,308 +1,983 @@
-"""``python -m pyra_bench.tables``: rebuild the paper's Tables 2-8 and Figures 2/4 from run records.
+"""``python -m pyra_bench.tables``: the paper's Tables 2-8 and Figures 2/4 from run records, beside the
+published numbers, plus every method and setting the records hold, and paired comparisons.
 
-The layout of every table (which rows, in which blocks, which columns) is read from the paper's own
-numbers, transcribed once into ``results/paper/paper_tables.csv`` (``scripts/transcribe_paper.py``), so
-each rebuilt table has the paper's rows and sits beside the published values:
+    python -m pyra_bench.tables records=results/runs out=results/tables          (conf/tables.yaml)
+    python -m pyra_bench.tables metric=best tables=[2,3] formats=[md,tex]
 
-* Tables 2-3: per-task columns, the three group means and "Average"; Tables 4-5: "Average";
-  Tables 6-8: Natural / Specialized / Structured / Average.
-* "Average" is computed as the paper computes it: the mean of the three group means (Natural 7 tasks,
-  Specialized 4, Structured 8), not the mean of the 19 tasks. A group (and so the Average) is missing
-  unless every task in it has a record: missing runs show as missing, never as zeros.
-* Accuracy is the records' ``test_top1`` (last epoch, the VTAB protocol) unless ``--metric best``
-  (the best evaluated epoch, the paper's convention; labelled in every output).
-* Several records for one cell (seeds) are averaged; "# params" and "Throughput" are means over tasks.
+**Rows.** One row per *group* of records: (backbone, method, the method's result-changing options
+(``method_options``; its ``method_key``), operating point, ``run_tag``). The paper's rows come first, in the
+paper's layout (``results/paper/paper_tables.csv``), each matched to the group with the same backbone,
+method, options and operating point and no run tag (the paper's ablation variants of Tables 6-8 are the
+option ``variant``). A group the paper does not have is a row of its own, marked "not in the paper", in
+the block of its backbone and operating point of Tables 2-5; a group at an operating point no paper table
+has goes to ``other_points``; records of tasks outside the 19 VTAB tasks to ``other_tasks`` (one section
+per task set, a block per backbone). Records differing in a result-changing option are never averaged.
 
-Tuning runs (``protocol=tuning``: train800 -> val200) never enter these tables; ``tuning.md|.csv`` lists
-their val200 top-1 per setting (``run_tag``) and task, and the best setting per task, for choosing the
-hyperparameters of the final runs.
+**Cells.** Mean +- sample standard deviation over seeds ("(n=k)" where a cell's seed count differs from
+the table's usual one). "Average" is the paper's: the mean of the three group means (Natural 7 tasks,
+Specialized 4, Structured 8); its spread (and the groups') is the std of the per-seed Averages, over the
+seeds that ran on every task. A group (and so the Average) is missing unless every task has a record:
+missing runs show as missing, never as zeros. Accuracy is the records' ``test_top1`` (last epoch, the VTAB
+protocol) unless ``metric=best`` (best evaluated epoch, the paper's convention; labelled everywhere).
 
-Outputs, per table: ``table<N>.md|.tex|.csv`` and ``table<N>_vs_paper.md|.csv`` (measured, paper,
-difference); figures ``fig_<backbone>.png|.pdf`` (accuracy versus throughput, one curve per method).
+**Outputs** (``out``): ``table<N>.md|tex|csv`` and ``table<N>_vs_paper.md|tex|csv`` (measured, paper,
+difference, "# params" and throughput included), ``other_points.*``, ``other_tasks.*``, ``paired.*`` and
+``paired_tasks.*`` (:mod:`pyra_bench.stats`), ``tuning.*`` (val200 top-1 of ``protocol=tuning`` runs, which
+never enter the other tables), ``tables.tex`` (a document that inputs every LaTeX table) and
+``fig_<backbone>.png|pdf`` (:mod:`pyra_bench.figures`).
 """
 
 from __future__ import annotations
 
-import argparse
+import functools
+import inspect
+import json
 import math
 import sys
-from collections.abc import Iterable
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import hydra
 import pandas as pd
+from omegaconf import DictConfig
 
+from . import paths
+from .data.tasks import GROUPS, VTAB_TASKS
+from .data.tasks import TASKS as TASK_REGISTRY
+from .errors import ConfigError, InputError, InputFileNotFoundError, exit_on_input_error
+from .latex import escape, frame_to_latex, latex_document, table_to_latex
 from .records import iter_records
+from .stats import mean_std, per_seed_means, stratified_mean
 
-TASKS = ["cifar100", "caltech101", "dtd", "oxford_flowers102", "oxford_pet", "svhn", "sun397",
-         "patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy",
-         "clevr_count", "clevr_dist", "dmlab", "kitti", "dsprites_loc", "dsprites_ori", "smallnorb_azi", "smallnorb_ele"]
-GROUPS = {"natural": TASKS[:7], "specialized": TASKS[7:11], "structured": TASKS[11:]}
-TASK_LABELS = ["Cifar100", "Caltech101", "DTD", "Flowers102", "Pets", "SVHN", "Sun397", "Camelyon", "EuroSAT",
-               "Resisc45", "Retinopathy", "Clevr-Count", "Clevr-Dist", "DMLab", "KITTI-Dist", "dSpr-Loc", "dSpr-Ori",
-               "sNORB-Azim", "sNORB-Ele"]
-METHOD_LABELS = {"peft": "PEFT", "rap": "RaP", "spvit": "SPViT", "diffrate": "DiffRate", "tome": "ToMe",
-                 "pyra": "PYRA"}
-VARIANT_LABELS = {"wr": "Plain W_r", "wr_sigmoid": "sigmoid & W_r", "wd": "Plain W_D", "wd_sigmoid": "sigmoid & W_D",
-                  "wrwd_plain": "Plain W_r & W_D", "direct": "W_{D x r}", "gated": "Gated"}
+TASKS: list[str] = list(VTAB_TASKS)
+TASK_LABELS: list[str] = [TASK_REGISTRY.get(t).display for t in TASKS]
+STRATA: list[list[str]] = [GROUPS[g] for g in ("natural", "specialized", "structured")]
+_STRATA_OF = {"natural": [GROUPS["natural"]], "specialized": [GROUPS["specialized"]],
+              "structured": [GROUPS["structured"]], "average": STRATA}
+TABLE_KIND = {"2": "tasks", "3": "tasks", "4": "average", "5": "average", "6": "groups", "7": "groups", "8": "groups"}
+FORMATS = ("md", "tex", "csv")
+METRICS = {"last": "test_top1", "best": "test_top1_best"}
+METRIC_LABELS = {"last": "last-epoch top-1 (VTAB protocol)", "best": "BEST evaluated epoch top-1 (paper's convention)"}
+NOT_IN_PAPER = "not in the paper"
+
+# -- the paper's own naming (mapping data for the paper's rows and old records, not a method table) ---------
+#: How the paper names its rows; used only where neither the method class nor the records name the method.
+PAPER_METHOD_LABELS = {"peft": "PEFT", "rap": "RaP", "spvit": "SPViT", "diffrate": "DiffRate", "tome": "ToMe",
+                       "pyra": "PYRA"}
+#: Tables 6-8 row labels, by the paper's ``variant`` column: (text, LaTeX).
+ABLATION_LABELS = {"wr": ("Plain W_r", r"Plain $W_r$"),
+                   "wr_sigmoid": ("σ(·) & W_r", r"$\sigma(\cdot)$ \& $W_r$"),
+                   "wd": ("Plain W_D", r"Plain $W_D$"),
+                   "wd_sigmoid": ("σ(·) & W_D", r"$\sigma(\cdot)$ \& $W_D$"),
+                   "wrwd_plain": ("Plain W_r & W_D", r"Plain $W_r$ \& $W_D$"),
+                   "direct": ("W_{D×r}", r"$W_{D \times r}^l$"),
+                   "gated": ("Gated", "Gated")}
+#: Display names of the paper's backbones, for records that do not carry ``backbone_label``.
 BACKBONE_LABELS = {"vit_b16_in21k": "ViT-B/16", "vit_l16_in21k": "ViT-L/16", "vit_s16_in21k": "ViT-S/16",
                    "vit_l16_mae": "ViT-L (MAE)", "vit_b16_mae": "ViT-B (MAE)", "deit_b16_distilled": "DeiT-B",
                    "deit_s16_distilled": "DeiT-S"}
-TABLE_KIND = {"2": "tasks", "3": "tasks", "4": "average", "5": "average", "6": "groups", "7": "groups", "8": "groups"}
-PAPER_CSV = Path(__file__).resolve().parent.parent / "results" / "paper" / "paper_tables.csv"
-KEY = ["backbone", "method", "variant", "schedule"]
 
 
-def _variant(method: str, variant) -> str:
-    if method == "pyra":
-        return variant if isinstance(variant, str) and variant else "full"
-    return ""
+# =============================================================================================================
+# Records -> groups
+# =============================================================================================================
+def _null(v: Any) -> bool:
+    return v is None or v in ("", "None", "null")
+
+
+@functools.cache
+def _option_default(method: str, option: str) -> Any:
+    """The default of one constructor option of a registered method (``inspect.Parameter.empty`` if none)."""
+    from .methods import method_class
+
+    try:
+        cls = method_class(method)
+        if hasattr(cls, "option_defaults"):  # every class in the MRO (Method.option_defaults)
+            return cls.option_defaults().get(option, inspect.Parameter.empty)
+        param = inspect.signature(cls.__init__).parameters.get(option)
+    except (InputError, TypeError, ValueError):
+        return inspect.Parameter.empty
+    return inspect.Parameter.empty if param is None else param.default
+
+
+def paper_options(method: str, variant: str | None) -> dict[str, Any]:
+    """The method options of a paper row (or an old record's ``variant``): ``{}`` for the method's default."""
+    if _null(variant) or variant == _option_default(method, "variant"):
+        return {}
+    return {"variant": variant}
+
+
+def _options_str(options: dict[str, Any]) -> str:
+    return json.dumps(options, sort_keys=True, default=str)
+
+
+def _run_tag(r: dict) -> str:
+    tag = r.get("run_tag", (r.get("config") or {}).get("run_tag"))
+    return "" if _null(tag) else str(tag)
+
+
+def record_key(r: dict) -> dict[str, Any]:
+    """A record's group: backbone, method, method_key, options, operating point, run_tag. Records from before
+    ``method_options`` existed fall back to their ``variant``."""
+    method = str(r.get("method"))
+    options = r.get("method_options")
+    if options is None:
+        options = paper_options(method, r.get("variant"))
+    key = r.get("method_key") or "-".join([method, *(str(v) for _, v in sorted(options.items()))])
+    return {"backbone": str(r.get("backbone")), "method": method, "method_key": str(key),
+            "options": _options_str(options), "schedule": str(r.get("schedule")), "run_tag": _run_tag(r)}
+
+
+KEY = ["backbone", "method", "method_key", "options", "schedule", "run_tag"]
+PAPER_KEY = ["backbone", "method", "options", "schedule", "run_tag"]  # what a paper row is matched on
+
+
+@dataclass
+class Cell:
+    """One table entry: mean, sample std and number of seeds (NaN / 0 when missing)."""
+
+    mean: float = math.nan
+    std: float = math.nan
+    n: int = 0
+
+    @property
+    def missing(self) -> bool:
+        return math.isnan(self.mean)
+
+
+@dataclass
+class Group:
+    """The records of one row: accuracies per task and seed, and the model's measured costs."""
+
+    backbone: str
+    method: str
+    method_key: str
+    options: str
+    schedule: str
+    run_tag: str
+    values: dict[str, dict[int, float]] = field(default_factory=dict)
+    groups_of: dict[str, str] = field(default_factory=dict)  # task -> task set (record "group")
+    method_label: str | None = None
+    backbone_label: str | None = None
+    params_pct: list[float] = field(default_factory=list)
+    method_params: list[float] = field(default_factory=list)
+    throughput: list[float] = field(default_factory=list)
+    gmacs: list[float] = field(default_factory=list)
+    weights: set[str] = field(default_factory=set)
+    devices: set[str] = field(default_factory=set)
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        return tuple(getattr(self, k) for k in KEY)
+
+    @property
+    def paper_key(self) -> tuple[str, ...]:
+        return tuple(getattr(self, k) for k in PAPER_KEY)
+
+    @property
+    def option_dict(self) -> dict[str, Any]:
+        return json.loads(self.options)
+
+    @property
+    def compressed(self) -> bool:
+        return self.schedule not in ("none", "None", "0")
+
+    def vtab(self) -> dict[str, dict[int, float]]:
+        return {t: v for t, v in self.values.items() if t in TASKS}
+
+    def cell(self, task: str) -> Cell:
+        return Cell(*mean_std(list(self.values.get(task, {}).values())))
+
+    def mean_cell(self, strata: Sequence[Sequence[str]]) -> Cell:
+        """The mean of stratum means (a VTAB group mean, the Average); spread over per-seed values."""
+        per_task = {t: self.cell(t).mean for s in strata for t in s}
+        seeds = per_seed_means(self.values, strata)
+        _, std, n = mean_std(list(seeds.values()))
+        return Cell(stratified_mean(per_task, strata), std, n)
+
+    def _mean(self, xs: list[float]) -> float:
+        return float(sum(xs) / len(xs)) if xs else math.nan
+
+    @property
+    def mean_params_pct(self) -> float:
+        return self._mean(self.params_pct)
+
+    @property
+    def mean_method_params(self) -> float:
+        return self._mean(self.method_params)
+
+    @property
+    def mean_throughput(self) -> float:
+        return self._mean(self.throughput)
+
+    @property
+    def mean_gmacs(self) -> float:
+        return self._mean(self.gmacs)
+
+
+def _num(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f
+
+
+FRAME_COLUMNS = [*KEY, "task", "seed", "acc", "group", "method_label", "backbone_label", "params_pct",
+                 "method_params", "throughput", "gmacs", "weights", "device", "path"]
+
+
+def _record_rows(records: Iterable[dict], metric: str) -> tuple[list[dict[str, Any]], list[str]]:
+    field_ = METRICS[metric]
+    rows, problems = [], []
+    for r in records:
+        if r.get("protocol", "final") != "final":
+            continue  # tuning runs: tuning_table
+        name = r.get("_path") or r.get("run_id") or "?"
+        if any(_null(r.get(k)) for k in ("task", "backbone", "method", "schedule")):
+            problems.append(f"{name} (no task/backbone/method/schedule)")
+            continue
+        acc = _num((r.get("metrics") or {}).get(field_))
+        if acc is None:
+            problems.append(f"{name} (no {field_})")
+            continue
+        params, tp = r.get("params") or {}, r.get("throughput") or {}
+        w = r.get("weights")
+        rows.append({**record_key(r), "task": str(r["task"]), "seed": int(r.get("seed") or 0), "acc": acc,
+                     "group": str(r.get("group") or "other"), "method_label": r.get("method_label"),
+                     "backbone_label": r.get("backbone_label"), "params_pct": _num(params.get("paper_pct")),
+                     "method_params": _num(params.get("method_paper")), "throughput": _num(tp.get("img_per_s")),
+                     "gmacs": _num((r.get("flops") or {}).get("gmacs")),
+                     "weights": None if w is None else json.dumps(w, sort_keys=True, default=str),
+                     "device": tp.get("device"), "path": name})
+    return rows, problems
 
 
 def records_frame(records: Iterable[dict], metric: str = "last") -> pd.DataFrame:
-    """One row per record: key, task, accuracy, # params %, throughput, GMACs."""
-    field = {"last": "test_top1", "best": "test_top1_best"}[metric]
-    rows = []
-    for r in records:
-        acc = (r.get("metrics") or {}).get(field)
-        if acc is None:
+    """One row per final-protocol record with an accuracy: its group key (:func:`record_key`), task, seed,
+    accuracy (``metric``), "# params", throughput, MACs."""
+    return pd.DataFrame(_record_rows(records, metric)[0], columns=FRAME_COLUMNS)
+
+
+def _group_rows(rows: Iterable[dict[str, Any]]) -> tuple[dict[tuple, Group], list[str]]:
+    groups: dict[tuple, Group] = {}
+    problems = []
+    for row in rows:
+        key = tuple(row[c] for c in KEY)
+        g = groups.get(key)
+        if g is None:
+            g = groups[key] = Group(**{c: row[c] for c in KEY})
+        task, seed = row["task"], int(row["seed"])
+        if seed in g.values.get(task, {}):
+            problems.append(f"{row['path']} (a second record of {task} seed {seed} in one row; the first is used)")
             continue
-        rows.append({"backbone": r.get("backbone"), "method": r.get("method"),
-                     "variant": _variant(r.get("method"), r.get("variant")), "schedule": str(r.get("schedule")),
-                     "task": r.get("task"), "acc": float(acc),
-                     "params_pct": (r.get("params") or {}).get("paper_pct"),
-                     "throughput": (r.get("throughput") or {}).get("img_per_s"),
-                     "gmacs": (r.get("flops") or {}).get("gmacs"), "seed": r.get("seed")})
-    return pd.DataFrame(rows, columns=[*KEY, "task", "acc", "params_pct", "throughput", "gmacs", "seed"])
+        g.values.setdefault(task, {})[seed] = float(row["acc"])
+        g.groups_of[task] = row["group"]
+        g.method_label = g.method_label or row["method_label"]
+        g.backbone_label = g.backbone_label or row["backbone_label"]
+        for attr in ("params_pct", "method_params", "throughput", "gmacs"):
+            if _num(row[attr]) is not None:
+                getattr(g, attr).append(float(row[attr]))
+        if row["weights"]:
+            g.weights.add(row["weights"])
+        if row["device"]:
+            g.devices.add(str(row["device"]))
+    return groups, problems
 
 
-def vtab_average(per_task: dict[str, float]) -> dict[str, float]:
-    """Group means (NaN if a task of the group is missing) and their mean, the paper's Average."""
-    out = {}
-    for g, tasks in GROUPS.items():
-        vals = [per_task.get(t) for t in tasks]
-        out[g] = float(sum(vals) / len(vals)) if all(v is not None and not math.isnan(v) for v in vals) else math.nan
-    gm = [out[g] for g in GROUPS]
-    out["average"] = float(sum(gm) / 3) if not any(math.isnan(v) for v in gm) else math.nan
-    return out
+def group_records(records: Iterable[dict], metric: str = "last") -> tuple[dict[tuple, Group], list[str]]:
+    """Final-protocol records with an accuracy, grouped by :func:`record_key` -> ({key: Group}, problems)."""
+    rows, problems = _record_rows(records, metric)
+    groups, more = _group_rows(rows)
+    return groups, problems + more
 
 
-def summarise(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (backbone, method, variant, schedule): per-task means, groups, Average, params, speed."""
-    rows = []
-    for key, g in df.groupby(KEY, dropna=False):
-        per_task = g.groupby("task")["acc"].mean().to_dict()
-        row = dict(zip(KEY, key))
-        row.update(per_task)
-        row.update(vtab_average(per_task))
-        row["n_tasks"] = sum(t in per_task for t in TASKS)
-        row["n_runs"] = len(g)
-        row["params_pct"] = g["params_pct"].mean()
-        row["throughput"] = g["throughput"].mean() if g["throughput"].notna().any() else math.nan
-        row["gmacs"] = g["gmacs"].mean() if g["gmacs"].notna().any() else math.nan
-        rows.append(row)
-    return pd.DataFrame(rows)
+def summarise(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per group of a :func:`records_frame`: the key, ``n_runs``, per-task means, the group means and
+    the Average (with ``average_std`` / ``average_n`` over per-seed Averages), "# params", throughput, MACs."""
+    groups, _ = _group_rows(frame.to_dict("records"))
+    out = []
+    for g in groups.values():
+        row: dict[str, Any] = {c: getattr(g, c) for c in KEY}
+        row["n_runs"] = sum(len(s) for s in g.values.values())
+        row.update({t: g.cell(t).mean for t in g.values})
+        for name, strata in _STRATA_OF.items():
+            c = g.mean_cell(strata)
+            row[name] = c.mean
+            if name == "average":
+                row["average_std"], row["average_n"] = c.std, c.n
+        row.update(params_pct=g.mean_params_pct, throughput=g.mean_throughput, gmacs=g.mean_gmacs)
+        out.append(row)
+    return pd.DataFrame(out)
 
 
-def load_paper(path: Path = PAPER_CSV) -> pd.DataFrame:
+# =============================================================================================================
+# Labels
+# =============================================================================================================
+def method_display(g_or_method: Group | str, record_label: str | None = None) -> str:
+    """The method's name in tables and figures: the class's ``display_name``, else the records'
+    ``method_label``, else the paper's name for it, else the registered name."""
+    from .methods import display_name
+
+    if isinstance(g_or_method, Group):
+        method, record_label = g_or_method.method, g_or_method.method_label
+    else:
+        method = g_or_method
+    fallback = record_label if record_label and record_label != method else PAPER_METHOD_LABELS.get(method)
+    return display_name(method, fallback)
+
+
+def backbone_display(name: str, record_label: str | None = None) -> str:
+    """A backbone's name in tables and figures: the records' ``backbone_label``, else the paper's name."""
+    return record_label if record_label and record_label != name else BACKBONE_LABELS.get(name, name)
+
+
+def setting_suffix(g: Group) -> str:
+    opts = ", ".join(f"{k}={v}" for k, v in sorted(g.option_dict.items()))
+    return (f" ({opts})" if opts else "") + (f" [{g.run_tag}]" if g.run_tag else "")
+
+
+# =============================================================================================================
+# Tables
+# =============================================================================================================
+@dataclass
+class Row:
+    label: str
+    label_tex: str
+    block: str = ""
+    backbone: str = ""
+    schedule: str = ""
+    cells: dict[str, Cell] = field(default_factory=dict)
+    text: dict[str, str] = field(default_factory=dict)    # shown as is ("# params", "Throughput", "Note")
+    costs: dict[str, float] = field(default_factory=dict)  # the numbers behind text columns (CSV)
+    ranked: bool = True          # takes part in the best / second-best marking of its block
+    in_paper: bool = True
+    group: Group | None = None
+    paper: dict[str, float] = field(default_factory=dict)  # the published numbers, by column key
+    marks: dict[str, str] = field(default_factory=dict)    # column -> "best" | "second"
+
+
+@dataclass
+class Table:
+    name: str
+    title: str
+    value_cols: list[tuple[str, str, int]]  # (key, label, decimals); ranked, higher is better
+    text_cols: list[str]                    # shown before the values ("# params", "Throughput")
+    rows: list[Row]
+    kind: str = "tasks"                     # tasks | average | groups (Tables 6-8: token-modulation # params)
+    wide: bool = False                      # LaTeX table* (full text width)
+    notes: list[str] = field(default_factory=list)
+
+    def mark_best(self) -> None:
+        """Bold the best and underline the second-best entry of each column within each block (by the value
+        as shown, so shown ties are marked alike)."""
+        for block in dict.fromkeys(r.block for r in self.rows):
+            rows = [r for r in self.rows if r.block == block and r.ranked]
+            for key, _, dec in self.value_cols:
+                present = [r for r in rows if not r.cells[key].missing]
+                if len(present) < 2:
+                    continue
+                vals = sorted({round(r.cells[key].mean, dec) for r in present}, reverse=True)
+                for r in present:
+                    v = round(r.cells[key].mean, dec)
+                    if v == vals[0]:
+                        r.marks[key] = "best"
+                    elif len(vals) > 1 and v == vals[1]:
+                        r.marks[key] = "second"
+
+    def usual_n(self) -> int:
+        counts = Counter(c.n for r in self.rows for c in r.cells.values() if c.n)
+        return counts.most_common(1)[0][0] if counts else 0
+
+    def seed_note(self) -> str:
+        n = self.usual_n()
+        ns = {c.n for r in self.rows for c in r.cells.values() if c.n}
+        if not ns:
+            return ""
+        base = "one seed per entry (no spread)" if n == 1 else f"mean ± std over {n} seeds"
+        return base + ("; (n=k): an entry over k seeds" if len(ns) > 1 else "") + \
+            "; group means and Average: spread of the per-seed values"
+
+
+def _value_cols(kind: str) -> list[tuple[str, str, int]]:
+    groups = [("natural", "Natural", 2), ("specialized", "Specialized", 2), ("structured", "Structured", 2)]
+    avg = [("average", "Average", 2)]
+    if kind == "tasks":
+        return [(t, lab, 1) for t, lab in zip(TASKS, TASK_LABELS)] + groups + avg
+    return groups + avg if kind == "groups" else avg
+
+
+def _fmt_pct(v: float) -> str:
+    return "—" if math.isnan(v) else f"{v:.2f}%"
+
+
+def _fmt_k(v: float) -> str:
+    return "—" if math.isnan(v) else ("0" if v == 0 else f"{v / 1000:.2f}K")
+
+
+def _fmt_int(v: float) -> str:
+    return "—" if math.isnan(v) else f"{round(v)}"
+
+
+def make_row(label: str, label_tex: str, g: Group | None, cols: list[tuple[str, str, int]], kind: str, *,
+             block: str = "", backbone: str = "", schedule: str = "", ranked: bool = True, in_paper: bool = True,
+             paper: dict[str, float] | None = None) -> Row:
+    """A table row: the cells of ``cols`` from the group's records (missing without records), the cost
+    columns, and how many tasks it covers."""
+    row = Row(label, label_tex, block, backbone, schedule, ranked=ranked, in_paper=in_paper, group=g,
+              paper=paper or {})
+    for key, _, _ in cols:
+        if g is None:
+            row.cells[key] = Cell()
+        elif key in _STRATA_OF:
+            row.cells[key] = g.mean_cell(_STRATA_OF[key])
+        elif key == "mean":  # other task sets: a plain mean over the set's tasks
+            row.cells[key] = g.mean_cell([[k for k, _, _ in cols if k != "mean"]])
+        else:
+            row.cells[key] = g.cell(key)
+    if kind == "groups":  # token-modulation parameters, in K as the paper reports them
+        row.costs["# params"] = (g.mean_method_params if g else math.nan) / 1000
+        row.costs["# params (paper)"] = row.paper.get("modulation_params", math.nan) / 1000
+        row.text["# params"] = _fmt_k(row.costs["# params"] * 1000)
+        row.text["# params (paper)"] = _fmt_k(row.costs["# params (paper)"] * 1000) if in_paper else ""
+    else:
+        row.costs["# params"] = g.mean_params_pct if g else math.nan
+        row.costs["Throughput"] = g.mean_throughput if g else math.nan
+        row.text["# params"] = _fmt_pct(row.costs["# params"])
+        row.text["Throughput"] = _fmt_int(row.costs["Throughput"])
+    tasks = TASKS if kind != "other" else [k for k, _, _ in cols if k != "mean"]
+    row.text["Tasks"] = f"{sum(t in g.values for t in tasks) if g else 0}/{len(tasks)}"
+    row.text["Note"] = "" if in_paper else NOT_IN_PAPER
+    return row
+
+
+def load_paper(path: Path | str = paths.PAPER_CSV) -> pd.DataFrame:
     p = pd.read_csv(path, dtype={"table": str}, keep_default_na=False)
     p["value"] = p["value"].astype(float)
     return p
 
 
-def _row_label(method: str, variant: str, backbone: str, table: str, main_backbone: str) -> str:
-    if table in ("6", "7", "8"):
-        return "Baseline (ToMe)" if method == "tome" else VARIANT_LABELS.get(variant, "PYRA")
-    label = METHOD_LABELS.get(method, method)
-    if backbone != main_backbone:
-        label += f"* ({BACKBONE_LABELS.get(backbone, backbone)})"
-    return label
+@dataclass(frozen=True)
+class PaperRow:
+    table: str
+    backbone: str
+    method: str
+    variant: str
+    schedule: str
+    values: dict[str, float]
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        """The :attr:`Group.paper_key` this row is matched to (no run tag: the plain setting)."""
+        return (self.backbone, self.method, _options_str(paper_options(self.method, self.variant)), self.schedule, "")
 
 
-def build_table(table: str, summary: pd.DataFrame, paper: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """-> (the table as the paper lays it out, the measured-vs-paper comparison)."""
-    pt = paper[paper["table"] == table]
+def paper_rows(paper: pd.DataFrame) -> dict[str, list[PaperRow]]:
+    out: dict[str, list[PaperRow]] = {}
+    for (table, bb, method, variant, sched), g in paper.groupby(["table", "backbone", "method", "variant",
+                                                                  "schedule"], sort=False):
+        out.setdefault(table, []).append(PaperRow(table, bb, method, variant, sched, dict(zip(g.column, g.value))))
+    return out
+
+
+def _blocks(rows: list[PaperRow]) -> list[tuple[str, str]]:
+    """(main backbone, operating point) of each paper row's block: an uncompressed row (PEFT, PEFT*) belongs
+    to the block of the compressed rows below it."""
+    return [next(((o.backbone, o.schedule) for o in rows[i:] if o.schedule != "none"), (r.backbone, r.schedule))
+            for i, r in enumerate(rows)]
+
+
+def _extra_label(g: Group, main: str, label_of: dict[str, str]) -> str:
+    name = method_display(g) + setting_suffix(g)
+    if g.backbone != main:
+        name += f"* ({backbone_display(g.backbone, label_of.get(g.backbone))})"
+    return name
+
+
+def _extra_row(g: Group, block: str, main: str, cols, kind: str, label_of: dict[str, str],
+               in_paper: bool = False) -> Row:
+    name = _extra_label(g, main, label_of)
+    return make_row(name, escape(name) + ("" if in_paper else r"$^\dagger$"), g, cols, kind, block=block,
+                    backbone=backbone_display(g.backbone, g.backbone_label), schedule=g.schedule,
+                    ranked=g.compressed, in_paper=in_paper)
+
+
+def build_paper_table(table: str, rows: list[PaperRow], groups: dict[tuple, Group],
+                      extras: dict[tuple[str, str], list[Group]], label: str) -> Table:
+    """Table ``table`` in the paper's layout, each extra group at the end of its block."""
     kind = TABLE_KIND[table]
-    value_cols = {"tasks": TASKS + list(GROUPS) + ["average"], "groups": list(GROUPS) + ["average"],
-                  "average": ["average"]}[kind]
-    order = pt.drop_duplicates(KEY)[KEY].values.tolist()
-    idx = {tuple(str(v) for v in k): r for k, r in
-           summary.set_index(KEY).iterrows()} if len(summary) else {}
-    out, cmp = [], []
-    for i, (bb, method, variant, schedule) in enumerate(order):
-        # A PEFT row heads its block; its "main" backbone is the compressed methods' one below it.
-        nxt = [o for o in order[i + 1:] if o[1] != "peft"]
-        main = nxt[0][0] if (method == "peft" and nxt) else bb
-        m = idx.get((bb, method, variant, schedule))
-        paper_row = pt[(pt.backbone == bb) & (pt.method == method) & (pt.variant == variant) & (pt.schedule == schedule)]
-        pv = dict(zip(paper_row.column, paper_row.value))
-        row = {"Block": BACKBONE_LABELS.get(main, main) if table in ("2", "3") else schedule,
-               "Method": _row_label(method, variant, bb, table, main),
-               "Backbone": BACKBONE_LABELS.get(bb, bb), "Schedule": schedule,
-               "# params": f"{m['params_pct']:.2f}%" if m is not None and not math.isnan(m["params_pct"] or math.nan) else "—",
-               "Throughput": round(m["throughput"]) if m is not None and not math.isnan(m["throughput"]) else "—"}
-        for c in value_cols:
-            v = m[c] if (m is not None and c in m.index) else math.nan
-            row[_col_label(c)] = v
-            if c in pv or c == "average":
-                cmp.append({"Method": row["Method"], "Backbone": row["Backbone"], "Schedule": schedule,
-                            "Column": _col_label(c), "measured": v, "paper": pv.get(c, math.nan),
-                            "diff": v - pv.get(c, math.nan)})
-        row["Tasks"] = f"{int(m['n_tasks'])}/19" if m is not None else "0/19"
-        out.append(row)
-    return pd.DataFrame(out), pd.DataFrame(cmp)
+    cols = _value_cols(kind)
+    by_paper = {g.paper_key: g for g in groups.values()}
+    label_of = {g.backbone: g.backbone_label for g in groups.values() if g.backbone_label}
+    blocks = _blocks(rows)
+    out: list[Row] = []
+    for i, (pr, (main, sched)) in enumerate(zip(rows, blocks)):
+        g = by_paper.get(pr.key)
+        name = method_display(g) if g is not None else method_display(pr.method)
+        if kind == "groups":  # Tables 6-8: the ablation's label; the first row is the paper's baseline
+            text, tex = ABLATION_LABELS.get(pr.variant, (None, None))
+            if text is None:
+                text = f"Baseline ({name})" if i == 0 else name
+                tex = escape(text)
+        else:
+            text = name if pr.backbone == main else \
+                f"{name}* ({backbone_display(pr.backbone, label_of.get(pr.backbone))})"
+            tex = escape(text)
+        block = backbone_display(main, label_of.get(main)) if table in ("2", "3") else (
+            sched if kind == "average" else "")
+        out.append(make_row(text, tex, g, cols, kind, block=block,
+                            backbone=backbone_display(pr.backbone, label_of.get(pr.backbone)),
+                            schedule=pr.schedule, ranked=pr.schedule != "none" or kind == "groups", paper=pr.values))
+        if kind != "groups" and (i + 1 == len(rows) or blocks[i + 1] != (main, sched)):
+            out += [_extra_row(eg, block, main, cols, kind, label_of) for eg in extras.get((main, sched), [])]
+    text_cols = ["# params", "# params (paper)"] if kind == "groups" else ["# params", "Throughput"]
+    t = Table(f"table{table}", f"Table {table} ({label})", cols, text_cols, out, kind=kind, wide=kind == "tasks")
+    if kind == "groups":
+        t.notes.append("# params: the token-modulation parameters only, as the paper reports them; ours beside "
+                       "the paper's")
+    if any(not r.in_paper for r in out):
+        t.notes.append(f"† / Note: {NOT_IN_PAPER} (a method or setting the paper does not report)")
+    return t
 
 
-def _col_label(c: str) -> str:
-    if c in TASKS:
-        return TASK_LABELS[TASKS.index(c)]
-    return c.capitalize()
+def place_extras(groups: dict[tuple, Group], prows: dict[str, list[PaperRow]]
+                 ) -> tuple[dict[str, dict[tuple[str, str], list[Group]]], list[Group]]:
+    """Groups the paper does not have -> ({table: {block: [groups]}} for Tables 2-5, the rest).
+
+    A compressed group goes to the blocks of its (backbone, operating point); an uncompressed one to the
+    first block of its backbone in each table."""
+    in_paper = {pr.key for rows in prows.values() for pr in rows}
+    placed: dict[str, dict[tuple[str, str], list[Group]]] = {}
+    rest = []
+    for g in sorted(groups.values(), key=lambda g: (not g.compressed, g.key)):
+        if g.paper_key in in_paper or not g.vtab():
+            continue
+        homes = []
+        for table, rows in prows.items():
+            if TABLE_KIND.get(table) in (None, "groups"):
+                continue
+            blocks = list(dict.fromkeys(_blocks(rows)))
+            hit = [b for b in blocks if b == (g.backbone, g.schedule)] if g.compressed else \
+                [b for b in blocks if b[0] == g.backbone][:1]
+            homes += [(table, b) for b in hit]
+        for table, b in homes:
+            placed.setdefault(table, {}).setdefault(b, []).append(g)
+        if not homes:
+            rest.append(g)
+    return placed, rest
 
 
-def _fmt(df: pd.DataFrame) -> pd.DataFrame:
-    return df.apply(lambda col: col.map(lambda v: "—" if isinstance(v, float) and math.isnan(v)
-                                        else (f"{v:.2f}" if isinstance(v, float) else v)))
+def other_points_table(rest: list[Group], groups: dict[tuple, Group], label: str) -> Table | None:
+    """Groups at operating points no paper table has: a block per (backbone, operating point), headed by the
+    backbone's uncompressed rows (PEFT) as reference."""
+    if not rest:
+        return None
+    cols = _value_cols("tasks")
+    label_of = {g.backbone: g.backbone_label for g in groups.values() if g.backbone_label}
+    in_rest = {g.key for g in rest}
+    rows: list[Row] = []
+    for bb in sorted({g.backbone for g in rest}):
+        refs = sorted((g for g in groups.values() if g.backbone == bb and not g.compressed and g.vtab()),
+                      key=lambda g: g.key)
+        points = sorted({g.schedule for g in rest if g.backbone == bb and g.compressed}) or ["none"]
+        for p in points:
+            block = f"{backbone_display(bb, label_of.get(bb))}, {p}"
+            members = refs + sorted((g for g in rest if g.backbone == bb and g.schedule == p and g.compressed),
+                                    key=lambda g: g.key)
+            rows += [_extra_row(g, block, bb, cols, "tasks", label_of, in_paper=g.key not in in_rest)
+                     for g in members]
+    t = Table("other_points", f"Operating points no paper table has ({label})", cols, ["# params", "Throughput"],
+              rows, kind="tasks", wide=True)
+    t.notes.append(f"† / Note: {NOT_IN_PAPER}")
+    return t
+
+
+def other_tasks_tables(groups: dict[tuple, Group], label: str) -> list[Table]:
+    """Records of tasks outside the 19 VTAB tasks: a table per task set (the records' ``group``), a block per
+    backbone, the set's tasks and their mean as columns."""
+    sets: dict[str, set[str]] = {}
+    for g in groups.values():
+        for t, s in g.groups_of.items():
+            if t not in TASKS:
+                sets.setdefault(s, set()).add(t)
+    out = []
+    for s in sorted(sets):
+        tasks = sorted(sets[s])
+        cols = [(t, TASK_REGISTRY.get(t).display if t in TASK_REGISTRY else t, 1) for t in tasks] + [("mean", "Mean", 2)]
+        members = sorted((g for g in groups.values() if any(t in g.values for t in tasks)),
+                         key=lambda g: (g.backbone, g.compressed, g.schedule, g.key))
+        rows = []
+        for g in members:
+            name = method_display(g) + setting_suffix(g)
+            bb = backbone_display(g.backbone, g.backbone_label)
+            rows.append(make_row(name, escape(name), g, cols, "other", block=bb, backbone=bb, schedule=g.schedule,
+                                 ranked=g.compressed))
+            rows[-1].text["Note"] = ""
+        t = Table(f"other_tasks_{s}", f"Tasks outside VTAB-1k, task set {s!r} ({label})", cols,
+                  ["# params", "Throughput"], rows, kind="other", wide=len(cols) > 8)
+        t.notes.append("Mean: the mean over the set's tasks (missing unless every task has a record)")
+        out.append(t)
+    return out
+
+
+def vs_paper(table: Table) -> pd.DataFrame:
+    """Measured beside published, per paper row and column: the values, "# params" and throughput."""
+    out = []
+    for r in table.rows:
+        if not r.in_paper:
+            continue
+        base = {"Method": r.label, "Backbone": r.backbone, "Schedule": r.schedule}
+
+        def add(col: str, m: float, std: float, n: int, p: float, base: dict = base) -> None:
+            out.append({**base, "Column": col, "measured": m, "std": std, "n": n, "paper": p, "diff": m - p})
+
+        for key, lab, _ in table.value_cols:
+            if key in r.paper or key == "average":
+                c = r.cells[key]
+                add(lab, c.mean, c.std, c.n, r.paper.get(key, math.nan))
+        g = r.group
+        if table.kind == "groups":
+            add("# params (K)", (g.mean_method_params if g else math.nan) / 1000, math.nan,
+                len(g.method_params) if g else 0, r.paper.get("modulation_params", math.nan) / 1000)
+        else:
+            add("# params (%)", g.mean_params_pct if g else math.nan, math.nan, len(g.params_pct) if g else 0,
+                r.paper.get("params_pct", math.nan))
+            add("Throughput", g.mean_throughput if g else math.nan, math.nan, len(g.throughput) if g else 0,
+                r.paper.get("throughput", math.nan))
+    return pd.DataFrame(out, columns=["Method", "Backbone", "Schedule", "Column", "measured", "std", "n", "paper",
+                                      "diff"])
+
+
+# =============================================================================================================
+# Paired comparisons
+# =============================================================================================================
+def paired_comparisons(groups: dict[tuple, Group], reference: str | None, also: dict[str, list[str]],
+                       resample: str = "seeds", n_resamples: int = 10000, confidence: float = 0.95,
+                       seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Each row against its references (:mod:`pyra_bench.stats`) -> (summary frame, per-task frame).
+
+    References of a row: ``reference`` and the methods in ``also[<the row's method>]``, each with its default
+    options, at the row's backbone and operating point (the row's run tag if such records exist, else none);
+    a reference without records there is taken uncompressed (PEFT). Only VTAB tasks take part."""
+    from .stats import compare
+
+    by_paper = {g.paper_key: g for g in groups.values() if g.vtab()}
+
+    def find(g: Group, method: str) -> Group | None:
+        for sched in dict.fromkeys((g.schedule, "none")):
+            for tag in dict.fromkeys((g.run_tag, "")):
+                ref = by_paper.get((g.backbone, method, "{}", sched, tag))
+                if ref is not None:
+                    return ref
+        return None
+
+    summary, per_task = [], []
+    for g in sorted(by_paper.values(), key=lambda g: g.key):
+        for ref_method in dict.fromkeys(([reference] if reference else []) + list(also.get(g.method, []))):
+            ref = find(g, ref_method)
+            if ref is None or ref is g or (ref.compressed and not g.compressed):
+                continue
+            res = compare(g.vtab(), ref.vtab(), STRATA, resample, n_resamples, confidence, seed)
+            if res.n_tasks == 0:
+                continue
+            a, b = method_display(g) + setting_suffix(g), method_display(ref) + setting_suffix(ref)
+            what = "Average" if res.n_tasks == len(TASKS) else f"mean of {res.n_tasks} tasks"
+            lo, hi = res.ci
+            bb = backbone_display(g.backbone, g.backbone_label)
+            ci = f"[{lo:+.2f}, {hi:+.2f}]" if not math.isnan(lo) else "[no CI]"
+            sentence = (f"{a} − {b} ({bb}, {g.schedule}): {res.difference:+.2f} {ci} on the {what}, "
+                        f"better on {res.better} of {res.n_tasks} tasks (Wilcoxon p = {res.wilcoxon_p:.3g})")
+            head = {"Backbone": bb, "Operating point": g.schedule, "Comparison": f"{a} − {b}"}
+            summary.append({**head, "Over": what, "Difference": res.difference, "CI low": lo, "CI high": hi,
+                            "CI over": res.basis, "Better on": res.better, "Worse on": res.worse,
+                            "Tasks": res.n_tasks, "Wilcoxon p": res.wilcoxon_p,
+                            "Seeds": f"{_seed_range(res.seeds_a)} vs {_seed_range(res.seeds_b)}",
+                            "Sentence": sentence})
+            per_task.append({**head, **{lab: res.per_task.get(t, math.nan) for t, lab in zip(TASKS, TASK_LABELS)}})
+    cols = ["Backbone", "Operating point", "Comparison", "Over", "Difference", "CI low", "CI high", "CI over",
+            "Better on", "Worse on", "Tasks", "Wilcoxon p", "Seeds", "Sentence"]
+    return (pd.DataFrame(summary, columns=cols),
+            pd.DataFrame(per_task, columns=["Backbone", "Operating point", "Comparison", *TASK_LABELS]))
+
+
+def _seed_range(counts: dict[str, int]) -> str:
+    """Seeds per task of one side of a comparison: "3", or "2-3" where tasks differ."""
+    ns = sorted(set(counts.values()))
+    return f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
+
+# =============================================================================================================
+# Tuning runs
+# =============================================================================================================
+TUNING_KEY = ["backbone", "method_key", "schedule"]
 
 
 def tuning_table(records: Iterable[dict]) -> pd.DataFrame:
-    """val200 top-1 of the tuning runs: one row per (backbone, method, variant, schedule, run_tag), one
-    column per task (seeds averaged), and a ``best`` row per (backbone, method, variant, schedule) naming
-    the best tag of each task."""
+    """val200 top-1 of the tuning runs: one row per (backbone, method_key, schedule, run_tag), one column per
+    task (seeds averaged), and a ``best`` row per (backbone, method_key, schedule) naming the best tag of
+    each task."""
     rows = []
     for r in records:
-        acc = (r.get("metrics") or {}).get("val_top1")
+        acc = _num((r.get("metrics") or {}).get("val_top1"))
         if r.get("protocol") != "tuning" or acc is None:
             continue
-        rows.append({"backbone": r.get("backbone"), "method": r.get("method"),
-                     "variant": _variant(r.get("method"), r.get("variant")), "schedule": str(r.get("schedule")),
-                     "run_tag": str((r.get("config") or {}).get("run_tag") or "-"), "task": r.get("task"),
-                     "acc": float(acc)})
+        k = record_key(r)
+        rows.append({**{c: k[c] for c in TUNING_KEY}, "run_tag": k["run_tag"] or "-", "task": r.get("task"),
+                     "acc": acc})
     if not rows:
-        return pd.DataFrame(columns=[*KEY, "run_tag"])
+        return pd.DataFrame(columns=[*TUNING_KEY, "run_tag"])
     df = pd.DataFrame(rows)
-    wide = df.pivot_table(index=[*KEY, "run_tag"], columns="task", values="acc", aggfunc="mean")
+    wide = df.pivot_table(index=[*TUNING_KEY, "run_tag"], columns="task", values="acc", aggfunc="mean")
     wide = wide[[t for t in TASKS + sorted(set(wide.columns) - set(TASKS)) if t in wide.columns]]
     out = []
-    for key, g in wide.groupby(level=list(range(len(KEY))), sort=True):
+    for key, g in wide.groupby(level=list(range(len(TUNING_KEY))), sort=True):
         block = g.reset_index()
         out.append(block)
-        best = {c: block.loc[block[c].idxmax(), "run_tag"] if block[c].notna().any() else None
-                for c in g.columns}
-        out.append(pd.DataFrame([{**dict(zip(KEY, key)), "run_tag": "best", **best}]))
+        best = {c: block.loc[block[c].idxmax(), "run_tag"] if block[c].notna().any() else None for c in g.columns}
+        out.append(pd.DataFrame([{**dict(zip(TUNING_KEY, key)), "run_tag": "best", **best}]))
     return pd.concat(out, ignore_index=True)
 
 
-def write_table(df: pd.DataFrame, out: Path, name: str, formats: set[str], title: str) -> list[Path]:
+# =============================================================================================================
+# Writing
+# =============================================================================================================
+def _fmt_cell(c: Cell, dec: int, usual_n: int) -> str:
+    if c.missing:
+        return "—"
+    s = f"{c.mean:.{dec}f}" + ("" if math.isnan(c.std) else f" ± {c.std:.{dec}f}")
+    return s + (f" (n={c.n})" if c.n != usual_n else "")
+
+
+def table_frame(t: Table) -> pd.DataFrame:
+    """The machine-readable table: numbers as numbers (the mean, then "<column> std" and "<column> n"; "# params"
+    in % of the backbone, or in K for Tables 6-8)."""
+    out = []
+    for r in t.rows:
+        g = r.group
+        row = {"Block": r.block, "Method": r.label, "Backbone": r.backbone, "Schedule": r.schedule,
+               "Method key": g.method_key if g else "", "Options": g.options if g else "",
+               "Run tag": g.run_tag if g else "", **{c: r.costs.get(c, math.nan) for c in t.text_cols}}
+        for key, lab, _ in t.value_cols:
+            c = r.cells[key]
+            row[lab], row[f"{lab} std"], row[f"{lab} n"] = c.mean, c.std, c.n
+        row["Tasks"], row["Note"] = r.text.get("Tasks", ""), r.text.get("Note", "")
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def to_markdown(t: Table) -> str:
+    """Markdown: mean ± std per entry, **best** and _second best_ per block, notes below."""
+    n = t.usual_n()
+    rows = []
+    for r in t.rows:
+        row = {"Block": r.block, "Method": r.label, **{c: r.text.get(c, "") for c in t.text_cols}}
+        for key, lab, dec in t.value_cols:
+            s = _fmt_cell(r.cells[key], dec, n)
+            mark = r.marks.get(key)
+            row[lab] = f"**{s}**" if mark == "best" else (f"_{s}_" if mark == "second" else s)
+        row["Tasks"], row["Note"] = r.text.get("Tasks", ""), r.text.get("Note", "")
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if len(df) and not (df["Block"] != "").any():
+        df = df.drop(columns="Block")
+    notes = [x for x in [t.seed_note(), "**best** and _second best_ within each block (compressed rows)", *t.notes] if x]
+    body = df.to_markdown(index=False) if len(df) else "(no rows)"
+    return f"## {t.title}\n\n{body}\n\n" + "\n".join(f"- {x}" for x in notes) + "\n"
+
+
+def write_frame(df: pd.DataFrame, out: Path, name: str, formats: set[str], title: str,
+                tex_drop: Sequence[str] = ()) -> list[Path]:
+    """A plain frame (vs-paper, paired, tuning) as CSV / Markdown / LaTeX (without the ``tex_drop`` columns)."""
     out.mkdir(parents=True, exist_ok=True)
-    paths = []
+    written = []
     if "csv" in formats:
         df.to_csv(out / f"{name}.csv", index=False)
-        paths.append(out / f"{name}.csv")
+        written.append(out / f"{name}.csv")
     if "md" in formats:
-        (out / f"{name}.md").write_text(f"## {title}\n\n" + _fmt(df).to_markdown(index=False) + "\n")
-        paths.append(out / f"{name}.md")
+        body = df.to_markdown(index=False, floatfmt=".2f") if len(df) else "(no rows)"
+        (out / f"{name}.md").write_text(f"## {title}\n\n{body}\n")
+        written.append(out / f"{name}.md")
     if "tex" in formats:
-        tex = _fmt(df).to_latex(index=False, escape=True, caption=title, column_format="l" * len(df.columns))
-        tex = tex.replace("\\toprule", "\\toprule").replace("\\hline", "")
-        (out / f"{name}.tex").write_text(tex)
-        paths.append(out / f"{name}.tex")
-    return paths
+        (out / f"{name}.tex").write_text(frame_to_latex(df.drop(columns=list(tex_drop)), title, name))
+        written.append(out / f"{name}.tex")
+    return written
 
 
-def draw_figures(summary: pd.DataFrame, out: Path) -> list[Path]:
-    """Accuracy vs throughput (or vs GMACs when no throughput was measured), one curve per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    if summary.empty:
-        return paths
-    for bb, g in summary.groupby("backbone"):
-        y = g["average"].where(g["average"].notna(), g[[t for t in TASKS + ["digits"] if t in g.columns]].mean(axis=1))
-        g = g.assign(_y=y)
-        curves = g[g["method"] != "peft"].groupby(["method", "variant"])
-        if not any(len(c) >= 2 for _, c in curves):
-            print(f"[tables] figure for {bb}: skipped (no method has records at two or more compression rates)")
+def write_table(t: Table, out: Path, formats: set[str]) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fmt, render in (("csv", None), ("md", to_markdown), ("tex", table_to_latex)):
+        if fmt not in formats:
             continue
-        use_tp = g["throughput"].notna().all()
-        xcol, xlabel = ("throughput", "throughput (img/s)") if use_tp else ("gmacs", "GMACs per image (lower is faster)")
-        complete = g["average"].notna().all()
-        fig, ax = plt.subplots(figsize=(5.5, 4))
-        for (method, variant), c in curves:
-            c = c.sort_values(xcol)
-            label = METHOD_LABELS.get(method, method) + (f" ({variant})" if variant not in ("", "full") else "")
-            ax.plot(c[xcol], c["_y"], marker="o", label=label)
-        for _, r in g[g["method"] == "peft"].iterrows():
-            ax.scatter([r[xcol]], [r["_y"]], marker="*", s=120, color="k", label="PEFT (uncompressed)")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("VTAB-1k average top-1 (%)" if complete else "mean top-1 over available tasks (%)")
-        ax.set_title(BACKBONE_LABELS.get(bb, bb))
-        if not use_tp:
-            ax.invert_xaxis()
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        for ext in ("png", "pdf"):
-            p = out / f"fig_{bb}.{ext}"
-            fig.savefig(p, dpi=150)
-            paths.append(p)
-        plt.close(fig)
-    return paths
+        path = out / f"{t.name}.{fmt}"
+        if render is None:
+            table_frame(t).to_csv(path, index=False)
+        else:
+            path.write_text(render(t))
+        written.append(path)
+    return written
+
+# =============================================================================================================
+# The command
+# =============================================================================================================
+def _as_list(v: Any) -> list:
+    if v is None:
+        return []
+    if isinstance(v, (str, int, float)):
+        return [v]
+    return list(v)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pyra_bench.tables", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--records", nargs="+", default=["results/runs"], help="run-record files or folders")
-    ap.add_argument("--out", default="results/tables", help="output folder")
-    ap.add_argument("--tables", default="2,3,4,5,6,7,8", help="comma-separated table numbers")
-    ap.add_argument("--metric", choices=["last", "best"], default="last",
-                    help="last epoch (VTAB protocol, default) or best evaluated epoch (the paper's convention)")
-    ap.add_argument("--format", default="md,tex,csv", help="comma-separated: md, tex, csv")
-    ap.add_argument("--paper", default=str(PAPER_CSV), help="the paper's numbers (CSV)")
-    ap.add_argument("--no-figures", action="store_true")
-    a = ap.parse_args(argv)
-    tables = [s.strip() for s in a.tables.split(",") if s.strip()]
-    for t in tables:
-        if t not in TABLE_KIND:
-            ap.error(f"unknown table {t!r}; valid choices: {', '.join(TABLE_KIND)}")
-    formats = {f.strip() for f in a.format.split(",") if f.strip()}
-    if not formats or formats - {"md", "tex", "csv"}:
-        ap.error(f"unknown format(s) {', '.join(sorted(formats - {'md', 'tex', 'csv'})) or '(none)'}; valid choices: md, tex, csv")
-    if not Path(a.paper).is_file():
-        ap.error(f"the paper's numbers are missing: {a.paper} (rebuild with scripts/transcribe_paper.py)")
-    for r in a.records:
+@dataclass(frozen=True)
+class Options:
+    records: list[str]
+    out: Path
+    tables: list[str]
+    metric: str
+    formats: set[str]
+    paper: Path
+    figures: bool
+    reference: str | None
+    also: dict[str, list[str]]
+    resample: str
+    n_resamples: int
+    confidence: float
+    seed: int
+
+
+def check_options(cfg: Any) -> Options:
+    """Validate the config before anything is read or written (:class:`~pyra_bench.errors.ConfigError`)."""
+    from .stats import RESAMPLING
+
+    tables = [str(t).strip() for t in _as_list(cfg.get("tables"))]
+    bad = [t for t in tables if t not in TABLE_KIND]
+    if bad or not tables:
+        raise ConfigError(f"unknown table {bad[0]!r}; valid choices: {', '.join(TABLE_KIND)}" if bad else
+                          f"tables= is empty; valid choices: {', '.join(TABLE_KIND)}")
+    formats = {str(f).strip() for f in _as_list(cfg.get("formats"))}
+    if not formats or formats - set(FORMATS):
+        raise ConfigError(f"unknown format(s) {', '.join(sorted(formats - set(FORMATS))) or '(none)'}; "
+                          f"valid choices: {', '.join(FORMATS)}")
+    metric = str(cfg.get("metric"))
+    if metric not in METRICS:
+        raise ConfigError(f"unknown metric {metric!r}; valid choices: {', '.join(METRICS)}")
+    paper = Path(cfg.get("paper") or paths.PAPER_CSV)
+    if not paper.is_file():
+        raise InputFileNotFoundError(f"the paper's numbers are missing: {paper} (rebuild with "
+                                     f"scripts/transcribe_paper.py, or set paper=<csv>)")
+    p = cfg.get("paired") or {}
+    resample = str(p.get("resample", "seeds"))
+    if resample not in RESAMPLING:
+        raise ConfigError(f"unknown paired.resample {resample!r}; valid choices: {', '.join(RESAMPLING)}")
+    confidence = float(p.get("confidence", 0.95))
+    if not 0 < confidence < 1:
+        raise ConfigError(f"paired.confidence must be between 0 and 1 (e.g. 0.95), got {confidence}")
+    n_resamples = int(p.get("n_resamples", 10000))
+    if n_resamples < 100:
+        raise ConfigError(f"paired.n_resamples must be at least 100, got {n_resamples}")
+    also = {str(k): [str(x) for x in _as_list(v)] for k, v in dict(p.get("also") or {}).items()}
+    records = [str(r) for r in _as_list(cfg.get("records"))]
+    if not records:
+        raise ConfigError("records= is empty; give a folder or file of run records, e.g. records=results/runs")
+    return Options(records, Path(str(cfg.get("out"))), tables, metric, formats, paper, bool(cfg.get("figures", True)),
+                   None if _null(p.get("reference")) else str(p.get("reference")), also, resample, n_resamples,
+                   confidence, int(p.get("seed", 0)))
+
+
+def _warn(msg: str) -> None:
+    print(f"[tables] warning: {msg}", file=sys.stderr)
+
+
+def build(o: Options) -> list[Path]:
+    """Everything ``python -m pyra_bench.tables`` writes, for validated options; returns the files."""
+    for r in o.records:
         if not Path(r).exists():
-            print(f"[tables] warning: {r} does not exist; no records read from it", file=sys.stderr)
-    recs = iter_records(a.records)
-    df = records_frame(recs, a.metric)
-    summary = summarise(df)
-    paper = load_paper(Path(a.paper))
-    out = Path(a.out)
-    label = "last-epoch top-1 (VTAB protocol)" if a.metric == "last" else "BEST evaluated epoch top-1 (paper's convention)"
-    print(f"[tables] {len(recs)} records, {len(df)} with accuracy; metric: {label}")
-    devices = sorted({(r.get("throughput") or {}).get("device") for r in recs} - {None})
+            _warn(f"{r} does not exist; no records read from it")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        recs = iter_records(o.records)
+    for w in caught:
+        _warn(str(w.message))
+    groups, problems = group_records(recs, o.metric)
+    if problems:
+        _warn(f"{len(problems)} record(s) left out of the tables: {'; '.join(problems[:10])}"
+              + (" ..." if len(problems) > 10 else ""))
+    label = METRIC_LABELS[o.metric]
+    print(f"[tables] {len(recs)} records, {sum(len(s) for g in groups.values() for s in g.values.values())} with "
+          f"accuracy, in {len(groups)} rows; metric: {label}")
+    devices = sorted({d for g in groups.values() for d in g.devices})
     if len(devices) > 1:
-        print(f"[tables] warning: throughput was measured on {len(devices)} devices ({'; '.join(devices)}); the "
-              f"columns mix them. Measure every run on one device: python -m pyra_bench.bench "
-              f"bench.run='outputs/runs/*' bench.device=cuda", file=sys.stderr)
-    for t in tables:
-        table, cmp = build_table(t, summary, paper)
-        filled = int(table["Average"].notna().sum()) if "Average" in table else 0
-        title = f"Table {t} ({label})"
-        write_table(table, out, f"table{t}", formats, title)
-        write_table(cmp, out, f"table{t}_vs_paper", formats & {"md", "csv"}, f"Table {t}: measured vs paper ({label})")
-        print(f"[tables] table {t}: {len(table)} rows, {filled} with a complete Average -> {out}/table{t}.*")
+        _warn(f"throughput was measured on {len(devices)} devices ({'; '.join(devices)}); the columns mix them. "
+              f"Measure every run on one device: python -m pyra_bench.bench bench.run='outputs/runs/*' bench.device=cuda")
+    for g in groups.values():
+        if len(g.weights) > 1:
+            _warn(f"row {g.method_key} / {g.backbone} / {g.schedule} mixes backbone weights: {', '.join(sorted(g.weights))}")
+    prows = paper_rows(load_paper(o.paper))
+    extras, rest = place_extras(groups, prows)
+    written: list[Path] = []
+    tex_tables: list[str] = []
+    for t in o.tables:
+        table = build_paper_table(t, prows[t], groups, extras.get(t, {}), label)
+        table.mark_best()
+        written += write_table(table, o.out, o.formats)
+        written += write_frame(vs_paper(table), o.out, f"{table.name}_vs_paper", o.formats,
+                               f"Table {t}: measured vs paper ({label})")
+        tex_tables += [table.name, f"{table.name}_vs_paper"]
+        n_extra = sum(not r.in_paper for r in table.rows)
+        filled = sum(not r.cells["average"].missing for r in table.rows)
+        print(f"[tables] table {t}: {len(table.rows)} rows ({n_extra} not in the paper), {filled} with a complete "
+              f"Average -> {o.out}/{table.name}.*")
+    for table in [other_points_table(rest, groups, label), *other_tasks_tables(groups, label)]:
+        if table is None:
+            continue
+        table.mark_best()
+        written += write_table(table, o.out, o.formats)
+        tex_tables.append(table.name)
+        print(f"[tables] {table.name}: {len(table.rows)} rows -> {o.out}/{table.name}.*")
+    summary, per_task = paired_comparisons(groups, o.reference, o.also, o.resample, o.n_resamples, o.confidence,
+                                           o.seed)
+    if len(summary):
+        written += write_frame(summary, o.out, "paired", o.formats,
+                               f"Paired comparisons ({label}; {round(100 * o.confidence)}% bootstrap CI, "
+                               f"Wilcoxon signed-rank over tasks)", tex_drop=["Sentence"])
+        written += write_frame(per_task, o.out, "paired_tasks", o.formats,
+                               f"Per-task paired differences ({label})")
+        tex_tables += ["paired", "paired_tasks"]
+        for s in summary["Sentence"]:
+            print(f"[tables] {s}")
     tuning = tuning_table(recs)
     if len(tuning):
-        write_table(tuning, out, "tuning", formats & {"md", "csv"}, "Tuning runs: val200 top-1 (train800 -> val200)")
-        print(f"[tables] tuning: {int((tuning['run_tag'] != 'best').sum())} settings -> {out}/tuning.*")
-    if not a.no_figures:
-        for p in draw_figures(summary, out):
+        written += write_frame(tuning, o.out, "tuning", o.formats & {"md", "csv"},
+                               "Tuning runs: val200 top-1 (train800 -> val200)")
+        print(f"[tables] tuning: {int((tuning['run_tag'] != 'best').sum())} settings -> {o.out}/tuning.*")
+    if "tex" in o.formats and tex_tables:
+        (o.out / "tables.tex").write_text(latex_document(tex_tables))
+        written.append(o.out / "tables.tex")
+    if o.figures:
+        from .figures import draw_figures
+
+        for p in draw_figures(list(groups.values()), o.out, label):
             print(f"[tables] figure -> {p}")
-    return 0
+            written.append(p)
+    return written
+
+
+def run(cfg: Any) -> list[Path]:
+    """Check the config, then build (what the Hydra entry point calls; tests call it with a composed config)."""
+    return build(check_options(cfg))
+
+
+@hydra.main(version_base="1.3", config_path=str(paths.CONF_DIR), config_name="tables")
+def main(cfg: DictConfig) -> None:
+    """``python -m pyra_bench.tables [key=value ...]`` (``pyra-tables``): see ``conf/tables.yaml``."""
+    try:
+        run(cfg)
+    except InputError as e:
+        exit_on_input_error(e, "python -m pyra_bench.tables")
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

@@ -1,43 +1,76 @@
-"""The aggregator, fed the paper's own per-task numbers, must reproduce the paper's printed Averages."""
+"""Tables from run records: the paper's numbers reproduce its printed Averages, every setting the records hold
+is a row of its own (mean +- std over seeds), and the outputs (Markdown, CSV, LaTeX, the CLI) are right."""
+
+from __future__ import annotations
 
 import math
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+from hydra import compose, initialize_config_dir
 
-from pyra_bench import tables
+from pyra_bench import paths, tables
+from pyra_bench.errors import InputError
 from pyra_bench.records import iter_records, write_record
+from pyra_bench.stats import stratified_mean
 
-PAPER_TXT = Path(__file__).resolve().parents[2] / "shared" / "paper" / "pyra_eccv2024.txt"
+ROOT = Path(__file__).resolve().parents[1]
+PAPER_TXT = next((p / "shared" / "paper" / "pyra_eccv2024.txt" for p in ROOT.parents
+                  if (p / "shared" / "paper" / "pyra_eccv2024.txt").exists()), ROOT / "missing")
+BB = "vit_b16_in21k"
 
 
 def _paper():
     return tables.load_paper()
 
 
-def _write_paper_as_records(tmp_path, table, metric_field="test_top1", drop=()):
+def _tables(records, out, *overrides):
+    with initialize_config_dir(config_dir=str(paths.CONF_DIR), version_base="1.3"):
+        cfg = compose("tables", overrides=[f"records={records}", f"out={out}", "figures=false",
+                                           "paired.n_resamples=500", *overrides])
+    return tables.run(cfg)
+
+
+def _rec(folder, task, acc, method="tome", schedule="high", seed=0, backbone=BB, **extra):
+    rid = "__".join([task, backbone, extra.get("method_key", method), str(extra.get("variant")), schedule,
+                     f"seed{seed}", str(extra.get("run_tag") or "")])
+    return write_record(folder, {"run_id": rid, "status": "completed", "task": task, "backbone": backbone,
+                                 "method": method, "schedule": schedule, "seed": seed,
+                                 "metrics": {"test_top1": acc}, **extra})
+
+
+def _write_paper_as_records(folder, table, drop=()):
     p = _paper()
     pt = p[(p.table == table) & p.column.isin(tables.TASKS)]
     n = 0
-    for (bb, method, variant, schedule), g in pt.groupby(tables.KEY):
+    for (bb, method, variant, schedule), g in pt.groupby(["backbone", "method", "variant", "schedule"]):
         for _, r in g.iterrows():
             if (bb, method, r.column) in drop:
                 continue
-            write_record(tmp_path, {"run_id": f"{r.column}__{bb}__{method}-{variant}__{schedule}", "status": "completed",
-                                    "task": r.column, "backbone": bb, "method": method, "variant": variant or None,
-                                    "schedule": schedule, "seed": 0, "metrics": {metric_field: r.value},
-                                    "params": {"paper_pct": 0.34}})
+            # records from before method_options existed: the old "variant" field
+            _rec(folder, r.column, r.value, method, schedule, backbone=bb, variant=variant or None,
+                 method_key=f"{method}-{variant}", params={"paper_pct": 0.34})
             n += 1
     return n
+
+
+def _row(df, method, backbone="ViT-B/16"):
+    rows = df[(df.Method == method) & (df.Backbone == backbone)]
+    assert len(rows) == 1, (method, backbone, df[["Method", "Backbone"]])
+    return rows.iloc[0]
 
 
 @pytest.mark.parametrize("table", ["2", "3"])
 def test_paper_numbers_reproduce_the_printed_average(tmp_path, table):
     assert _write_paper_as_records(tmp_path, table) == 12 * 19
     out = tmp_path / "out"
-    assert tables.main(["--records", str(tmp_path), "--out", str(out), "--tables", table, "--no-figures"]) == 0
+    _tables(tmp_path, out, f"tables=[{table}]")
     cmp = pd.read_csv(out / f"table{table}_vs_paper.csv")
     avg = cmp[cmp.Column == "Average"]
     assert len(avg) == 12 and avg.measured.notna().all()
@@ -45,41 +78,178 @@ def test_paper_numbers_reproduce_the_printed_average(tmp_path, table):
     assert (avg["diff"].abs() <= 0.02).all(), avg[avg["diff"].abs() > 0.02]
     assert (cmp[cmp.Column.isin(tables.TASK_LABELS)]["diff"].abs() < 1e-9).all()
     md = (out / f"table{table}.md").read_text()
-    assert "PYRA" in md and "PEFT*" in md if table == "3" else "PYRA" in md
+    assert "PYRA" in md and ("PEFT* (ViT-S/16)" in md if table == "3" else "PEFT" in md)
+    assert "not in the paper" not in md  # every group of these records is a paper row
     assert (out / f"table{table}.tex").read_text().count("\\begin{tabular}") == 1
 
 
 def test_flat_mean_would_not_reproduce_the_paper():
     """Guards the test above: the Average really is the mean of group means."""
     p = _paper()
-    row = p[(p.table == "2") & (p.backbone == "vit_b16_in21k") & (p.method == "peft")]
+    row = p[(p.table == "2") & (p.backbone == BB) & (p.method == "peft")]
     vals = dict(zip(row.column, row.value))
     flat = sum(vals[t] for t in tables.TASKS) / 19
     assert abs(flat - vals["average"]) > 1.0
-    assert abs(tables.vtab_average(vals)["average"] - vals["average"]) <= 0.01
+    assert abs(stratified_mean(vals, tables.STRATA) - vals["average"]) <= 0.01
 
 
 def test_missing_task_shows_as_missing_not_zero(tmp_path):
-    _write_paper_as_records(tmp_path, "2", drop={("vit_b16_in21k", "pyra", "dtd")})
+    _write_paper_as_records(tmp_path, "2", drop={(BB, "pyra", "dtd")})
     out = tmp_path / "out"
-    tables.main(["--records", str(tmp_path), "--out", str(out), "--tables", "2", "--no-figures"])
-    t = pd.read_csv(out / "table2.csv")
-    row = t[(t.Method == "PYRA") & (t.Backbone == "ViT-B/16")].iloc[0]
+    _tables(tmp_path, out, "tables=[2]")
+    row = _row(pd.read_csv(out / "table2.csv"), "PYRA")
     assert math.isnan(row["DTD"]) and math.isnan(row["Natural"]) and math.isnan(row["Average"])
     assert not math.isnan(row["Specialized"]) and row["Tasks"] == "18/19"
     assert "—" in (out / "table2.md").read_text()
 
 
-def test_metric_best_and_seed_averaging(tmp_path):
+def test_metric_best_and_the_spread_over_seeds(tmp_path):
     for seed, (last, best) in enumerate([(50.0, 60.0), (70.0, 80.0)]):
         for task in tables.TASKS:
-            write_record(tmp_path, {"run_id": f"{task}-{seed}", "status": "completed", "task": task,
-                                    "backbone": "vit_b16_in21k", "method": "tome", "variant": None, "schedule": "high",
-                                    "seed": seed, "metrics": {"test_top1": last, "test_top1_best": best}})
-    df = tables.records_frame(tables.iter_records([tmp_path]), "last")
-    assert tables.summarise(df).iloc[0]["average"] == pytest.approx(60.0)
-    df = tables.records_frame(tables.iter_records([tmp_path]), "best")
-    assert tables.summarise(df).iloc[0]["average"] == pytest.approx(70.0)
+            _rec(tmp_path, task, last, seed=seed, metrics={"test_top1": last, "test_top1_best": best})
+    for metric, mean in (("last", 60.0), ("best", 70.0)):
+        groups, _ = tables.group_records(iter_records([tmp_path]), metric)
+        (g,) = groups.values()
+        c = g.mean_cell(tables.STRATA)
+        assert c.mean == pytest.approx(mean) and c.n == 2
+        assert c.std == pytest.approx(np.std([mean - 10, mean + 10], ddof=1))
+        s = tables.summarise(tables.records_frame(iter_records([tmp_path]), metric)).iloc[0]  # the frame API
+        assert s["average"] == pytest.approx(mean) and s["n_runs"] == 38 and s["average_n"] == 2
+
+
+def test_two_settings_of_one_method_are_two_rows_never_one_average(tmp_path):
+    """The issue's example: 68.4 and 10.0 became 39.2. A result-changing option keeps them apart."""
+    _rec(tmp_path, "cifar100", 68.4, "pyra", method_key="pyra", method_options={})
+    _rec(tmp_path, "cifar100", 10.0, "pyra", method_key="pyra-wr_init=zeros", method_options={"wr_init": "zeros"})
+    out = tmp_path / "out"
+    _tables(tmp_path, out, "tables=[3]")
+    t = pd.read_csv(out / "table3.csv")
+    assert _row(t, "PYRA")["Cifar100"] == pytest.approx(68.4)
+    extra = _row(t, "PYRA (wr_init=zeros)")
+    assert extra["Cifar100"] == pytest.approx(10.0) and extra["Note"] == "not in the paper"
+    assert not np.isclose(t["Cifar100"].dropna(), 39.2).any()
+
+
+def test_a_new_method_is_a_row_of_its_own_with_mean_and_std_over_seeds(tmp_path):
+    rng = np.random.default_rng(0)
+    acc = {(t, s): float(rng.uniform(40, 90)) for t in tables.TASKS for s in (0, 1, 2)}
+    for (t, s), a in acc.items():
+        _rec(tmp_path, t, a, "notinpkg", "low", seed=s, method_key="notinpkg", method_options={},
+             method_label="NotInPkg", throughput={"img_per_s": 700.0})
+    out = tmp_path / "out"
+    _tables(tmp_path, out, "tables=[2,3]")
+    row = _row(pd.read_csv(out / "table2.csv"), "NotInPkg")
+    assert row["Block"] == "ViT-B/16" and row["Note"] == "not in the paper" and row["Throughput"] == 700
+    dtd = [acc["dtd", s] for s in range(3)]
+    assert row["DTD"] == pytest.approx(np.mean(dtd)) and row["DTD std"] == pytest.approx(np.std(dtd, ddof=1))
+    # the Average's spread is the std of the three per-seed Averages (mean of the group means), by hand:
+    groups = [tables.GROUPS[g] for g in ("natural", "specialized", "structured")]
+    per_seed = [np.mean([np.mean([acc[t, s] for t in g]) for g in groups]) for s in range(3)]
+    assert row["Average"] == pytest.approx(np.mean(per_seed))
+    assert row["Average std"] == pytest.approx(np.std(per_seed, ddof=1)) and row["Average n"] == 3
+    assert "NotInPkg" not in pd.read_csv(out / "table3.csv").Method.tolist()  # its operating point is "low"
+    md = (out / "table2.md").read_text()
+    assert f"{np.mean(dtd):.1f} ± {np.std(dtd, ddof=1):.1f}" in md and "over 3 seeds" in md
+
+
+def test_seed_counts_that_differ_across_cells_are_shown(tmp_path):
+    for s in (0, 1, 2):
+        _rec(tmp_path, "cifar100", 60.0 + s, seed=s)
+    for s in (0, 1):
+        _rec(tmp_path, "dtd", 50.0 + s, seed=s)
+    out = tmp_path / "out"
+    _tables(tmp_path, out, "tables=[3]")
+    md = (out / "table3.md").read_text()
+    assert "61.0 ± 1.0 |" in md and "50.5 ± 0.7 (n=2)" in md and "(n=k): an entry over k seeds" in md
+
+
+def test_ablation_rows_come_from_the_variant_option(tmp_path):
+    """Tables 6-8 map their rows by ``method_options["variant"]``; old records' ``variant`` still works; the
+    "# params" column is the token-modulation count in K, ours beside the paper's."""
+    for t in tables.TASKS:
+        _rec(tmp_path, t, 71.0, "pyra", method_key="pyra-wd", method_options={"variant": "wd"},
+             params={"method_paper": 9216, "paper_pct": 0.35})
+        _rec(tmp_path, t, 70.0, "pyra", variant="wr", params={"method_paper": 192})  # an old record
+        _rec(tmp_path, t, 72.0, "pyra", method_key="pyra", method_options={}, params={"method_paper": 9408})
+    out = tmp_path / "out"
+    _tables(tmp_path, out, "tables=[3,6]")
+    t6 = pd.read_csv(out / "table6.csv")
+    by = t6.set_index("Method")
+    assert by.loc["Plain W_D", "Average"] == pytest.approx(71.0) and by.loc["Plain W_r", "Average"] == pytest.approx(70.0)
+    assert by.loc["PYRA", "Average"] == pytest.approx(72.0) and math.isnan(by.loc["Baseline (ToMe)", "Average"])
+    assert by.loc["Plain W_D", "# params"] == pytest.approx(9.216) and by.loc["Plain W_D", "# params (paper)"] == 8.45
+    md = (out / "table6.md").read_text()
+    assert re.search(r"\| Plain W_D +\| 9.22K +\| 8.45K", md) and re.search(r"\| PYRA +\| 9.41K +\| 8.64K", md)
+    assert (t6.Note.fillna("") == "").all()
+    assert "PYRA (variant=wd)" not in pd.read_csv(out / "table3.csv").Method.tolist()  # it is Table 6's row
+    tex = (out / "table6.tex").read_text()
+    assert r"Plain $W_D$" in tex and r"$\sigma(\cdot)$ \& $W_r$" in tex
+    cmp = pd.read_csv(out / "table6_vs_paper.csv")
+    k = cmp[(cmp.Method == "Plain W_D") & (cmp.Column == "# params (K)")].iloc[0]
+    assert k.measured == pytest.approx(9.216) and k.paper == pytest.approx(8.45)
+
+
+def test_vs_paper_compares_params_and_throughput(tmp_path):
+    for t in tables.TASKS:
+        _rec(tmp_path, t, 70.0, "peft", "none", params={"paper_pct": 0.3437}, throughput={"img_per_s": 400.0})
+    out = tmp_path / "out"
+    _tables(tmp_path, out, "tables=[2]")
+    cmp = pd.read_csv(out / "table2_vs_paper.csv")
+    peft = cmp[(cmp.Method == "PEFT") & (cmp.Backbone == "ViT-B/16")].set_index("Column")
+    assert peft.loc["Throughput", "paper"] == 425.0 and peft.loc["Throughput", "diff"] == pytest.approx(-25.0)
+    assert peft.loc["# params (%)", "paper"] == 0.34 and peft.loc["# params (%)", "measured"] == pytest.approx(0.3437)
+    assert "Throughput" in (out / "table2_vs_paper.md").read_text()
+
+
+def test_other_tasks_and_other_operating_points_get_tables_of_their_own(tmp_path):
+    for s in (0, 1):
+        _rec(tmp_path, "digits", 80.0 + s, "pyra", "low", seed=s, backbone="vit_demo_mnist", group="demo")
+        _rec(tmp_path, "my_folder_task", 60.0, "pyra", "low", seed=s, backbone="vit_demo_mnist", group="custom")
+    _rec(tmp_path, "cifar100", 55.0, "tome", "r8")
+    out = tmp_path / "out"
+    _tables(tmp_path, out, "tables=[2,3]")
+    demo = pd.read_csv(out / "other_tasks_demo.csv")
+    assert demo.iloc[0]["Digits (sklearn)"] == pytest.approx(80.5) and demo.iloc[0]["Mean"] == pytest.approx(80.5)
+    assert pd.read_csv(out / "other_tasks_custom.csv").iloc[0]["my_folder_task"] == pytest.approx(60.0)
+    pts = pd.read_csv(out / "other_points.csv")
+    assert pts.iloc[0]["Block"] == "ViT-B/16, r8" and pts.iloc[0]["Cifar100"] == pytest.approx(55.0)
+    for t in ("2", "3"):
+        assert set(pd.read_csv(out / f"table{t}.csv").Note.fillna("")) == {""}
+
+
+def test_display_name_comes_from_the_method_class(tmp_path):
+    from pyra_bench.methods import METHODS, Method
+
+    class Fancy(Method):
+        name = "fancy_for_test"
+        display_name = "Fancy (ours)"
+
+    METHODS.add("fancy_for_test", Fancy)
+    try:
+        _rec(tmp_path, "dtd", 50.0, "fancy_for_test", method_label="stale label")
+        _rec(tmp_path, "dtd", 40.0, "labelled_only", method_label="Labelled")
+        _rec(tmp_path, "dtd", 30.0, "bare")
+        out = tmp_path / "out"
+        _tables(tmp_path, out, "tables=[3]")
+        methods = pd.read_csv(out / "table3.csv").Method.tolist()
+        assert {"Fancy (ours)", "Labelled", "bare"} <= set(methods) and "stale label" not in methods
+    finally:
+        METHODS._items.pop("fancy_for_test")
+
+
+def test_files_that_are_not_records_are_named_in_a_warning(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    _rec(runs, "dtd", 50.0)
+    (runs / "a_list.json").write_text("[1, 2]")
+    (runs / "broken.json").write_text('{"run_id": ')
+    (runs / "other_schema.json").write_text('{"schema": 99, "run_id": "x"}')
+    out = tmp_path / "out"
+    _tables(runs, out, "tables=[3]")
+    err = capsys.readouterr().err
+    assert "3 file(s) that are not run records were not read" in err
+    for name in ("a_list.json (not a JSON object)", "broken.json (not valid JSON", "other_schema.json (unsupported"):
+        assert name in err
+    assert pd.read_csv(out / "table3.csv").pipe(lambda t: _row(t, "ToMe"))["DTD"] == 50.0
 
 
 def test_figures_from_records_at_several_schedules(tmp_path):
@@ -87,22 +257,21 @@ def test_figures_from_records_at_several_schedules(tmp_path):
                         "pyra": [("low", 72.0, 690.0), ("high", 65.0, 1280.0)], "peft": [("none", 74.0, 420.0)]}.items():
         for sched, acc, tp in pts:
             for task in tables.TASKS:
-                write_record(tmp_path, {"run_id": f"{task}-{method}-{sched}", "status": "completed", "task": task,
-                                        "backbone": "vit_b16_in21k", "method": method,
-                                        "variant": "full" if method == "pyra" else None, "schedule": sched, "seed": 0,
-                                        "metrics": {"test_top1": acc}, "throughput": {"img_per_s": tp}})
+                _rec(tmp_path, task, acc, method, sched, throughput={"img_per_s": tp})
+    _rec(tmp_path, "dtd", 70.0, "peft", "none", backbone="vit_s16_in21k", throughput={"img_per_s": 1300.0})
     out = tmp_path / "out"
-    tables.main(["--records", str(tmp_path), "--out", str(out), "--tables", "3"])
+    _tables(tmp_path, out, "tables=[3]", "figures=true")
     for ext in ("png", "pdf"):
-        f = out / f"fig_vit_b16_in21k.{ext}"
+        f = out / f"fig_{BB}.{ext}"
         assert f.exists() and f.stat().st_size > 1000
+    assert not (out / "fig_vit_s16_in21k.png").exists()  # a reference point only (PEFT*), no figure of its own
 
 
 @pytest.mark.skipif(not PAPER_TXT.exists(), reason="the paper text lives outside the repository")
 def test_transcribed_csv_matches_the_paper_text():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("transcribe", Path(__file__).parents[1] / "scripts/transcribe_paper.py")
+    spec = importlib.util.spec_from_file_location("transcribe", ROOT / "scripts/transcribe_paper.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     fresh = pd.DataFrame(mod.parse(PAPER_TXT.read_text()))
@@ -111,43 +280,83 @@ def test_transcribed_csv_matches_the_paper_text():
     assert (fresh["value"].to_numpy() == committed["value"].to_numpy()).all()
 
 
-@pytest.mark.parametrize("args,match", [
-    (["--tables", "2,9"], "unknown table '9'; valid choices: 2, 3"),
-    (["--format", "md,xlsx"], "unknown format.* xlsx; valid choices: md, tex, csv"),
-    (["--paper", "/nonexistent/paper.csv"], "the paper's numbers are missing"),
+@pytest.mark.parametrize("override,match", [
+    ("tables=[2,9]", "unknown table '9'; valid choices: 2, 3"),
+    ("formats=[md,xlsx]", "unknown format.* xlsx; valid choices: md, tex, csv"),
+    ("metric=worst", "unknown metric 'worst'; valid choices: last, best"),
+    ("paper=/nonexistent/paper.csv", "the paper's numbers are missing"),
+    ("paired.resample=jackknife", "unknown paired.resample 'jackknife'; valid choices: seeds, tasks"),
 ])
-def test_bad_arguments_fail_before_anything_is_written(tmp_path, capsys, args, match):
+def test_bad_settings_fail_before_anything_is_written(tmp_path, override, match):
     out = tmp_path / "out"
-    with pytest.raises(SystemExit) as e:
-        tables.main(["--records", str(tmp_path), "--out", str(out), "--no-figures", *args])
-    assert e.value.code == 2
-    assert re.search(match, capsys.readouterr().err)
+    with pytest.raises(InputError, match=match):
+        _tables(tmp_path, out, override)
     assert not out.exists()
+
+
+def test_cli_writes_only_the_tables_and_bad_input_exits_2(tmp_path, monkeypatch, capsys):
+    """The Hydra entry point (``python -m pyra_bench.tables ...``), in process: nothing but the tables is
+    written (no outputs/, .hydra/ or log file); bad input is one message, exit status 2, nothing written."""
+    runs, work = tmp_path / "runs", tmp_path / "work"
+    work.mkdir()
+    _rec(runs, "dtd", 50.0)
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    args = ["pyra_bench.tables", f"records={runs}", "out=tables", "figures=false", "tables=[3]", "formats=[md]"]
+    monkeypatch.setattr(sys, "argv", args)
+    tables.main()
+    assert sorted(p.name for p in work.iterdir()) == ["tables"]
+    assert sorted(p.name for p in (work / "tables").iterdir()) == ["table3.md", "table3_vs_paper.md"]
+    shutil.rmtree(work / "tables")
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", [*args, "tables=[9]"])
+    with pytest.raises(SystemExit) as e:
+        tables.main()
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "python -m pyra_bench.tables: error: unknown table '9'; valid choices: 2, 3, 4, 5, 6, 7, 8"]
+    assert list(work.iterdir()) == []
 
 
 def test_throughput_from_several_devices_is_warned_about(tmp_path, capsys):
     for i, dev in enumerate(["NVIDIA H100", "NVIDIA A100", "NVIDIA H100"]):
-        write_record(tmp_path, {"run_id": f"r{i}", "task": "cifar100", "backbone": "vit_b16_in21k", "method": "tome",
-                                "schedule": "low", "seed": i, "status": "completed", "metrics": {"test_top1": 70.0},
-                                "throughput": {"img_per_s": 1000.0 + i, "device": dev}})
-    tables.main(["--records", str(tmp_path), "--out", str(tmp_path / "out"), "--tables", "2", "--no-figures"])
-    err = capsys.readouterr().err
-    assert "measured on 2 devices (NVIDIA A100; NVIDIA H100)" in err
+        _rec(tmp_path, "cifar100", 70.0, "tome", "low", seed=i, throughput={"img_per_s": 1000.0 + i, "device": dev})
+    _tables(tmp_path, tmp_path / "out", "tables=[2]")
+    assert "measured on 2 devices (NVIDIA A100; NVIDIA H100)" in capsys.readouterr().err
 
 
 def test_tuning_runs_are_summarised_apart_with_the_best_setting_per_task(tmp_path):
     vals = {("lr1e-3", "cifar100"): 60.0, ("lr3e-3", "cifar100"): 64.0,
             ("lr1e-3", "dtd"): 55.0, ("lr3e-3", "dtd"): 51.0}
-    for i, ((tag, task), acc) in enumerate(vals.items()):
-        write_record(tmp_path, {"run_id": f"t{i}", "task": task, "backbone": "vit_b16_in21k", "method": "pyra",
-                                "schedule": "high", "seed": 0, "status": "completed", "protocol": "tuning",
-                                "config": {"run_tag": tag},
-                                "metrics": {"test_top1": None, "val_top1": acc}})
+    for (tag, task), acc in vals.items():
+        _rec(tmp_path, task, None, "pyra", protocol="tuning", run_tag=tag,
+             metrics={"test_top1": None, "val_top1": acc})
     recs = iter_records([tmp_path])
-    assert tables.records_frame(recs).empty  # never in the paper's tables
+    assert not tables.group_records(recs)[0]  # never in the paper's tables
     t = tables.tuning_table(recs)
     rows = {r["run_tag"]: r for r in t.to_dict("records")}
     assert rows["lr1e-3"]["cifar100"] == 60.0 and rows["lr3e-3"]["dtd"] == 51.0
     assert rows["best"]["cifar100"] == "lr3e-3" and rows["best"]["dtd"] == "lr1e-3"
-    tables.main(["--records", str(tmp_path), "--out", str(tmp_path / "out"), "--tables", "2", "--no-figures"])
+    _tables(tmp_path, tmp_path / "out", "tables=[2]")
     assert "lr3e-3" in (tmp_path / "out" / "tuning.md").read_text()
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="no TeX engine installed")
+def test_latex_compiles_and_marks_the_best_entry_in_bold(tmp_path):
+    for t in tables.TASKS:
+        _rec(tmp_path, t, 70.0, "tome", "high")
+        _rec(tmp_path, t, 72.25 if t == "dtd" else 71.0, "pyra", "high")
+        _rec(tmp_path, t, 60.0, "newmethod", "high", method_label="New_Method & co")  # escaped
+    out = tmp_path / "out"
+    _tables(tmp_path, out, "tables=[3,6]", "formats=[tex]")
+    tex = (out / "table3.tex").read_text()
+    pyra = next(ln for ln in tex.splitlines() if ln.startswith("PYRA &"))
+    tome = next(ln for ln in tex.splitlines() if ln.startswith("ToMe &"))
+    assert r"\textbf{72.2}" in pyra and r"\underline{70.0}" in tome  # DTD: best PYRA, second ToMe
+    assert r"\textbf{71.06}" in pyra  # the Average: mean of (6 x 71 + 72.25) / 7, 71 and 71
+    assert r"\toprule" in tex and r"\begin{table*}" in tex and r"New\_Method \& co$^\dagger$" in tex
+    run = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "tables.tex"], cwd=out,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert (out / "tables.pdf").stat().st_size > 1000
+    assert re.search(r"Output written on tables.pdf \((\d+) pages?", run.stdout)

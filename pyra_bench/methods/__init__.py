@@ -1,22 +1,84 @@
-"""Method registry. Importing this package registers every built-in method."""
+"""Method registry. Importing this package registers every built-in method.
 
+A method defined outside the package is found in one of two ways, with no edit here:
+
+* ``_target_: my_methods.MyMethod`` in its method config (``conf/method/<name>.yaml`` on a config search
+  path): :func:`method_class` imports the class and registers it under the config's ``name``;
+* an entry point of the group ``pyra_bench.methods`` (``mymethod = "my_methods:MyMethod"`` in the plug-in's
+  ``pyproject.toml``): loaded the first time the name is asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from ..errors import ConfigError, InputError
 from . import diffrate, peft, pyra, rap, spvit, tome  # noqa: F401  (registration)
 from .base import METHODS, BuildContext, Method, Stage
 
-__all__ = ["METHODS", "BuildContext", "Method", "Stage", "get_method"]
+__all__ = ["ENTRY_POINT_GROUP", "METHODS", "BuildContext", "Method", "Stage", "display_name", "get_method",
+           "method_class"]
+
+#: The entry-point group searched for methods that are not registered.
+ENTRY_POINT_GROUP = "pyra_bench.methods"
+METHODS.entry_points = METHODS.entry_points or ENTRY_POINT_GROUP
 
 
-def get_method(name: str, **kwargs) -> Method:
-    return METHODS.get(name)(**kwargs)
+def _import_target(target: str, name: str) -> type:
+    module_name, _, attr = target.rpartition(".")
+    if not module_name:
+        raise ConfigError(f"method {name!r}: _target_ {target!r} must be a dotted path module.Class")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"method {name!r}: cannot import {module_name!r} for _target_ {target!r} ({e}); "
+                          f"put the module on PYTHONPATH or install its package") from e
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ConfigError(f"method {name!r}: module {module_name!r} has no {attr!r} (_target_ {target!r})") from None
 
 
 def method_class(name: str, target: str | None = None) -> type[Method]:
-    """The Method class for a method config: its registered ``name`` (or, with ``target``, that class)."""
-    if target:
-        from hydra.utils import get_class
+    """The method class registered as ``name``; with ``target`` (a config's ``_target_``), that class,
+    registered under ``name`` if the name is new.
 
-        cls = get_class(target)
-        if name not in METHODS:
-            METHODS.add(name, cls)
-        return cls
-    return METHODS.get(name)
+    Unknown names are looked up among the ``pyra_bench.methods`` entry points; still unknown, an
+    :class:`~pyra_bench.registry.UnknownChoiceError` lists every choice.
+    """
+    if not target:
+        cls = METHODS.get(name)
+    else:
+        cls = _import_target(target, name)
+        if name in METHODS and METHODS.get(name) is not cls:
+            other = METHODS.get(name)
+            raise ConfigError(f"method {name!r} is already registered as {other.__module__}.{other.__qualname__}; "
+                              f"_target_ {target!r} is another class. Give the config another name.")
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise ConfigError(f"method {name!r}: {cls!r} is not a subclass of pyra_bench.methods.Method")
+    own = vars(cls).get("name")
+    if own is not None and own != name:
+        raise ConfigError(f"method {name!r}: class {cls.__qualname__} calls itself {own!r}; use one name "
+                          f"(the config's `name:` and the class's `name =`)")
+    if own is None:  # a plug-in class without a name of its own: the registry's name is its identity
+        cls.name = name
+    if target and name not in METHODS:
+        METHODS.add(name, cls)
+    return cls
+
+
+def display_name(name: str, fallback: str | None = None) -> str:
+    """How tables and figures name a method: the class's ``display_name`` where it sets one, else
+    ``fallback`` (e.g. a record's ``method_label``), else the registered name."""
+    try:
+        cls = METHODS.get(name)
+    except InputError:  # a record of a method that is not installed here
+        cls = None
+    label = getattr(cls, "display_name", None)
+    if isinstance(label, str) and label and label != name:
+        return label
+    return fallback or name
+
+
+def get_method(name: str, **kwargs) -> Method:
+    return method_class(name)(**kwargs)
