@@ -62,8 +62,9 @@ def find_task_dir(root: str | os.PathLike, task: str | TaskSpec) -> Path:
         candidates = [own]
     else:
         if not root.is_dir():
+            kind = "VTAB-1k data root" if spec.folder is None else "data root"
             raise DataNotFoundError(
-                f"data root not found: {root}\n  {_how_to_make(spec, root)}\n"
+                f"{kind} not found: {root}\n  {_how_to_make(spec, root)}\n"
                 f"  (or point data_root / $VTAB_ROOT at an existing VTAB-1k folder)")
         candidates = [root / (spec.folder or spec.name), *(root / a for a in spec.folder_aliases)]
     for c in candidates:
