@@ -17,7 +17,7 @@ from pyra_bench.methods.diffrate import (
     merge_into_kept,
     sort_by_importance,
 )
-from pyra_bench.models import build_model
+from pyra_bench.models import BudgetError, build_model
 from pyra_bench.models.macs import model_macs, vit_macs
 
 NC = 5
@@ -152,6 +152,27 @@ def test_bad_schedules_are_refused_clearly(kw, match):
         _build(**kw)
 
 
+def test_unreachable_budget_is_refused_when_the_model_is_built():
+    # vit_tiny_test, granularity 2: block 0 whole (17 tokens), blocks 1-2 keep the class token + 2 patches:
+    # hand-counted MACs (patch embedding 16*192*48; attention 17*48*144 + 2*17^2*48 + 17*48*48; MLP 2*n*48*96)
+    D, H = 48, 96
+    attn = 17 * D * 3 * D + 2 * 17 * 17 * D + 17 * D * D
+    floor = 16 * 192 * D + 2 * attn + 2 * 17 * D * H + 2 * 3 * D * H + (3 * D * 3 * D + 2 * 9 * D + 3 * D * D) + 2 * 3 * D * H
+    full = 16 * 192 * D + 3 * (attn + 2 * 17 * D * H)
+    with pytest.raises(BudgetError, match=rf"budget of 0.500 .* can reach .*: {floor / full:.3f}"):
+        _build("flops:0.5")
+
+
+def test_budget_miss_is_marked_in_the_state():
+    # a given schedule far from the budget: kept as given, flagged for the record and the tables
+    with pytest.warns(UserWarning, match="away from the budget"):
+        far = _build("flops:0.9", kept_schedule={"prune_kept": [17, 9, 5], "merge_kept": [17, 9, 5]})
+    s = far.pyra_method.state()
+    assert s["budget_miss"] is True and abs(s["macs_fraction"] - 0.9) > s["budget_tolerance"]
+    near = _build(f"flops:{s['macs_fraction']:.3f}", kept_schedule={"prune_kept": [17, 9, 5], "merge_kept": [17, 9, 5]})
+    assert near.pyra_method.state()["budget_miss"] is False
+
+
 def test_search_needs_a_budget():
     with pytest.raises(ScheduleError, match="compression=low"):
         _build("none")
@@ -206,7 +227,7 @@ def test_search_trains_only_the_rate_logits_and_meets_the_budget():
 
 
 def test_search_masks_enter_attention_and_gradients_reach_earlier_blocks():
-    model = _build("flops:0.5")
+    model = _build("flops:0.7")
     m = model.pyra_method
     m.on_stage_start(m.stages()[0], model)
     model.train()
@@ -285,7 +306,7 @@ def test_search_on_other_data_is_checked_before_training(tmp_path):
     conf = str(Path(__file__).resolve().parent.parent / "conf")
     with initialize_config_dir(config_dir=conf, version_base="1.3"):
         cfg = compose("train", overrides=[
-            "task=digits", "backbone=vit_tiny_test", "trainer=smoke", "method=diffrate",
+            "task=digits", "backbone=vit_tiny_test", "trainer=smoke", "method=diffrate", "compression=flops:0.8",
             "method.kwargs.search_task=cifar100", f"data_root={tmp_path}/nowhere",
             f"results_dir={tmp_path}/results", f"run_dir={tmp_path}/run"])
     with pytest.raises(FileNotFoundError, match="pyra_bench.data.prepare"):

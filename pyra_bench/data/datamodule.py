@@ -17,8 +17,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError
-from .folder import VTABFolderDataset, verify_once
-from .tasks import SPLITS, get_task
+from .folder import VTABFolderDataset, find_task_dir, verify_once
+from .tasks import SPLITS, TaskSpec, get_task
 from .transforms import build_transform, get_normalization
 
 SOURCES = ("folder", "embedded")
@@ -30,7 +30,8 @@ class VTABDataModule(L.LightningDataModule):
     ``source="folder"``) the prepared folder, so bad inputs fail before any model is built.
 
     Args:
-        task: a VTAB-1k task name or ``digits``.
+        task: a VTAB-1k task name, ``digits``, or a :class:`~pyra_bench.data.tasks.TaskSpec` (e.g. a folder
+            task from its config: :func:`~pyra_bench.data.tasks.task_spec_from_config`).
         data_root: folder with one sub-folder per task (``source="folder"``).
         batch_size / eval_batch_size: training / evaluation batch size (eval default: 4 x batch_size).
         num_workers: loader processes (default: min(8, CPUs) for JPEG folders, 0 for in-memory data).
@@ -49,7 +50,7 @@ class VTABDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        task: str = "digits",
+        task: str | TaskSpec = "digits",
         data_root: str | os.PathLike | None = None,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
@@ -132,7 +133,7 @@ class VTABDataModule(L.LightningDataModule):
         if self.source == "folder":
             from .prepare import read_meta
 
-            meta = read_meta(self.data_root / self.task) or {}
+            meta = read_meta(find_task_dir(self.data_root, self.spec)) or {}
             info.update(data_root=str(self.data_root), tfds_builder=meta.get("tfds_builder"),
                         jpeg_quality=meta.get("jpeg_quality"), mock_data=meta.get("mock_data", False))
         return info
@@ -140,9 +141,10 @@ class VTABDataModule(L.LightningDataModule):
     def _warn_if_mock(self) -> None:
         from .prepare import read_meta
 
-        meta = read_meta(self.data_root / self.task) or {}
+        task_dir = find_task_dir(self.data_root, self.spec)
+        meta = read_meta(task_dir) or {}
         if meta.get("mock_data"):
-            warnings.warn(f"{self.data_root / self.task} was prepared from FAKE data (--mock-examples): its "
+            warnings.warn(f"{task_dir} was prepared from FAKE data (--mock-examples): its "
                           f"accuracy means nothing", stacklevel=3)
 
     # -- datasets --------------------------------------------------------------------------------------

@@ -44,6 +44,39 @@ def prepare_command(task: str, root: str | os.PathLike) -> str:
     return f"python -m pyra_bench.data.prepare --tasks {task} --data-root {root}"
 
 
+def _how_to_make(spec: TaskSpec, root: str | os.PathLike) -> str:
+    if spec.folder is None:  # a registered task, in its standard place
+        return f"Prepare it with:  {prepare_command(spec.name, root)}"
+    return (f"Task {spec.name!r} comes from its config: set task.folder to the folder holding its split lists "
+            "(lines '<relative/image/path> <int label>'; see conf/task/custom_folder_example.yaml)")
+
+
+def find_task_dir(root: str | os.PathLike, task: str | TaskSpec) -> Path:
+    """The folder of ``task`` under ``root``: ``<root>/<folder or name>``, else one of the names the
+    community's VTAB-1k archives use (``spec.folder_aliases``, e.g. ``cifar`` for cifar100); an absolute
+    ``folder`` (a task from config) is used as it is. :class:`DataNotFoundError` names every place looked at."""
+    spec = get_task(task)
+    root = Path(root).expanduser()
+    own = Path(spec.folder).expanduser() if spec.folder is not None else None
+    if own is not None and own.is_absolute():
+        candidates = [own]
+    else:
+        if not root.is_dir():
+            kind = "VTAB-1k data root" if spec.folder is None else "data root"
+            raise DataNotFoundError(
+                f"{kind} not found: {root}\n  {_how_to_make(spec, root)}\n"
+                f"  (or point data_root / $VTAB_ROOT at an existing VTAB-1k folder)")
+        candidates = [root / (spec.folder or spec.name), *(root / a for a in spec.folder_aliases)]
+    for c in candidates:
+        if c.is_dir():
+            return c
+    also = ""
+    if len(candidates) > 1:
+        also = (f" (also looked for {', '.join(str(c) for c in candidates[1:])}: the name"
+                f"{'s' if len(candidates) > 2 else ''} the NOAH/SSF/VPT VTAB-1k archives use)")
+    raise DataNotFoundError(f"task folder not found: {candidates[0]}{also}\n  {_how_to_make(spec, root)}")
+
+
 def read_split_file(path: str | os.PathLike, num_classes: int | None = None,
                     task: str = "?") -> list[tuple[str, int]]:
     """Parse a split list into ``(relative path, label)`` pairs, validating format and label range."""
@@ -84,25 +117,17 @@ class VTABFolderDataset(Dataset):
         self.spec = get_task(task)
         self.task = self.spec.name
         if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; valid choices: {', '.join(SPLITS)}")
+            raise ConfigError(f"unknown split {split!r}; valid choices: {', '.join(SPLITS)}")
         self.root, self.split, self.transform = Path(root), split, transform
-        self.task_dir = self.root / self.task
-        cmd = prepare_command(self.task, self.root)
-        if not self.root.is_dir():
-            raise DataNotFoundError(
-                f"VTAB-1k data root not found: {self.root}\n"
-                f"  Prepare the task with:  {cmd}\n"
-                f"  (or point data_root / $VTAB_ROOT at an existing VTAB-1k folder)")
-        if not self.task_dir.is_dir():
-            raise DataNotFoundError(
-                f"task folder not found: {self.task_dir}\n"
-                f"  Prepare it with:  {cmd}")
-        list_file = self.task_dir / f"{split}.txt"
+        self.task_dir = find_task_dir(self.root, self.spec)
+        list_file = self.task_dir / self.spec.split_file(split)
         if not list_file.is_file():
             present = sorted(p.name for p in self.task_dir.glob("*.txt"))
+            fix = (f"Rebuild the task with:  {prepare_command(self.task, self.root)} --overwrite"
+                   if self.spec.folder is None else
+                   f"Give the {split} list file in the task config (task.splits.{split}: <file in {self.task_dir}>)")
             raise DataNotFoundError(
-                f"split list not found: {list_file} (present: {', '.join(present) or 'none'})\n"
-                f"  Rebuild the task with:  {cmd} --overwrite")
+                f"split list not found: {list_file} (present: {', '.join(present) or 'none'})\n  {fix}")
         entries = read_split_file(list_file, self.spec.num_classes, self.task)
         if not entries:
             raise SplitFormatError(f"{list_file} lists no images")

@@ -23,6 +23,14 @@ versions that define ``train800`` / ``val200`` / ``train800val200``), i.e. what 
 * **Images.** ``tile_channels``: a 1-channel image is tiled to RGB (dSprites, sNORB); ``scale255``:
   dSprites stores {0, 1} pixels, multiplied by 255.
 
+**Folder names.** A task's folder is ``<data_root>/<name>``; ``folder_aliases`` are the other names the
+community's VTAB-1k archives use (NOAH's ``get_vtab1k.py``, shared as the NOAH/SSF/VPT zips: ``cifar`` for
+cifar100, ``oxford_iiit_pet`` for oxford_pet), looked for when the first is missing.
+
+**Tasks from config.** Any folder-format data set (not only VTAB) is a task through its config
+(:func:`task_spec_from_config`, ``conf/task/custom_folder_example.yaml``): name, number of classes, the
+folder (under ``data_root`` or absolute) and the split-list file of each split it has.
+
 ``reference_sizes`` are the TFDS split sizes of the pinned versions (TFDS catalogue). They are not used
 to prepare data (the sizes are read from the TFDS builder), only to document and test the resolved split
 strings, which agree with the concrete strings in Scenic's VTAB config (``train[2754:2954]`` for
@@ -39,18 +47,26 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ConfigError, InputError
 from ..registry import Registry, UnknownChoiceError
 
 SPLITS: tuple[str, ...] = ("train800", "val200", "train800val200", "test")
 GROUP_NAMES: tuple[str, ...] = ("natural", "specialized", "structured")
+#: The group of a task defined only by its config (unless its config names one).
+CUSTOM_GROUP = "custom"
+
+
+class LabelError(InputError, ValueError):
+    """A label spec or split placeholder that cannot be applied (the message names it)."""
 
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """One VTAB-1k task: where its data comes from in TFDS, how its splits and labels are defined."""
+    """One task: where its data comes from (TFDS for VTAB-1k, a folder for a task from config), how its
+    splits and labels are defined."""
 
     name: str  # the PYRA / NOAH folder name (``<root>/<name>/``)
-    group: str  # natural | specialized | structured | demo
+    group: str  # natural | specialized | structured | demo | custom (or a config's own)
     num_classes: int
     display: str  # column title in the paper's tables
     tfds_name: str | None = None  # TFDS builder, e.g. "eurosat"
@@ -68,6 +84,9 @@ class TaskSpec:
     version_fallbacks: tuple[str, ...] = ()  # tried when this TFDS release no longer has the pinned version
     notes: str = ""  # preparation hints (manual downloads, extra packages)
     reference_sizes: Mapping[str, int] = field(default_factory=dict)
+    folder_aliases: tuple[str, ...] = ()  # other folder names under data_root (community archives)
+    folder: str | None = None  # a task from config: its folder, under data_root or absolute (None: the name)
+    split_files: Mapping[str, str] = field(default_factory=dict)  # split -> list file (default "<split>.txt")
 
     # -- derived ----------------------------------------------------------------------------------------
     @property
@@ -77,8 +96,14 @@ class TaskSpec:
 
     @property
     def source(self) -> str:
-        """``"tfds"`` for the VTAB tasks, ``"embedded"`` for the demo task."""
-        return "tfds" if self.tfds_name else "embedded"
+        """``"tfds"`` for the VTAB tasks, ``"folder"`` for a task from config, ``"embedded"`` for the demo."""
+        if self.tfds_name:
+            return "tfds"
+        return "folder" if self.folder is not None else "embedded"
+
+    def split_file(self, split: str) -> str:
+        """The split list's file name, relative to the task folder."""
+        return self.split_files.get(split, f"{split}.txt")
 
     @property
     def tfds_builder(self) -> str | None:
@@ -91,7 +116,7 @@ class TaskSpec:
     def split_templates(self) -> dict[str, str]:
         """The four split strings, with ``{split@P}`` placeholders unresolved."""
         if self.source != "tfds":
-            raise ValueError(f"task {self.name!r} is not read from TFDS (source={self.source!r})")
+            raise ConfigError(f"task {self.name!r} is not read from TFDS (source={self.source!r})")
         return {"train800": self.train800, "val200": self.val200,
                 "train800val200": self.train800val200, "test": self.test}
 
@@ -123,7 +148,7 @@ _VAL60 = "train[{train@60}:{train@60+200}]"
 
 # ---- Natural (paper column order: Cifar100, Caltech101, DTD, Flowers102, Pets, SVHN, Sun397)
 _t("cifar100", "natural", 100, "Cifar100", "cifar100", "3.*.*", "cifar(num_classes=100)", val200=_VAL90,
-   reference_sizes={"train": 50000, "test": 10000})
+   reference_sizes={"train": 50000, "test": 10000}, folder_aliases=("cifar",))
 _t("caltech101", "natural", 102, "Caltech101", "caltech101", "3.*.*", "caltech101", val200=_VAL90,
    reference_sizes={"train": 3060, "test": 6084})
 _t("dtd", "natural", 47, "DTD", "dtd", "3.*.*", "dtd",
@@ -133,7 +158,7 @@ _t("oxford_flowers102", "natural", 102, "Flowers102", "oxford_flowers102", "2.*.
 # TFDS >= 4.9.3 ships only oxford_iiit_pet 4.0.0 ("Fix corrupt images. Add head bounding boxes"): used as a
 # recorded fallback when no 3.x data is found in the data dir.
 _t("oxford_pet", "natural", 37, "Pets", "oxford_iiit_pet", "3.*.*", "oxford_iiit_pet", val200=_VAL80,
-   version_fallbacks=("4.*.*",), reference_sizes={"train": 3680, "test": 3669})
+   version_fallbacks=("4.*.*",), reference_sizes={"train": 3680, "test": 3669}, folder_aliases=("oxford_iiit_pet",))
 _t("svhn", "natural", 10, "SVHN", "svhn_cropped", "3.*.*", "svhn", val200=_VAL90,
    reference_sizes={"train": 73257, "test": 26032})
 _t("sun397", "natural", 397, "Sun397", "sun397", "4.*.*", 'sun397(config="tfds")', tfds_config="tfds",
@@ -222,8 +247,68 @@ def resolve_tasks(spec: str) -> list[str]:
             raise UnknownChoiceError("task", item, [*task_names(), "all", *GROUP_NAMES])
         out += [n for n in names if n not in out]
     if not out:
-        raise ValueError(f"no task selected by {spec!r}")
+        raise ConfigError(f"no task selected by {spec!r}; give task names, group names ({', '.join(GROUP_NAMES)}) "
+                          "or 'all'")
     return out
+
+
+#: Keys of a task config (``conf/task/*.yaml``); ``source`` and ``pyra_lr`` are read by the run.
+TASK_CONFIG_KEYS = ("name", "num_classes", "source", "group", "display", "folder", "splits", "pyra_lr")
+
+
+def task_spec_from_config(tcfg: Mapping[str, Any]) -> TaskSpec:
+    """The :class:`TaskSpec` a task config describes.
+
+    A registered name (the 19 VTAB-1k tasks, ``digits``) gives its spec; ``folder`` / ``splits`` may point
+    it elsewhere, and a given ``num_classes`` must agree. Any other name is a folder-format task of its
+    own, which needs ``num_classes``; ``folder`` (default: the name) is a folder under ``data_root`` or an
+    absolute path, ``splits`` maps the splits it has (``train800val200`` and ``test`` for the final protocol,
+    ``train800`` and ``val200`` for tuning) to split-list files in that folder (default ``<split>.txt``),
+    each line ``<relative/image/path> <int label>``. ``group`` (default ``custom``) and ``display``
+    (default: the name) are how tables group and title it.
+    """
+    if hasattr(tcfg, "_metadata"):  # an OmegaConf DictConfig
+        from omegaconf import OmegaConf
+
+        tcfg = OmegaConf.to_container(tcfg, resolve=True)
+    cfg = dict(tcfg)
+    unknown = sorted(set(cfg) - set(TASK_CONFIG_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown task config key(s) {', '.join(unknown)}; valid keys: "
+                          f"{', '.join(sorted(TASK_CONFIG_KEYS))}")
+    name = cfg.get("name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"a task config needs a name, got {name!r}")
+    n = cfg.get("num_classes")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ConfigError(f"task {name!r}: num_classes must be a positive int, got {n!r}")
+    splits = cfg.get("splits") or {}
+    if not isinstance(splits, Mapping):
+        raise ConfigError(f"task {name!r}: splits maps split names ({', '.join(SPLITS)}) to list files, got {splits!r}")
+    bad = sorted(set(splits) - set(SPLITS))
+    if bad:
+        raise ConfigError(f"task {name!r}: unknown split(s) {', '.join(bad)} in splits; valid: {', '.join(SPLITS)}")
+    if not all(isinstance(v, str) and v for v in splits.values()):
+        raise ConfigError(f"task {name!r}: every split file is a file name relative to the task folder, got {splits}")
+    folder = cfg.get("folder")
+    if folder is not None and not isinstance(folder, str):
+        raise ConfigError(f"task {name!r}: folder is a path, got {folder!r}")
+    if name in TASKS:
+        spec = TASKS.get(name)
+        if n is not None and n != spec.num_classes:
+            raise ConfigError(f"task {name!r} has {spec.num_classes} classes, but its config says num_classes={n}")
+        if folder is None and not splits:
+            return spec
+        from dataclasses import replace
+
+        return replace(spec, folder=folder if folder is not None else name, split_files=dict(splits),
+                       folder_aliases=spec.folder_aliases if folder is None else ())
+    if n is None:
+        raise ConfigError(f"task {name!r} is not a VTAB-1k task ({', '.join(task_names())}): its config must give "
+                          "num_classes (and folder / splits unless they are <data_root>/<name>/<split>.txt)")
+    return TaskSpec(name, str(cfg.get("group") or CUSTOM_GROUP), n, str(cfg.get("display") or name),
+                    train800=None, val200=None, test=None, folder=folder if folder is not None else name,
+                    split_files=dict(splits))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -245,7 +330,7 @@ def resolve_split(template: str, sizes: Mapping[str, int]) -> str:
         for term in m.group(1).split("+"):
             t = _TERM.match(term)
             if not t:
-                raise ValueError(f"bad split placeholder {m.group(0)!r} in {template!r}")
+                raise LabelError(f"bad split placeholder {m.group(0)!r} in {template!r}")
             if t.group(3) is not None:
                 total += int(t.group(3))
                 continue
@@ -279,12 +364,12 @@ def _closest(ex: Mapping[str, Any], path: str, col: str, thresholds: str, filt: 
     if default is not None:
         values = np.append(values, float(default))
     if values.size == 0:
-        raise ValueError(f"no object to measure a distance from ({path})")
+        raise LabelError(f"no object to measure a distance from ({path})")
     thr = np.asarray([float(t) for t in thresholds.split(",")])
     # task_adaptation: label = reduce_max(where(thrs - dist < 0)), i.e. the last threshold below dist
     label = int(np.searchsorted(thr, values.min(), side="left")) - 1
     if label < 0:
-        raise ValueError(f"distance {values.min()} is not above the first threshold {thr[0]}")
+        raise LabelError(f"distance {values.min()} is not above the first threshold {thr[0]}")
     return label
 
 
@@ -301,4 +386,4 @@ def derive_label(spec: str, ex: Mapping[str, Any]) -> int:
         return int(len(np.asarray(_get(ex, path)).reshape(-1)) + int(offset))
     if kind == "closest":
         return _closest(ex, *args)
-    raise ValueError(f"unknown label spec {spec!r} (kinds: key, bin, count, closest)")
+    raise LabelError(f"unknown label spec {spec!r} (kinds: key, bin, count, closest)")

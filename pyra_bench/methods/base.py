@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,6 +22,7 @@ from torch import nn
 from ..errors import UnknownOptionError
 from ..models.backbones import BackboneSpec
 from ..models.lora import merge_lora
+from ..models.macs import ViTGeometry
 from ..models.schedules import check_schedule, resolve_schedule
 from ..registry import Registry
 
@@ -37,6 +38,15 @@ class BuildContext:
     num_tokens: int  # tokens entering block 0 (patches + class [+ distillation] token)
     class_token: bool
     distill_token: bool
+    #: matmul shapes for analytic MAC counts (FLOPs targets); None when not known
+    geometry: ViTGeometry | None = None
+    #: where the run's model runs: speed targets (``speedup:<x>``) are timed there
+    device: str = "cpu"
+    #: throughput batch size and dtype of speed targets (None: measure.default_batch_size(device))
+    bench_batch_size: int | None = None
+    bench_dtype: str = "float32"
+    #: the patched backbone before LoRA and reducers, for methods that time candidate structures
+    model: nn.Module | None = field(default=None, compare=False, repr=False)
 
     @property
     def num_protected(self) -> int:

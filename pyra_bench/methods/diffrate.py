@@ -71,7 +71,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ..models.macs import block_macs, budget_fraction, model_macs
+from ..models.macs import BudgetError, block_macs, budget_fraction, model_macs
 from ..models.merging import TokenReducer
 from ..models.schedules import ScheduleError
 from ..models.vit import set_token_reducers
@@ -324,6 +324,7 @@ class DiffRateMethod(Method):
             self._install_hard(model)
             self._check_budget()
         else:
+            self._check_reachable()
             self._install_search(model)
             self.stage = "search"
 
@@ -354,9 +355,42 @@ class DiffRateMethod(Method):
                                       in zip(n_in, self.tokens_after_blocks(), self._geometry))
         return macs / self.full_macs
 
+    def floor_fraction(self) -> float:
+        """The least MACs the search can reach: block 0 whole, every later block keeping the smallest
+        candidate count (``num_patches mod granularity``, or ``granularity``) plus the protected tokens."""
+        smallest = (self.num_patches - 1) % self.granularity + 1
+        keep = [self.ctx.num_tokens] + [self.ctx.num_protected + smallest] * (self.ctx.depth - 1)
+        n_in, n, out = [], self.ctx.num_tokens, []
+        for k in keep:
+            n_in.append(n)
+            n = min(n, k)
+            out.append(n)
+        macs = self._patch_macs + sum(block_macs(a, b, self.ctx.dim, ad, h) for a, b, (ad, h)
+                                      in zip(n_in, out, self._geometry))
+        return macs / self.full_macs
+
+    def _check_reachable(self) -> None:
+        """Refuse, before any training, a budget the search cannot reach (as SPViT does)."""
+        if self.budget is None:
+            return
+        floor = self.floor_fraction()
+        if self.budget < floor - self.budget_tolerance:
+            raise BudgetError(
+                f"diffrate: a budget of {self.budget:.3f} of the backbone's MACs is below what its search can reach "
+                f"on backbone {self.ctx.backbone.name!r}: {floor:.3f} (block 0 is never compressed and every later "
+                f"block keeps at least {self.ctx.num_protected + (self.num_patches - 1) % self.granularity + 1} "
+                f"tokens with granularity {self.granularity}). Ask for flops:{floor:.2f} or more.")
+
+    def budget_miss(self) -> bool | None:
+        """Whether the fixed schedule is further than ``budget_tolerance`` from the budget (None: no schedule
+        or no budget yet); recorded in :meth:`state` so records and tables can flag the run."""
+        if self.budget is None or self.prune_kept is None:
+            return None
+        return abs(self.macs_fraction() - self.budget) > self.budget_tolerance
+
     def _check_budget(self) -> None:
         f = self.macs_fraction()
-        if self.budget is not None and abs(f - self.budget) > self.budget_tolerance:
+        if self.budget_miss():
             warnings.warn(f"diffrate: the schedule ({self.source}) gives {f:.3f} of the backbone's MACs, "
                           f"{abs(f - self.budget):.3f} away from the budget {self.budget:.3f}", stacklevel=3)
 
@@ -384,7 +418,7 @@ class DiffRateMethod(Method):
 
     def on_stage_start(self, stage: Stage, model: nn.Module, data: Any = None) -> None:
         if stage.name not in STAGES:
-            raise ValueError(f"unknown diffrate stage {stage.name!r}; valid: {', '.join(STAGES)}")
+            raise ConfigError(f"unknown diffrate stage {stage.name!r}; valid: {', '.join(STAGES)}")
         adapt = set(self._adapt)
         if stage.name == "search":
             self._install_search(model)
@@ -442,6 +476,8 @@ class DiffRateMethod(Method):
         if self.prune_kept is not None:
             s["tokens_after_blocks"] = self.tokens_after_blocks()
             s["macs_fraction"] = self.macs_fraction()
+            s["budget_tolerance"] = self.budget_tolerance
+            s["budget_miss"] = self.budget_miss()
         return s
 
     def restore(self, model: nn.Module, state: dict[str, Any]) -> None:

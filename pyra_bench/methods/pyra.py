@@ -27,6 +27,9 @@ class PYRAMethod(ToMe):
     def make_modulator(self, r: int, ctx: BuildContext) -> nn.Module:
         return build_modulator(self.variant, r, ctx.dim, wr_init=self.wr_init, ln_eps=self.ln_eps)
 
+    def describe_structure(self) -> dict[str, Any]:
+        return {"variant": self.variant}
+
     def paper_param_count(self, model: nn.Module) -> int:
         """The paper counts W_r and W_D (the generators), not the LayerNorm's affine weights."""
         return sum(blk.token_reducer.modulator.paper_param_count()

@@ -1,10 +1,24 @@
-"""ToMe + LoRA: parameter-free token merging with the paper's schedules (the strongest baseline)."""
+"""ToMe + LoRA: parameter-free token merging with the paper's schedules (the strongest baseline).
+
+Besides the schedule forms of :mod:`pyra_bench.models.schedules`, ToMe (and PYRA, its subclass) take two
+*targets*, resolved against the backbone when the model is built and recorded in :meth:`ToMe.state`:
+
+* ``flops:<f>``: the ToMe-form schedule whose analytic MACs are closest to ``f`` of the unmerged model's
+  (:func:`~pyra_bench.models.schedules.schedule_for_macs`), within ``flops_tolerance``;
+* ``speedup:<x>``: the least merging whose measured throughput on the run's device is ``x`` times the
+  unmerged model's (:func:`~pyra_bench.models.speedup.find_speedup_schedule`; cached per device).
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
+from ..errors import ConfigError
+from ..models.macs import operating_point
 from ..models.merging import ToMeMerge
+from ..models.schedules import check_schedule, schedule_for_macs
 from ..models.vit import set_token_reducers
 from .base import METHODS, BuildContext, Method
 
@@ -13,12 +27,92 @@ from .base import METHODS, BuildContext, Method
 class ToMe(Method):
     name = "tome"
 
+    def __init__(self, schedule: Any = "none", flops_tolerance: float = 0.01, speedup_warmup_s: float = 2.0,
+                 speedup_duration_s: float = 3.0, speedup_cache: bool = True, **kwargs: Any):
+        super().__init__(schedule, **kwargs)
+        if not 0 < float(flops_tolerance) < 1:
+            raise ConfigError(f"flops_tolerance is a MACs fraction in (0, 1), got {flops_tolerance!r}")
+        self.flops_tolerance = float(flops_tolerance)
+        self.speedup_warmup_s, self.speedup_duration_s = float(speedup_warmup_s), float(speedup_duration_s)
+        self.speedup_cache = bool(speedup_cache)
+        self.target = operating_point(schedule)  # validates flops:/speedup: forms early
+        self.target_info: dict[str, Any] | None = None
+        self.macs_fraction: float | None = None
+        self._resolved: tuple[Any, list[int], dict[str, Any] | None] | None = None
+
     def make_modulator(self, r: int, ctx: BuildContext) -> nn.Module | None:
         return None
 
+    # -- building -----------------------------------------------------------------------------------
+    def resolve_schedule(self, ctx: BuildContext) -> list[int]:
+        if self.target is None:
+            return super().resolve_schedule(ctx)
+        memo = (self.schedule_spec, ctx.geometry, ctx.num_protected, ctx.device, ctx.bench_batch_size,
+                ctx.bench_dtype)
+        if self._resolved is not None and self._resolved[0] == memo:
+            return list(self._resolved[1])
+        if ctx.geometry is None:
+            raise ConfigError(f"{self.schedule_spec!r} needs the backbone's geometry (build the model with "
+                              "pyra_bench.models.build_model)")
+        kind, value = self.target
+        if kind == "flops":
+            sched, info = schedule_for_macs(value, ctx.geometry, ctx.num_protected, self.flops_tolerance,
+                                            backbone=ctx.backbone.name)
+        else:
+            sched, info = self._speedup_schedule(value, ctx)
+        check_schedule(sched, ctx.num_tokens, ctx.num_protected)
+        self._resolved = (memo, sched, {"kind": kind, **info})
+        return list(sched)
+
+    def _speedup_schedule(self, x: float, ctx: BuildContext) -> tuple[list[int], dict[str, Any]]:
+        from ..models.lora import merge_lora
+        from ..models.speedup import find_speedup_schedule
+
+        if ctx.model is None:
+            raise ConfigError(f"{self.schedule_spec!r} times candidate models: it needs the backbone (build the "
+                              "model with pyra_bench.models.build_model)")
+        key = {"backbone": ctx.backbone.name, "timm_name": ctx.backbone.timm_name, "method": self.name,
+               "structure": self.describe_structure(), "geometry": repr(ctx.geometry)}
+        return find_speedup_schedule(
+            x, lambda: merge_lora(ctx.model, inplace=False), lambda m, s: self._install(m, s, ctx), ctx.geometry,
+            ctx.num_protected, key=key, device=ctx.device, batch_size=ctx.bench_batch_size, dtype=ctx.bench_dtype,
+            warmup_s=self.speedup_warmup_s, duration_s=self.speedup_duration_s, use_cache=self.speedup_cache,
+            backbone=ctx.backbone.name)
+
+    def describe_structure(self) -> dict[str, Any]:
+        """What, besides the schedule, changes the inference model's speed (PYRA: its variant)."""
+        return {}
+
+    def _install(self, model: nn.Module, schedule: list[int], ctx: BuildContext) -> None:
+        ref = next(model.parameters())
+        set_token_reducers(model, [
+            ToMeMerge(r, ctx.class_token, ctx.distill_token, self.make_modulator(r, ctx)).to(ref.device)
+            if r > 0 else None for r in schedule
+        ])
+
     def apply(self, model: nn.Module, ctx: BuildContext) -> None:
         super().apply(model, ctx)
-        set_token_reducers(model, [
-            ToMeMerge(r, ctx.class_token, ctx.distill_token, self.make_modulator(r, ctx)) if r > 0 else None
-            for r in self.schedule
-        ])
+        self.ctx = ctx
+        self.target_info = self._resolved[2] if self.target is not None and self._resolved else None
+        self.macs_fraction = ctx.geometry.fraction(self.schedule) if ctx.geometry is not None else None
+        self._install(model, self.schedule, ctx)
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        s = super().state()
+        s["macs_fraction"] = self.macs_fraction
+        if self.target_info is not None:
+            s["target"] = self.target_info
+        return s
+
+    def restore(self, model: nn.Module, state: dict[str, Any]) -> None:
+        """A recorded schedule wins over the one resolved now (a speed target timed elsewhere may differ)."""
+        recorded = state.get("schedule")
+        if recorded is not None and list(recorded) != list(self.schedule):
+            check_schedule(recorded, self.ctx.num_tokens, self.ctx.num_protected)
+            self.schedule = [int(r) for r in recorded]
+            g = self.ctx.geometry
+            self.macs_fraction = g.fraction(self.schedule) if g is not None else None
+            self._install(model, self.schedule, self.ctx)
+        if state.get("target") is not None:
+            self.target_info = state["target"]

@@ -4,12 +4,17 @@ Each :class:`BackboneSpec` names the timm architecture (with the exact pretraine
 paper uses with it, the family of merging-schedule presets, and the smaller backbone of Table 3's PEFT*.
 Weights come from the hub (``pretrained=True``, needs the network) or from a local file
 (``checkpoint=...``: ``.npz`` of the original ViT release, ``.pth``/``.bin``, ``.safetensors``), offline.
+
+Any other timm ViT works from a config alone (:func:`backbone_spec_from_config`): give ``timm_name`` (and
+``lora_rank``); a registered name's fields can be overridden the same way. Models the token merge cannot
+handle (register tokens, no class token, pooled heads) are refused by name when the model is built.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +23,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from ..errors import ConfigError
-from ..registry import Registry
+from ..errors import ConfigError, InputFileNotFoundError
+from ..registry import Registry, UnknownChoiceError
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,12 @@ class BackboneSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     paper_params_m: float | None = None  # backbone size the paper's "# params" % divides by (millions)
+    display_name: str = ""  # how tables and figures name it, e.g. "ViT-B/16"
+
+    @property
+    def label(self) -> str:
+        """The display name (the registry name when none is set)."""
+        return self.display_name or self.name
 
 
 BACKBONES: Registry[BackboneSpec] = Registry("backbone")
@@ -42,34 +53,105 @@ def _add(spec: BackboneSpec) -> None:
 
 
 _add(BackboneSpec("vit_b16_in21k", "vit_base_patch16_224.orig_in21k", 8, "vit_b", "vit_s16_in21k",
-                  description="ViT-B/16, ImageNet-21K, original Google release (ViT-B_16.npz)"))
+                  description="ViT-B/16, ImageNet-21K, original Google release (ViT-B_16.npz)",
+                  display_name="ViT-B/16"))
 _add(BackboneSpec("vit_l16_in21k", "vit_large_patch16_224.orig_in21k", 12, "vit_l", "vit_b16_in21k",
-                  description="ViT-L/16, ImageNet-21K, original Google release (ViT-L_16.npz)"))
+                  description="ViT-L/16, ImageNet-21K, original Google release (ViT-L_16.npz)",
+                  display_name="ViT-L/16"))
 _add(BackboneSpec("vit_s16_in21k", "vit_small_patch16_224.augreg_in21k", 4, None,
-                  description="ViT-S/16, ImageNet-21K (AugReg; no original-release ViT-S exists)"))
+                  description="ViT-S/16, ImageNet-21K (AugReg; no original-release ViT-S exists)",
+                  display_name="ViT-S/16"))
 _add(BackboneSpec("vit_l16_mae", "vit_large_patch16_224.mae", 12, "vit_l", "vit_b16_mae",
-                  kwargs={"global_pool": "token"}, description="ViT-L/16, MAE self-supervised (class-token head)"))
+                  kwargs={"global_pool": "token"}, description="ViT-L/16, MAE self-supervised (class-token head)",
+                  display_name="ViT-L/16 (MAE)"))
 _add(BackboneSpec("vit_b16_mae", "vit_base_patch16_224.mae", 8, "vit_b",
-                  kwargs={"global_pool": "token"}, description="ViT-B/16, MAE self-supervised (class-token head)"))
+                  kwargs={"global_pool": "token"}, description="ViT-B/16, MAE self-supervised (class-token head)",
+                  display_name="ViT-B/16 (MAE)"))
 _add(BackboneSpec("deit_b16_distilled", "deit_base_distilled_patch16_224.fb_in1k", 8, "deit_b", "deit_s16_distilled",
-                  description="DeiT-B distilled (class + distillation token)"))
+                  description="DeiT-B distilled (class + distillation token)", display_name="DeiT-B"))
 _add(BackboneSpec("deit_s16_distilled", "deit_small_distilled_patch16_224.fb_in1k", 4, None,
-                  description="DeiT-S distilled (class + distillation token)"))
+                  description="DeiT-S distilled (class + distillation token)", display_name="DeiT-S"))
 # Tiny architectures for tests and the offline demo (random init unless a checkpoint is given).
 _add(BackboneSpec("vit_tiny_test", None, 2, "tiny", kwargs=dict(
     img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, mlp_ratio=2.0, qkv_bias=True),
-    description="3-block, 48-wide ViT on 32x32 images (17 tokens), for tests"))
+    description="3-block, 48-wide ViT on 32x32 images (17 tokens), for tests", display_name="ViT-tiny (test)"))
 _add(BackboneSpec("vit_demo_mnist", None, 4, "demo", kwargs=dict(
     img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3, mlp_ratio=4.0, qkv_bias=True),
-    description="4-block, 96-wide ViT on 32x32 images (65 tokens), pre-trained by pyra_bench on MNIST"))
+    description="4-block, 96-wide ViT on 32x32 images (65 tokens), pre-trained by pyra_bench on MNIST",
+    display_name="ViT-demo (MNIST)"))
 
 
 class CheckpointError(ConfigError):
-    pass
+    """A weights file that cannot be read or does not fit the backbone."""
 
 
 def get_backbone(name: str) -> BackboneSpec:
     return BACKBONES.get(name)
+
+
+#: Backbone-config keys that define the architecture (:class:`BackboneSpec` fields).
+SPEC_KEYS = ("timm_name", "lora_rank", "schedule_family", "display_name", "smaller", "description", "kwargs",
+             "paper_params_m")
+#: Backbone-config keys the run reads elsewhere (weights, transform, attention).
+RUN_KEYS = ("name", "weights", "image_size", "normalization", "prop_attn")
+
+
+def backbone_spec_from_config(bcfg: Mapping[str, Any]) -> BackboneSpec:
+    """The :class:`BackboneSpec` a backbone config (``conf/backbone/*.yaml``) describes.
+
+    A registered ``name`` gives its spec, with every field the config sets (not null) overriding it; an
+    unregistered name needs ``timm_name`` (any timm ViT, optionally with a pretrained tag) and
+    ``lora_rank``. ``image_size`` (when set) becomes the model's ``img_size``, so positional embeddings fit
+    the images (timm resamples pretrained ones). ``schedule_family: none`` = no preset schedules (then use
+    ``r<N>``, ``tome:...``, ``flops:<f>`` or ``speedup:<x>``). ``kwargs``: extra ``timm.create_model``
+    arguments. ``weights``, ``normalization`` and ``prop_attn`` are read by the run, not here.
+    """
+    if hasattr(bcfg, "_metadata"):  # an OmegaConf DictConfig
+        from omegaconf import OmegaConf
+
+        bcfg = OmegaConf.to_container(bcfg, resolve=True)
+    cfg = dict(bcfg)
+    unknown = sorted(set(cfg) - set(SPEC_KEYS) - set(RUN_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown backbone config key(s) {', '.join(unknown)}; valid keys: "
+                          f"{', '.join(sorted(SPEC_KEYS + RUN_KEYS))}")
+    name = cfg.get("name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"a backbone config needs a name, got {name!r}")
+    given = {k: cfg[k] for k in SPEC_KEYS if cfg.get(k) is not None}
+    if "lora_rank" in given and (isinstance(given["lora_rank"], bool) or not isinstance(given["lora_rank"], int)
+                                 or given["lora_rank"] < 1):
+        raise ConfigError(f"backbone {name!r}: lora_rank must be a positive int, got {given['lora_rank']!r}")
+    if "schedule_family" in given:
+        from .schedules import PRESETS
+
+        fam = given["schedule_family"]
+        if isinstance(fam, str) and fam.lower() == "none":
+            given["schedule_family"] = None
+        elif fam not in PRESETS:
+            raise UnknownChoiceError(f"schedule family of backbone {name!r}", str(fam), [*PRESETS, "none"])
+    if "kwargs" in given and not isinstance(given["kwargs"], Mapping):
+        raise ConfigError(f"backbone {name!r}: kwargs must be a mapping of timm.create_model arguments")
+    if "timm_name" in given and not timm.is_model(given["timm_name"]):
+        raise ConfigError(f"backbone {name!r}: timm has no model {given['timm_name']!r} (list candidates with "
+                          f"python -c \"import timm; print(timm.list_models('*{given['timm_name'].split('.')[0]}*'))\")")
+    if name in BACKBONES:
+        base = get_backbone(name)
+    elif "timm_name" in given:
+        if "lora_rank" not in given:
+            raise ConfigError(f"backbone {name!r} is not registered: give its lora_rank (the paper uses 8 for "
+                              "ViT-B, 12 for ViT-L, 4 for ViT-S)")
+        base = BackboneSpec(name, given["timm_name"], given["lora_rank"], None,
+                            description=f"timm {given['timm_name']} (from its backbone config)")
+    else:
+        raise UnknownChoiceError("backbone", name, [*BACKBONES.names(), "<any name> with timm_name=<timm model>"])
+    kwargs = {**base.kwargs, **dict(given.pop("kwargs", {}))}
+    if cfg.get("image_size") is not None:
+        size = cfg["image_size"]
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ConfigError(f"backbone {name!r}: image_size must be a positive int, got {size!r}")
+        kwargs["img_size"] = size
+    return replace(base, **given, kwargs=kwargs)
 
 
 def create_backbone(
@@ -84,16 +166,22 @@ def create_backbone(
     if isinstance(spec, str):
         spec = get_backbone(spec)
     if checkpoint is not None and pretrained:
-        raise ValueError("give either pretrained=True (hub) or checkpoint=<file>, not both")
+        raise ConfigError("give either pretrained=True (hub) or checkpoint=<file>, not both")
     if checkpoint is not None:
         checkpoint = Path(checkpoint).expanduser()
         if not checkpoint.is_file():
-            raise FileNotFoundError(f"checkpoint file not found: {checkpoint}")
+            raise InputFileNotFoundError(f"checkpoint file not found: {checkpoint}")
     kwargs = {**spec.kwargs, **overrides, "drop_path_rate": drop_path_rate}
-    if spec.timm_name is None:
-        model = VisionTransformer(num_classes=num_classes, **kwargs)
-    else:
-        model = timm.create_model(spec.timm_name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    try:
+        if spec.timm_name is None:
+            model = VisionTransformer(num_classes=num_classes, **kwargs)
+        else:
+            model = timm.create_model(spec.timm_name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    except TypeError as e:  # e.g. img_size given to a model that is no ViT
+        from .vit import UnsupportedModelError
+
+        raise UnsupportedModelError(f"backbone {spec.name!r} (timm {spec.timm_name}) cannot be built as a timm "
+                                    f"VisionTransformer with {sorted(kwargs)}: {e}") from None
     if checkpoint is not None:
         load_checkpoint(model, checkpoint, spec.name)
     return model

@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from timm.layers import PatchEmbed
 from torch import nn
 
 from ..errors import ConfigError, InputFileNotFoundError
 from .backbones import BackboneSpec, create_backbone, get_backbone, load_checkpoint
 from .lora import LORA_INITS, add_lora_to_qkv
-from .vit import num_input_tokens, num_protected_tokens, patch_vit
+from .macs import ViTGeometry
+from .vit import UnsupportedModelError, num_input_tokens, num_protected_tokens, patch_vit
 
 
 def build_model(
@@ -28,6 +30,9 @@ def build_model(
     drop_path_rate: float = 0.1,
     prop_attn: bool = True,
     method_kwargs: dict[str, Any] | None = None,
+    device: str = "cpu",
+    bench_batch_size: int | None = None,
+    bench_dtype: str = "float32",
 ) -> nn.Module:
     """Build a frozen ViT with LoRA on qkv and the chosen method applied.
 
@@ -36,10 +41,19 @@ def build_model(
         model = build_model("vit_b16_in21k", num_classes=100, method="pyra", schedule="high",
                             checkpoint="weights/ViT-B_16.npz")
 
+    From a backbone config (``conf/backbone/*.yaml``, any timm ViT)::
+
+        spec = backbone_spec_from_config(cfg.backbone)
+        model = build_model(spec, num_classes, cfg.method.name, cfg.compression,
+                            prop_attn=cfg.backbone.get("prop_attn", True), ...)
+
     ``backbone`` may also be a timm ``VisionTransformer`` instance (its head is reset to ``num_classes``).
     ``method`` is a registered name (``pyra_bench.methods.METHODS``) or a ``Method`` instance; the
     method and spec objects are attached as ``model.pyra_method`` / ``model.pyra_backbone``.
-    Only LoRA, the head(s) and the method's own parameters require gradients.
+    Only LoRA, the head(s) and the method's own parameters require gradients. ``device``,
+    ``bench_batch_size`` and ``bench_dtype``: where and how speed targets (``speedup:<x>``) are timed: the
+    run's device, its throughput batch (None: 512 on CUDA, 8 on the CPU) and dtype. The model itself is
+    built on the CPU (or the current default device) whatever ``device`` says.
     """
     from ..methods import Method, get_method
 
@@ -62,13 +76,21 @@ def build_model(
         if checkpoint is not None and not os.path.isfile(checkpoint):
             raise InputFileNotFoundError(f"checkpoint file not found: {checkpoint}")
         model = create_backbone(spec, num_classes, pretrained=pretrained, drop_path_rate=drop_path_rate)
-    patch_vit(model, prop_attn=prop_attn)
+    try:
+        patch_vit(model, prop_attn=prop_attn)
+        if not isinstance(model.patch_embed, PatchEmbed):
+            raise UnsupportedModelError(f"its patch embedding is a {type(model.patch_embed).__name__} (a hybrid "
+                                        "CNN stem?); only timm's PatchEmbed is supported")
+    except UnsupportedModelError as e:
+        arch = f" (timm {spec.timm_name})" if spec.timm_name else ""
+        raise UnsupportedModelError(f"backbone {spec.name!r}{arch} is not supported: {e}") from None
     has_cls, has_dist = num_protected_tokens(model)
 
     from ..methods import BuildContext
 
     ctx = BuildContext(spec, len(model.blocks), model.embed_dim, model.blocks[0].attn.num_heads,
-                       num_input_tokens(model), has_cls, has_dist)
+                       num_input_tokens(model), has_cls, has_dist, geometry=ViTGeometry.from_model(model),
+                       device=str(device), bench_batch_size=bench_batch_size, bench_dtype=bench_dtype, model=model)
     # Check the schedule before any further work (it is cheap and a common mistake).
     m.resolve_schedule(ctx)
     if checkpoint is not None:

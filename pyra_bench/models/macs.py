@@ -12,11 +12,19 @@ the block's reduction (``n_out``), because merging happens between the two (spec
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
+from ..errors import ConfigError
+
 #: The paper's operating points as fractions of the uncompressed backbone's MACs (spec section 8).
 BUDGETS = {"low": 0.50, "high": 0.29}
+
+
+class BudgetError(ConfigError):
+    """A FLOPs or speed target the method cannot reach on this backbone (the message says what can be)."""
 
 
 def block_macs(n_in: int, n_out: int, dim: int, attn_dim: int, mlp_hidden: int) -> int:
@@ -32,6 +40,43 @@ def vit_macs(tokens_in: Sequence[int], tokens_out: Sequence[int], dim: int, attn
     for n_in, n_out, a, h in zip(tokens_in, tokens_out, attn_dims, mlp_hiddens):
         total += block_macs(n_in, n_out, dim, a, h)
     return total + num_heads_out * dim * num_classes
+
+
+@dataclass(frozen=True)
+class ViTGeometry:
+    """The matmul shape of a (patched, unreduced) ViT: enough to count the MACs of any token schedule."""
+
+    num_tokens: int  # tokens entering block 0 (patches + prefix tokens)
+    num_patches: int
+    patch_dim: int  # in_chans * patch_h * patch_w
+    dim: int
+    attn_dims: tuple[int, ...]  # qkv width / 3, per block
+    mlp_hiddens: tuple[int, ...]  # fc1 width, per block
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> ViTGeometry:
+        pe = model.patch_embed
+        return cls(pe.num_patches + model.num_prefix_tokens, pe.num_patches,
+                   pe.proj.in_channels * pe.proj.kernel_size[0] * pe.proj.kernel_size[1], model.embed_dim,
+                   tuple(blk.attn.qkv.out_features // 3 for blk in model.blocks),
+                   tuple(blk.mlp.fc1.out_features for blk in model.blocks))
+
+    @property
+    def depth(self) -> int:
+        return len(self.attn_dims)
+
+    def macs(self, schedule: Sequence[int] | None = None) -> int:
+        """MACs of one image when block ``l`` merges ``schedule[l]`` tokens (between attention and MLP)."""
+        t_in, t_out, n = [], [], self.num_tokens
+        for r in schedule if schedule is not None else [0] * self.depth:
+            t_in.append(n)
+            n -= int(r)
+            t_out.append(n)
+        return vit_macs(t_in, t_out, self.dim, self.attn_dims, self.mlp_hiddens, self.num_patches, self.patch_dim)
+
+    def fraction(self, schedule: Sequence[int]) -> float:
+        """MACs with ``schedule`` / MACs without merging."""
+        return self.macs(schedule) / self.macs()
 
 
 def model_macs(model: nn.Module, include_head: bool = False) -> int:
@@ -56,6 +101,13 @@ def model_macs(model: nn.Module, include_head: bool = False) -> int:
     return extra + vit_macs(t_in, t_out, model.embed_dim, attn_dims, hiddens, num_patches, patch_dim, nc, heads)
 
 
+def _number(text: str, spec: Any, form: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"cannot read {spec!r}: expected {form}") from None
+
+
 def budget_fraction(spec: str | float) -> float:
     """``"low"``/``"high"``, a float in (0, 1], or ``"flops:0.4"`` -> target fraction of the backbone's MACs."""
     if isinstance(spec, (int, float)) and not isinstance(spec, bool):
@@ -63,9 +115,26 @@ def budget_fraction(spec: str | float) -> float:
     elif isinstance(spec, str) and spec in BUDGETS:
         f = BUDGETS[spec]
     elif isinstance(spec, str) and spec.startswith("flops:"):
-        f = float(spec[6:])
+        f = _number(spec[6:], spec, "'flops:<fraction of the backbone's MACs>', e.g. flops:0.4")
     else:
-        raise ValueError(f"unknown FLOPs budget {spec!r}; valid: {', '.join(BUDGETS)}, a fraction, or 'flops:<fraction>'")
+        raise ConfigError(f"unknown FLOPs budget {spec!r}; valid: {', '.join(BUDGETS)}, a fraction in (0, 1], or "
+                          "'flops:<fraction>' (e.g. flops:0.4)")
     if not 0 < f <= 1:
-        raise ValueError(f"FLOPs budget must be in (0, 1], got {f}")
+        raise ConfigError(f"a FLOPs budget is a fraction of the backbone's MACs in (0, 1], got {spec!r}")
     return f
+
+
+def operating_point(spec: Any) -> tuple[str, float] | None:
+    """A target operating point: ``"flops:<f>"`` -> ``("flops", f)``, ``"speedup:<x>"`` -> ``("speedup", x)``
+    (x > 1 times the unmerged model's measured throughput); any other form -> None (a schedule)."""
+    if not isinstance(spec, str):
+        return None
+    s = spec.strip()
+    if s.startswith("flops:"):
+        return "flops", budget_fraction(s)
+    if s.startswith("speedup:"):
+        x = _number(s[8:], spec, "'speedup:<x>', x times the unmerged model's throughput, e.g. speedup:2")
+        if not x >= 1:
+            raise ConfigError(f"a speedup target is at least 1 (times the unmerged model's throughput), got {spec!r}")
+        return "speedup", x
+    return None

@@ -10,6 +10,10 @@ Accepted forms (:func:`resolve_schedule`):
 
 A schedule asking a layer for more merges than it has mergeable tokens is an error at build time
 (:func:`check_schedule`), naming the layer and its token count.
+
+Targets instead of schedules (resolved by the merging methods against the backbone, see
+:mod:`pyra_bench.methods.tome`): ``"flops:<f>"`` -> :func:`schedule_for_macs`, the schedule whose analytic
+MACs are closest to ``f`` of the unmerged backbone's; ``"speedup:<x>"`` -> :mod:`pyra_bench.models.speedup`.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..registry import UnknownChoiceError
+from .macs import BudgetError, ViTGeometry
 from .merging import max_merge
 
 # The paper's schedules (the authors' model/tome.py get_merging_schedule), keyed by backbone family.
@@ -48,7 +53,14 @@ PRESETS: dict[str, dict[str, list[int]]] = {
 
 
 class ScheduleError(ConfigError):
-    pass
+    """A merging schedule that is malformed or that the backbone cannot run."""
+
+
+#: ToMe inflections searched for FLOPs targets: constant r (0) down to "2r in block 0, 0 in the last" (-1).
+#: Only non-increasing schedules (merge early, like the paper's "high" preset).
+INFLECTIONS: tuple[float, ...] = tuple(round(-0.1 * i, 1) for i in range(11))
+#: A FLOPs target prefers the most constant schedule among those this close to it.
+PREFER_WITHIN = 0.005
 
 
 def tome_linear_schedule(num_layers: int, r: int, inflection: float = 0.0) -> list[int]:
@@ -74,20 +86,31 @@ def resolve_schedule(spec: Any, num_layers: int, family: str | None = None) -> l
         return [spec] * num_layers
     if isinstance(spec, str):
         s = spec.strip()
+        if s.startswith(("flops:", "speedup:")):
+            raise ScheduleError(f"{s!r} is a target, not a schedule: it is resolved against the backbone by the "
+                                "merging methods (tome, pyra); give a schedule form here")
         if s.startswith("tome:"):
             r, _, inf = s[5:].partition(",")
-            return tome_linear_schedule(num_layers, int(r), float(inf or 0.0))
+            try:
+                return tome_linear_schedule(num_layers, int(r), float(inf or 0.0))
+            except ValueError:
+                raise ScheduleError(f"cannot read schedule {s!r}: expected 'tome:<int r>,<inflection>', "
+                                    "e.g. tome:16,-0.5") from None
         if s.startswith("r") and s[1:].isdigit():
             return [int(s[1:])] * num_layers
         if s.isdigit():
             return [int(s)] * num_layers
         presets = PRESETS.get(family or "", {})
         if s not in presets:
-            valid = sorted(presets) + ["none", "r<N>", "tome:<r>,<inflection>", "[r_0, ..., r_L-1]"]
+            valid = sorted(presets) + ["none", "r<N>", "tome:<r>,<inflection>", "[r_0, ..., r_L-1]",
+                                       "flops:<fraction>", "speedup:<x>"]
             raise UnknownChoiceError(f"schedule for backbone family {family!r}", s, valid)
         spec = presets[s]
     if isinstance(spec, Sequence):
-        r = [int(v) for v in spec]
+        try:
+            r = [int(v) for v in spec]
+        except (TypeError, ValueError):
+            raise ScheduleError(f"a per-layer schedule lists ints (tokens merged per block), got {spec!r}") from None
         if len(r) > num_layers:
             raise ScheduleError(f"schedule has {len(r)} entries but the backbone has {num_layers} blocks")
         return r + [0] * (num_layers - len(r))
@@ -116,3 +139,103 @@ def check_schedule(schedule: Sequence[int], num_tokens: int, num_protected: int 
             )
         n -= r
     return token_counts(schedule, num_tokens)
+
+
+def clamp_schedule(schedule: Sequence[int], num_tokens: int, num_protected: int = 1) -> list[int]:
+    """ToMe's own rule for a too large ``r``: a block merges at most what its bipartite split allows
+    (``min(r, (n - protected) // 2)``), so any ``r`` becomes a feasible schedule."""
+    out, n = [], num_tokens
+    for r in schedule:
+        r = max(0, min(int(r), max_merge(n, num_protected)))
+        out.append(r)
+        n -= r
+    return out
+
+
+def schedule_for_macs(target: float, geometry: ViTGeometry, num_protected: int = 1, tolerance: float = 0.01,
+                      backbone: str = "?") -> tuple[list[int], dict[str, Any]]:
+    """The merging schedule whose analytic MACs are closest to ``target`` (a fraction of the unmerged
+    backbone's MACs), searched over ToMe's forms, each clamped as ToMe does (:func:`clamp_schedule`):
+
+    * constant ``r`` (``r<N>``);
+    * fractional constant ``r + k/L``: ``r + 1`` in the first ``k`` blocks, ``r`` in the others (form
+      ``r<N>+<k>``), which fills the MAC steps between ``r`` and ``r + 1`` (fine steps on small backbones);
+    * ToMe's ``(r, inflection)`` for the inflections :data:`INFLECTIONS` (form ``tome:<r>,<inflection>``);
+    * if none of these is within :data:`PREFER_WITHIN` (backbones with few tokens): the closest one, refined
+      one token at a time (one more or fewer in a block, or merged in another block) while that brings the
+      MACs closer (form ``per-layer``).
+
+    Among the schedules within :data:`PREFER_WITHIN` of the target (or, if none is, the closest ones) the
+    simplest is taken: constant, then fractional constant, then the smallest ``|inflection|``, then
+    per-layer; then the closest. At 0.5 on ViT-B/16 this is the paper's "low" schedule (r16, clamped in the last block).
+    Returns ``(schedule, info)``; ``info`` holds the target, the fraction reached and the form. A target
+    below the reachable floor (every block merging as much as its bipartite split allows) or further than
+    ``tolerance`` from every reachable fraction raises :class:`~pyra_bench.models.macs.BudgetError`.
+    """
+    L, N, P = geometry.depth, geometry.num_tokens, num_protected
+    floor = geometry.fraction(clamp_schedule([N] * L, N, P))
+    if target < floor - tolerance:
+        raise BudgetError(
+            f"flops:{target:g} is below what merging can reach on backbone {backbone!r}: at most every block "
+            f"merges as many tokens as its bipartite split allows, which leaves {floor:.3f} of the MACs "
+            f"({N} tokens, {L} blocks). Ask for flops:{floor:.2f} or more.")
+    found: dict[tuple[int, ...], tuple[float, float, str]] = {}  # schedule -> (error, simplicity, form)
+
+    def add(raw: list[int], simplicity: float, form: str) -> None:
+        sched = tuple(clamp_schedule(raw, N, P))
+        if sched not in found:
+            found[sched] = (abs(geometry.fraction(sched) - target), simplicity, form)
+
+    r_max = max_merge(N, P)
+    for r in range(r_max + 1):
+        add([r] * L, 0.0, f"r{r}")
+    for r in range(r_max):
+        for k in range(1, L):
+            add([r + 1] * k + [r] * (L - k), 0.5, f"r{r}+{k}")
+    for inflection in INFLECTIONS[1:]:
+        for r in range(1, r_max + 1):
+            add(tome_linear_schedule(L, r, inflection), 1.0 + abs(inflection), f"tome:{r},{inflection:g}")
+    best = min(err for err, _, _ in found.values())
+    if best > PREFER_WITHIN:  # small backbones: refine the closest schedule one block at a time
+        refined = _refine(min(found, key=lambda sc: found[sc][0]), target, geometry, P)
+        add(refined, 2.0, "per-layer")
+        best = min(best, found[tuple(refined)][0])
+    if best > tolerance:
+        fracs = sorted({round(geometry.fraction(s), 3) for s in found})
+        below = max((f for f in fracs if f <= target), default=None)
+        above = min((f for f in fracs if f >= target), default=None)
+        raise BudgetError(
+            f"flops:{target:g} cannot be met within {tolerance:g} on backbone {backbone!r} ({N} tokens, {L} "
+            f"blocks: merging one token more or less moves the MACs in coarse steps); the nearest reachable "
+            f"fractions are {below} and {above}. Ask for one of those, or raise the tolerance "
+            "(method.kwargs.flops_tolerance).")
+    pool = [(simplicity, err, form, s) for s, (err, simplicity, form) in found.items()
+            if err <= max(best, PREFER_WITHIN)]
+    _, _, form, sched = min(pool)
+    return list(sched), {"target": target, "macs_fraction": geometry.fraction(sched), "form": form,
+                         "tolerance": tolerance}
+
+
+def _refine(schedule: Sequence[int], target: float, geometry: ViTGeometry, num_protected: int) -> list[int]:
+    """Local descent on ``|fraction - target|``: each step takes the best feasible change of one block by one
+    token (merge one more or one fewer) or of two blocks (one token merged in another block instead: a finer
+    step), until none helps."""
+    cur = list(schedule)
+    err = abs(geometry.fraction(cur) - target)
+    L = len(cur)
+    moves = [((i, d),) for i in range(L) for d in (-1, 1)] + [((i, -1), (j, 1)) for i in range(L) for j in range(L)
+                                                              if i != j]
+    while True:
+        best_err, best = err, None
+        for move in moves:
+            cand = cur.copy()
+            for i, d in move:
+                cand[i] += d
+            if min(cand) < 0 or clamp_schedule(cand, geometry.num_tokens, num_protected) != cand:
+                continue
+            e = abs(geometry.fraction(cand) - target)
+            if e < best_err - 1e-12:
+                best_err, best = e, cand
+        if best is None:
+            return cur
+        cur, err = best, best_err

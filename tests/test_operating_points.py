@@ -1,0 +1,212 @@
+"""Operating points as targets: ``flops:<f>`` (analytic MACs, checked with torch's own FLOP counter) and
+``speedup:<x>`` (timed on the CPU with the throughput protocol, cached)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch.utils.flop_counter import FlopCounterMode
+
+from pyra_bench.errors import InputError
+from pyra_bench.models import (
+    PRESETS,
+    BudgetError,
+    ScheduleError,
+    backbone_spec_from_config,
+    build_model,
+    merge_lora,
+    resolve_schedule,
+)
+from pyra_bench.models.macs import model_macs
+from pyra_bench.models.schedules import clamp_schedule, schedule_for_macs
+
+# A timm ViT the registry does not name (DeiT-3: LayerScale, no positional embedding on the class token).
+DEIT3 = {"name": "deit3_s16", "timm_name": "deit3_small_patch16_224", "lora_rank": 4, "weights": "none"}
+
+
+def _counted_macs(model: torch.nn.Module, image_size: int) -> float:
+    """MACs of one image by torch's FlopCounterMode (2 FLOPs per MAC) on the LoRA-merged model."""
+    deploy = merge_lora(model).eval()
+    x = torch.randn(1, 3, image_size, image_size, device="meta")
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        deploy(x)
+    return fc.get_total_flops() / 2
+
+
+def _meta_build(backbone, method, compression):
+    with torch.device("meta"):  # architecture only: no weights, no compute
+        return build_model(backbone, 10, method, compression)
+
+
+@pytest.fixture(scope="module")
+def unmerged_macs():
+    out = {"vit_b16": _counted_macs(_meta_build("vit_b16_in21k", "peft", "none"), 224),
+           "deit3": _counted_macs(_meta_build(backbone_spec_from_config(DEIT3), "peft", "none"), 224)}
+    # the counter sees attention too: ViT-B/16 at 224 is 17.56 G MACs (fvcore, the paper's Table 1 count)
+    assert out["vit_b16"] / 1e9 == pytest.approx(17.56, rel=0.01)
+    return out
+
+
+@pytest.mark.parametrize("backbone", ["vit_b16", "deit3"])
+@pytest.mark.parametrize("method", ["tome", "pyra"])
+@pytest.mark.parametrize("target", [0.6, 0.4])
+def test_flops_targets_land_on_target_by_torch_flop_counter(backbone, method, target, unmerged_macs):
+    spec = "vit_b16_in21k" if backbone == "vit_b16" else backbone_spec_from_config(DEIT3)
+    model = _meta_build(spec, method, f"flops:{target}")
+    reached = _counted_macs(model, 224) / unmerged_macs[backbone]
+    assert abs(reached - target) <= 0.02, (reached, model.pyra_method.schedule)
+    state = model.pyra_method.state()
+    assert state["target"]["kind"] == "flops" and state["target"]["target"] == target
+    assert state["macs_fraction"] == pytest.approx(reached, abs=0.01)  # the recorded fraction is the real one
+    assert len(state["schedule"]) == 12 and json.dumps(state)  # JSON-able for the run record
+
+
+def test_half_the_macs_of_vit_b16_is_the_papers_low_schedule():
+    model = _meta_build("vit_b16_in21k", "tome", "flops:0.5")
+    assert model.pyra_method.schedule == PRESETS["vit_b"]["low"]  # ToMe's r16, as the authors' code has it
+    assert model.pyra_method.state()["target"]["form"] == "r16"
+
+
+def test_clamp_is_tomes_rule():
+    # ToMe: r = min(r, (tokens - protected) // 2) per block; 17 tokens: 8 -> 9 tokens: 4 -> 5 tokens: 2
+    assert clamp_schedule([100, 100, 100], 17, 1) == [8, 4, 2]
+    assert clamp_schedule([3, 3, 3], 17, 1) == [3, 3, 3]
+
+
+def _brute_force_fractions() -> list[float]:
+    """Every feasible schedule of vit_tiny_test (17 tokens, 3 blocks, width 48, MLP 96, 16 patches of 8x8x3),
+    with the block MACs written out by hand: attention on the tokens entering, MLP on those leaving."""
+    D, H = 48, 96
+
+    def macs(s):
+        n, tot = 17, 16 * 192 * D
+        for r in s:
+            tot += n * D * 3 * D + 2 * n * n * D + n * D * D
+            n -= r
+            tot += 2 * n * D * H
+        return tot
+
+    full = macs([0, 0, 0])
+    return sorted({macs([a, b, c]) / full for a in range(9) for b in range((16 - a) // 2 + 1)
+                   for c in range((16 - a - b) // 2 + 1)})
+
+
+def test_flops_targets_agree_with_an_exhaustive_search_on_a_tiny_backbone():
+    geometry = build_model("vit_tiny_test", 10, "tome", "none").pyra_context.geometry
+    reachable = _brute_force_fractions()
+    for i in range(54, 100):
+        target = i / 100
+        nearest = min(abs(f - target) for f in reachable)
+        if nearest <= 0.01:
+            sched, info = schedule_for_macs(target, geometry, 1)
+            assert abs(info["macs_fraction"] - target) <= 0.01, (target, sched)
+            assert any(abs(info["macs_fraction"] - f) < 1e-12 for f in reachable)  # a real schedule
+        else:
+            with pytest.raises(BudgetError, match="nearest reachable fractions"):
+                schedule_for_macs(target, geometry, 1)
+
+
+def test_unreachable_flops_targets_are_refused_by_name():
+    with pytest.raises(BudgetError, match=r"flops:0.05 is below .* 0\.12\d of the MACs"):
+        _meta_build("vit_b16_in21k", "pyra", "flops:0.05")
+    with pytest.raises(BudgetError, match=r"flops:0.5 is below .*vit_tiny_test.* 0\.536 of the MACs"):
+        build_model("vit_tiny_test", 10, "tome", "flops:0.5")
+    for bad in ("flops:abc", "flops:1.5", "speedup:0.5", "speedup:x"):
+        with pytest.raises(InputError, match="flops|speedup"):
+            build_model("vit_tiny_test", 10, "tome", bad)
+    with pytest.raises(ScheduleError, match="a target, not a schedule"):
+        resolve_schedule("flops:0.5", 12, "vit_b")
+
+
+# -- speedup: the search logic with a deterministic timer ----------------------------------------------
+def _fake_timer(calls):
+    """measure_throughput stand-in: a forward costs its analytic MACs (1 ns per MAC, no overhead)."""
+
+    def fake(model, batch_size=8, **kw):
+        calls.append(list(model.pyra_method.schedule) if hasattr(model, "pyra_method") else None)
+        t = model_macs(model) * 1e-9 * batch_size
+        return {"img_per_s": batch_size / t, "iter_time_s": {"min": t, "median": t, "mean": t}}
+
+    return fake
+
+
+def test_speedup_search_picks_the_least_merging_that_reaches_the_target(monkeypatch, tmp_path):
+    monkeypatch.setenv("PYRA_BENCH_CACHE", str(tmp_path))
+    calls: list = []
+    monkeypatch.setattr("pyra_bench.measure.measure_throughput", _fake_timer(calls))
+    model = build_model("vit_demo_mnist", 10, "pyra", "speedup:2")
+    state = model.pyra_method.state()["target"]
+    frac = model.pyra_method.macs_fraction
+    # with time proportional to MACs, speedup = 1 / fraction: reached, and by no more than the search's
+    # resolution (0.01 of the MACs) beyond what is needed
+    assert 1 / frac >= 2 and frac >= 0.5 - 0.011
+    assert state["speedup"] == pytest.approx(1 / frac) and not state["from_cache"]
+    assert len(calls) == len(state["candidates"]) + 2 <= 12  # + the verification of base and choice
+    assert state["verified"]
+    # a second build reuses the cache: nothing is timed
+    monkeypatch.setattr("pyra_bench.measure.measure_throughput", lambda *a, **k: pytest.fail("timed again"))
+    again = build_model("vit_demo_mnist", 10, "pyra", "speedup:2")
+    assert again.pyra_method.schedule == model.pyra_method.schedule
+    assert again.pyra_method.state()["target"]["from_cache"]
+    # another batch size is another cache entry; an unreachable target is refused with what was measured
+    monkeypatch.setattr("pyra_bench.measure.measure_throughput", _fake_timer(calls))
+    with pytest.raises(BudgetError, match=r"speedup:100 is out of reach .* measured \d+\.\d\dx"):
+        build_model("vit_demo_mnist", 10, "pyra", "speedup:100", bench_batch_size=4)
+
+
+# -- speedup: real timing on the CPU -------------------------------------------------------------------
+def _small_vit() -> VisionTransformer:
+    return VisionTransformer(img_size=32, patch_size=4, embed_dim=128, depth=4, num_heads=2, num_classes=10)
+
+
+def _min_iter_time(model) -> float:
+    from pyra_bench.measure import measure_throughput
+
+    return measure_throughput(model, batch_size=8, image_size=None, warmup_s=0.05,
+                              duration_s=0.25)["iter_time_s"]["min"]
+
+
+def test_speedup_target_is_met_on_the_cpu_and_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv("PYRA_BENCH_CACHE", str(tmp_path))
+    plain = merge_lora(build_model(_small_vit(), 10, "tome", "none")).eval()
+    spread = [_min_iter_time(plain) for _ in range(3)]
+    if max(spread) > 1.25 * min(spread):  # wall-clock timing means nothing on a saturated machine
+        pytest.skip(f"CPU timing too unstable here: one model's best iteration took {min(spread) * 1e3:.1f} to "
+                    f"{max(spread) * 1e3:.1f} ms")
+    kw = {"speedup_warmup_s": 0.05, "speedup_duration_s": 0.2}
+    model = build_model(_small_vit(), 10, "tome", "speedup:1.5", method_kwargs=kw)
+    state = model.pyra_method.state()["target"]
+    assert state["speedup"] >= 1.5 and state["verified"] and state["batch_size"] == 8
+    assert state["device"].endswith("(1 thread)") and model.pyra_method.schedule != [0, 0, 0, 0]
+    # least merging: every timed schedule with more MACs than the choice missed the target
+    assert all(c["speedup"] < 1.5 for c in state["candidates"] if c["macs_fraction"] > state["macs_fraction"])
+    # independent re-measurement, interleaved (best iteration of each over 3 rounds: a shared CPU only slows)
+    chosen = merge_lora(model).eval()
+    t_plain, t_chosen = [], []
+    for _ in range(3):
+        t_plain.append(_min_iter_time(plain))
+        t_chosen.append(_min_iter_time(chosen))
+    assert min(t_plain) / min(t_chosen) >= 0.9 * 1.5, (t_plain, t_chosen)
+    cache = json.loads(next((tmp_path / "speedup").glob("*.json")).read_text())
+    assert len(cache) == 1 and "1.5" in next(iter(cache.values()))["choices"]
+    # the second build on this machine times nothing
+    monkeypatch.setattr("pyra_bench.measure.measure_throughput", lambda *a, **k: pytest.fail("timed again"))
+    again = build_model(_small_vit(), 10, "tome", "speedup:1.5", method_kwargs=kw)
+    assert again.pyra_method.schedule == model.pyra_method.schedule
+    assert again.pyra_method.state()["target"]["from_cache"]
+
+
+def test_recorded_schedule_wins_on_restore():
+    """A model rebuilt elsewhere from a record re-applies the recorded schedule (speed targets differ by device)."""
+    model = build_model("vit_tiny_test", 10, "pyra", "flops:0.7")
+    state = model.pyra_method.state()
+    other = build_model("vit_tiny_test", 10, "pyra", "r1")
+    other.pyra_method.restore(other, state)
+    other.load_state_dict(model.state_dict())  # the PYRA parameters' shapes follow the schedule
+    assert other.pyra_method.schedule == state["schedule"]
+    x = torch.randn(2, 3, 32, 32)
+    model.eval(), other.eval()
+    torch.testing.assert_close(other(x), model(x))
