@@ -285,19 +285,19 @@ def test_datamodule_validates_before_any_model_work(tmp_path):
 
 
 def test_verification_stamp_falls_back_to_the_cache_for_a_read_only_data_folder(jpg_root, tmp_path, monkeypatch):
-    from pyra_bench import records
+    from pyra_bench import fileio
     from pyra_bench.data import verify_once
 
     task = _copy_task(jpg_root, tmp_path / "data")
     monkeypatch.setenv("PYRA_BENCH_CACHE", str(tmp_path / "cache"))
-    real = records.atomic_write_json
+    real = fileio.atomic_write_text
 
     def read_only_data(path, data):
         if str(path).startswith(str(task)):
             raise PermissionError(f"read-only: {path}")
         return real(path, data)
 
-    monkeypatch.setattr(records, "atomic_write_json", read_only_data)
+    monkeypatch.setattr(fileio, "atomic_write_text", read_only_data)
     ds = VTABFolderDataset(tmp_path / "data", "digits", "val200")
     assert verify_once(ds, progress=False) is True
     assert not list(task.glob(".verified_*")) and len(list((tmp_path / "cache" / "verified").glob("*.json"))) == 1
