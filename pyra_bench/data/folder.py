@@ -193,8 +193,8 @@ def to_rgb(img: Image.Image, path: str | os.PathLike = "<image>") -> Image.Image
     if mode not in _MODES_8BIT:
         raise UnsupportedImageModeError(
             f"image {path} has PIL mode {mode!r}, which has no fixed 8-bit range: converting it to RGB would "
-            "clip its values (a black-and-white image). Save the image as 8-bit RGB or greyscale (or 16-bit "
-            "greyscale PNG, which is scaled to 8 bits), e.g. with the task's prepare command")
+            "clip its values (a black-and-white image). Save the image as 8-bit RGB or greyscale (or as a "
+            "16-bit greyscale PNG, which is scaled to 8 bits)")
     return img.convert("RGB")  # forces a full decode (a truncated JPEG fails here)
 
 
