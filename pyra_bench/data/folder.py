@@ -127,7 +127,7 @@ def read_split_file(path: str | os.PathLike, num_classes: int | None = None,
     out: list[tuple[str, int]] = []
     first_line: dict[str, tuple[int, int]] = {}  # normalised path -> (line, label) of its first listing
     dups: list[tuple[str, int, int, int, int]] = []  # (path, first line, first label, line, label)
-    for n, line in enumerate(text.split("\n"), 1):
+    for n, line in enumerate(re.split(r"\r\n|\r|\n", text), 1):
         line = line.strip()
         if not line:
             continue
