@@ -29,6 +29,15 @@ class UnknownOptionError(InputError, TypeError):
     """A keyword option that a method or component does not take."""
 
 
+class OptionTypeError(InputError, TypeError):
+    """An option value of the wrong type (e.g. a string where a number is needed); the message names the
+    option, the value and the type it must have."""
+
+
+class OutputPathError(InputError, OSError):
+    """A folder or file the run must write cannot be made there (not a folder, not writable, ...)."""
+
+
 def exit_on_input_error(e: InputError, prog: str = "pyra_bench") -> None:
     """Print ``e`` as a one-paragraph error and exit with status 2 (re-raise under ``HYDRA_FULL_ERROR=1``)."""
     if os.environ.get("HYDRA_FULL_ERROR") == "1":

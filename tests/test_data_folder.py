@@ -285,20 +285,233 @@ def test_datamodule_validates_before_any_model_work(tmp_path):
 
 
 def test_verification_stamp_falls_back_to_the_cache_for_a_read_only_data_folder(jpg_root, tmp_path, monkeypatch):
-    from pyra_bench import records
+    from pyra_bench import fileio
     from pyra_bench.data import verify_once
 
     task = _copy_task(jpg_root, tmp_path / "data")
     monkeypatch.setenv("PYRA_BENCH_CACHE", str(tmp_path / "cache"))
-    real = records.atomic_write_json
+    real = fileio.atomic_write_text
 
     def read_only_data(path, data):
         if str(path).startswith(str(task)):
             raise PermissionError(f"read-only: {path}")
         return real(path, data)
 
-    monkeypatch.setattr(records, "atomic_write_json", read_only_data)
+    monkeypatch.setattr(fileio, "atomic_write_text", read_only_data)
     ds = VTABFolderDataset(tmp_path / "data", "digits", "val200")
     assert verify_once(ds, progress=False) is True
     assert not list(task.glob(".verified_*")) and len(list((tmp_path / "cache" / "verified").glob("*.json"))) == 1
     assert verify_once(ds, progress=False) is False  # remembered in the cache
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Split lists that would give a wrong result: duplicated lines, paths outside the task, not UTF-8
+# ---------------------------------------------------------------------------------------------------------
+def _copy_lists(src_root, dst_root, images=()):
+    """A copy of the digits task's split lists (and of the listed ``images`` only): cheap, for tests that
+    never read the other images (datasets built with ``check_files=False``)."""
+    import shutil
+
+    task = dst_root / "digits"
+    (task / "images").mkdir(parents=True)
+    for f in (src_root / "digits").glob("*.txt"):
+        shutil.copy(f, task / f.name)
+    for rel in images:
+        (task / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src_root / "digits" / rel, task / rel)
+    return task
+
+
+def test_duplicated_lines_are_refused_naming_file_lines_and_entry(jpg_root, tmp_path):
+    from pyra_bench.data.folder import DuplicateEntryError
+
+    task = _copy_lists(jpg_root, tmp_path)
+    lines = (task / "test.txt").read_text().splitlines()
+    assert len(lines) == 797
+    (task / "test.txt").write_text("\n".join(lines + lines) + "\n")  # the list concatenated twice
+    with pytest.raises(DuplicateEntryError) as e:
+        VTABFolderDataset(tmp_path, "digits", "test", check_files=False)
+    msg = str(e.value)
+    assert "test.txt" in msg and "797 duplicated entries (first 5 shown)" in msg
+    assert "'images/test/000000.jpg' on lines 1 and 798" in msg and "--overwrite" in msg
+    assert isinstance(e.value, SplitFormatError) and isinstance(e.value, ValueError)
+    # the same image spelt differently, with another label: still one image listed twice
+    rel, label = lines[3].rsplit(" ", 1)
+    (task / "test.txt").write_text("\n".join(lines + [f"./{rel} {(int(label) + 1) % 10}"]) + "\n")
+    with pytest.raises(DuplicateEntryError, match=rf"1 duplicated entry: '{rel}' on lines 4 and 798 \(labels"):
+        VTABFolderDataset(tmp_path, "digits", "test", check_files=False)
+
+
+@pytest.mark.parametrize("bad", ["/etc/passwd", "../digits/images/test/000000.jpg", "images/../../x.jpg",
+                                 "C:\\images\\x.jpg", "images\\..\\..\\x.jpg"])
+def test_paths_leaving_the_task_folder_are_refused(jpg_root, tmp_path, bad):
+    from pyra_bench.data.folder import UnsafePathError
+
+    task = _copy_lists(jpg_root, tmp_path)
+    lines = (task / "val200.txt").read_text().splitlines()
+    lines[2] = f"{bad} 3"
+    (task / "val200.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(UnsafePathError) as e:
+        VTABFolderDataset(tmp_path, "digits", "val200", check_files=False)
+    msg = str(e.value)
+    assert "val200.txt:3" in msg and repr(bad) in msg and ("absolute" in msg or "'..'" in msg)
+
+
+def test_a_list_that_is_not_utf8_is_refused_with_the_byte_offset(jpg_root, tmp_path):
+    from pyra_bench.data.folder import SplitEncodingError
+
+    task = _copy_lists(jpg_root, tmp_path)
+    data = (task / "train800.txt").read_bytes()
+    first = data.index(b"\n") + 1  # start of line 2
+    (task / "train800.txt").write_bytes(data[:first] + "images/train800/caf\u00e9.jpg 1\n".encode("latin-1")
+                                        + data[first:])
+    offset = first + len("images/train800/caf")
+    with pytest.raises(SplitEncodingError) as e:
+        VTABFolderDataset(tmp_path, "digits", "train800", check_files=False)
+    msg = str(e.value)
+    assert "train800.txt" in msg and f"byte offset {offset} (line 2)" in msg and "UTF-8" in msg
+    # a UTF-8 byte-order mark (Windows editors) is fine
+    (task / "train800.txt").write_bytes(b"\xef\xbb\xbf" + data)
+    assert VTABFolderDataset(tmp_path, "digits", "train800", check_files=False).samples[0][0].name == "000000.jpg"
+
+
+def test_labels_are_ascii_integers(jpg_root, tmp_path):
+    task = _copy_lists(jpg_root, tmp_path)
+    (task / "val200.txt").write_text("images/val200/000000.jpg \u0663\n")  # int() would read Arabic-Indic 3
+    with pytest.raises(SplitFormatError, match="val200.txt:1"):
+        VTABFolderDataset(tmp_path, "digits", "val200")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Image modes PIL converts lossily, and images past PIL's size limit
+# ---------------------------------------------------------------------------------------------------------
+def _as_16bit_png(src, dst, scale=257):
+    """Rewrite the 8-bit grey image ``src`` as a 16-bit greyscale PNG ``dst`` (v -> v * scale)."""
+    a8 = np.asarray(Image.open(src).convert("L"), dtype=np.uint16)
+    Image.fromarray(a8 * scale).save(dst)  # a uint16 array -> PIL mode I;16
+    return a8
+
+
+def test_16bit_png_gives_the_same_input_and_prediction_as_its_8bit_version(png_root, tmp_path):
+    from pyra_bench.models import create_backbone
+
+    _copy_lists(png_root, tmp_path)
+    ds8 = VTABFolderDataset(png_root, "digits", "test", transform=build_transform(32))
+    ds16 = VTABFolderDataset(tmp_path, "digits", "test", transform=build_transform(32), check_files=False)
+    idx = [0, 1, 2, 100, 796]
+    for j in idx:
+        ds16.samples[j][0].parent.mkdir(parents=True, exist_ok=True)
+        _as_16bit_png(ds8.samples[j][0], ds16.samples[j][0])
+    path = ds16.samples[0][0]
+    with Image.open(path) as img:
+        assert img.mode == "I;16"  # the premise: this really is a 16-bit image ...
+        naive = np.asarray(img.convert("RGB"))  # ... that PIL's own conversion turns black and white
+    assert set(np.unique(naive)) <= {0, 255} and len(np.unique(np.asarray(Image.open(ds8.samples[0][0])))) > 2
+    x8 = torch.stack([ds8[j][0] for j in idx])
+    x16 = torch.stack([ds16[j][0] for j in idx])
+    assert torch.equal(x8, x16)  # v * 257 >> 8 == v: the same tensor after the transform
+    model = create_backbone("vit_tiny_test", 10).eval()
+    with torch.no_grad():
+        assert torch.equal(model(x8).argmax(-1), model(x16).argmax(-1))
+
+
+def test_16bit_values_are_scaled_to_8bit_within_one_level(png_root, tmp_path):
+    """Arbitrary 16-bit values (not multiples of 257) land within 1/255 of their exact 8-bit value."""
+    _copy_lists(png_root, tmp_path, images=["images/val200/000000.png"])
+    ds = VTABFolderDataset(tmp_path, "digits", "val200", check_files=False)
+    rng = np.random.default_rng(0)
+    a16 = rng.integers(0, 65536, (8, 8), dtype=np.uint16)
+    Image.fromarray(a16).save(ds.samples[0][0])
+    rgb = np.asarray(ds[0][0], dtype=np.float64)
+    assert rgb.shape == (8, 8, 3) and (rgb[..., 0] == rgb[..., 2]).all()
+    assert np.abs(rgb[..., 0] - a16 / 65535 * 255).max() <= 1.0
+
+
+@pytest.mark.parametrize("mode,dtype", [("F", np.float32), ("I", np.int32)])
+def test_modes_without_an_8bit_range_are_refused_by_name(jpg_root, tmp_path, mode, dtype):
+    """32-bit integer and float images (e.g. TIFF) have no fixed range: refused, not clipped to black/white."""
+    from pyra_bench.data.folder import UnsupportedImageModeError
+
+    task = _copy_lists(jpg_root, tmp_path, images=["images/test/000000.jpg"])
+    Image.fromarray(np.full((8, 8), 300, dtype=dtype)).save(task / "images" / "test" / "odd.tif")
+    (task / "test.txt").write_text("images/test/000000.jpg 0\nimages/test/odd.tif 1\n")
+    ds = VTABFolderDataset(tmp_path, "digits", "test")
+    ds[0]
+    with pytest.raises(UnsupportedImageModeError, match=rf"odd\.tif has PIL mode '{mode}'"):
+        ds[1]
+    with pytest.raises(CorruptImageError, match=r"(?s)1 undecodable.*odd\.tif"):
+        verify_images(ds)
+
+
+@pytest.mark.parametrize("limit", [40, 20])  # 8x8 = 64 pixels: PIL warns above the limit, raises above twice it
+def test_images_past_the_decompression_bomb_limit_are_refused_by_name(jpg_root, monkeypatch, limit):
+    import warnings
+
+    from pyra_bench.data.folder import ImageTooLargeError
+
+    ds = VTABFolderDataset(jpg_root, "digits", "val200")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no raw DecompressionBombWarning either
+        with pytest.raises(ImageTooLargeError) as e:
+            ds[3]
+    assert "000003.jpg" in str(e.value) and "MAX_IMAGE_PIXELS" in str(e.value)
+    assert isinstance(e.value, CorruptImageError)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64)
+    assert ds[3][0].size == (8, 8)  # at the limit: fine
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Files are made with the user's umask
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def umask():
+    """Set the process umask for one test (restored afterwards)."""
+    import os
+
+    old = os.umask(0o022)
+    yield os.umask
+    os.umask(old)
+
+
+def _mode(p) -> int:
+    import stat
+
+    return stat.S_IMODE(p.stat().st_mode)
+
+
+def test_prepared_task_folder_follows_the_umask(tmp_path, umask):
+    """umask 022: folders 0755, files 0644 -- what mkdir / open() give (tempfile.mkdtemp would give 0700)."""
+    from pyra_bench.data import verify_once
+
+    umask(0o022)
+    task = write_digits_folder(tmp_path / "data")  # staged in a temporary folder, renamed at the end
+    assert _mode(task) == 0o755 and _mode(task / "images" / "val200") == 0o755
+    assert _mode(task / "val200.txt") == 0o644 and _mode(task / "meta.json") == 0o644
+    assert _mode(task / "images" / "val200" / "000000.jpg") == 0o644
+    assert not list((tmp_path / "data").glob(".digits.*"))
+    verify_once(VTABFolderDataset(tmp_path / "data", "digits", "val200"), progress=False)
+    assert _mode(task / ".verified_val200.json") == 0o644
+
+
+def test_staged_task_folder_follows_another_umask(tmp_path, umask):
+    from pyra_bench.data.prepare import staged_task_folder, write_meta, write_split_list
+
+    umask(0o027)
+    with staged_task_folder(tmp_path, "dtd") as tmp:
+        assert _mode(tmp) == 0o750  # already while staged
+        write_split_list(tmp / "test.txt", [("images/test/000000.jpg", 1)])
+        write_meta(tmp, {"task": "dtd"})
+    assert _mode(tmp_path / "dtd") == 0o750 and _mode(tmp_path / "dtd" / "test.txt") == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dtd"]
+
+
+def test_a_failed_staging_leaves_no_temporary_folder(tmp_path, umask):
+    from pyra_bench.data.prepare import staged_task_folder
+
+    umask(0o022)
+    with pytest.raises(RuntimeError, match="disk full"):
+        with staged_task_folder(tmp_path, "dtd") as tmp:
+            (tmp / "train800.txt").write_text("x 0\n")
+            raise RuntimeError("disk full")
+    assert list(tmp_path.iterdir()) == []

@@ -4,6 +4,7 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from pyra_bench.errors import ConfigError
 from pyra_bench.models import build_model, create_backbone, get_backbone, merge_lora
 from pyra_bench.models.lora import LoRALinear, lora_modules
 
@@ -86,7 +87,7 @@ def test_lora_init_options():
     assert torch.count_nonzero(auth.lora_b.weight) > 0
     # timm/torch trunc_normal_(std=0.02) cuts at +-2 *absolute*, i.e. effectively a plain N(0, 0.02^2)
     assert abs(auth.lora_b.weight.std().item() - 0.02) < 0.001
-    with pytest.raises(ValueError, match="valid choices"):
+    with pytest.raises(ConfigError, match="valid choices"):  # an InputError that is still a ValueError
         LoRALinear(8, 24, 4, init="bogus")
 
 

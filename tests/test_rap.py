@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from pyra_bench.errors import ConfigError
 from pyra_bench.methods.rap import RaPMethod, decode_mask, encode_mask, prune_block
 from pyra_bench.methods.spvit import BudgetError
 from pyra_bench.models import build_model, count_parameters
@@ -183,7 +184,7 @@ def test_budget_errors():
         _build("high")  # tiny backbone: one head + 8 MLP channels per block is 31.7 % of the MACs
     with pytest.raises(BudgetError, match="FLOPs budget"):
         _build("none")
-    with pytest.raises(ValueError, match="valid choices"):
+    with pytest.raises(ConfigError, match="valid choices"):  # an InputError that is still a ValueError
         _build("low", criterion="taylor")
 
 
@@ -237,7 +238,7 @@ def test_parameter_count_by_hand():
 
 
 def test_method_constructor_checks():
-    with pytest.raises(ValueError, match="retrain_params"):
+    with pytest.raises(ConfigError, match="retrain_params"):
         RaPMethod("low", retrain_params="everything")
 
 

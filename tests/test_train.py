@@ -12,9 +12,9 @@ from hydra import compose, initialize_config_dir
 
 from pyra_bench.errors import InputError
 from pyra_bench.export import load_inference_model
+from pyra_bench.factory import make_datamodule
 from pyra_bench.methods import METHODS
 from pyra_bench.records import atomic_write_json, iter_records, read_record
-from pyra_bench.factory import make_datamodule
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = str(ROOT / "conf")

@@ -7,15 +7,33 @@ Paths in the lists are relative to ``<root>/<task>``. Images are stored at nativ
 RGB. Everything that can be checked without decoding images (folder, split list, label range, listed
 files) is checked when the dataset is built, i.e. before any training; an undecodable image raises
 :class:`CorruptImageError` naming the file when it is read (or up front with :func:`verify_images`).
+
+Split lists are refused (naming the file and the lines) when they are not UTF-8, list an image twice (it
+would count twice in training and in the test accuracy) or name a path outside the task folder (absolute,
+or with ``..``). Images are converted to RGB as PIL does, except where PIL's conversion loses the image:
+
+* 16-bit greyscale (PIL modes ``I;16*``, and ``I`` read from a 16-bit PNG) is scaled to 8 bits by keeping
+  the high byte (``v >> 8``), as PIL itself reads a 16-bit *colour* PNG (``RGB;16B`` -> ``RGB``); PIL's
+  ``convert("RGB")`` would clip every value above 255 to white, leaving a black-and-white image;
+* other modes without a fixed 8-bit range (``I`` 32-bit integers, ``F`` floats, ...) are refused by name
+  (:class:`UnsupportedImageModeError`);
+* images larger than PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) are refused by name
+  (:class:`ImageTooLargeError`), instead of a raw ``DecompressionBombError`` / warning.
 """
 
 from __future__ import annotations
 
+import codecs
 import os
+import posixpath
+import re
+import threading
+import warnings
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -37,6 +55,26 @@ class LabelOutOfRangeError(ConfigError):
 
 class SplitFormatError(ConfigError):
     """A split list line is not ``<relative/path> <int label>``."""
+
+
+class SplitEncodingError(SplitFormatError):
+    """A split list is not UTF-8 text; the message names the file and the byte offset."""
+
+
+class DuplicateEntryError(SplitFormatError):
+    """A split list names the same image on more than one line."""
+
+
+class UnsafePathError(SplitFormatError):
+    """A split list names a path outside its task folder (absolute, or with ``..``)."""
+
+
+class UnsupportedImageModeError(CorruptImageError):
+    """An image whose PIL mode has no lossless conversion to 8-bit RGB (e.g. 32-bit integer or float)."""
+
+
+class ImageTooLargeError(CorruptImageError):
+    """An image past PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``)."""
 
 
 def prepare_command(task: str, root: str | os.PathLike) -> str:
@@ -77,28 +115,120 @@ def find_task_dir(root: str | os.PathLike, task: str | TaskSpec) -> Path:
     raise DataNotFoundError(f"task folder not found: {candidates[0]}{also}\n  {_how_to_make(spec, root)}")
 
 
+_LABEL = re.compile(r"[+-]?[0-9]+")  # ASCII digits only (int() would also take "١" or "1_000")
+
+
+def _rebuild_hint(path: Path, task: str) -> str:
+    """How to rebuild the task a split list belongs to (``<root>/<task>/<split>.txt``)."""
+    if task == "?":
+        return "rebuild the task with python -m pyra_bench.data.prepare ... --overwrite"
+    return f"rebuild the task with:  {prepare_command(task, path.parent.parent)} --overwrite"
+
+
+def _unsafe_path(rel: str) -> str | None:
+    """Why ``rel`` leaves the task folder (None if it does not)."""
+    win = PureWindowsPath(rel)
+    if rel.startswith(("/", "\\")) or win.drive or PurePosixPath(rel).is_absolute():
+        return "an absolute path"
+    if ".." in PurePosixPath(rel).parts or ".." in win.parts:
+        return "a path with '..'"
+    return None
+
+
 def read_split_file(path: str | os.PathLike, num_classes: int | None = None,
                     task: str = "?") -> list[tuple[str, int]]:
-    """Parse a split list into ``(relative path, label)`` pairs, validating format and label range."""
+    """Parse a split list into ``(relative path, label)`` pairs, validating it.
+
+    Refused, naming the file and the line(s): a file that is not UTF-8 (:class:`SplitEncodingError`, with
+    the byte offset; a UTF-8 byte-order mark is accepted), a line that is not ``<relative/path> <int
+    label>`` (:class:`SplitFormatError`), a label outside ``[0, num_classes)`` (:class:`LabelOutOfRangeError`),
+    a path outside the task folder (:class:`UnsafePathError`), an image listed twice
+    (:class:`DuplicateEntryError`). Paths are returned normalised (``./a//b.jpg`` -> ``a/b.jpg``).
+    """
     path = Path(path)
+    data = path.read_bytes()
+    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        text = data[start:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        offset = start + e.start
+        line = data.count(b"\n", 0, offset) + 1
+        raise SplitEncodingError(
+            f"{path} is not UTF-8 text: byte offset {offset} (line {line}) is {data[offset:offset + 1]!r} "
+            f"({e.reason}). A split list is UTF-8 lines '<relative/path.jpg> <int label>'; re-save it as UTF-8 "
+            f"(e.g. iconv -f latin1 -t utf-8) or {_rebuild_hint(path, task)}") from None
     out: list[tuple[str, int]] = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            parts = line.rsplit(None, 1)
-            try:
-                rel, label = parts[0], int(parts[1])
-            except (IndexError, ValueError):
-                raise SplitFormatError(
-                    f"{path}:{n}: expected '<relative/path.jpg> <int label>', got {line!r}") from None
-            if num_classes is not None and not 0 <= label < num_classes:
-                raise LabelOutOfRangeError(
-                    f"{path}:{n}: label {label} is outside [0, {num_classes}) for task {task!r} "
-                    f"({num_classes} classes); the folder does not belong to this task or is damaged")
-            out.append((rel, label))
+    first_line: dict[str, tuple[int, int]] = {}  # normalised path -> (line, label) of its first listing
+    dups: list[tuple[str, int, int, int, int]] = []  # (path, first line, first label, line, label)
+    for n, line in enumerate(re.split(r"\r\n|\r|\n", text), 1):
+        line = line.strip()
+        if not line:
+            continue
+        parts = line.rsplit(None, 1)
+        if len(parts) != 2 or not _LABEL.fullmatch(parts[1]):
+            raise SplitFormatError(
+                f"{path}:{n}: expected '<relative/path.jpg> <int label>', got {line!r}")
+        rel, label = parts[0], int(parts[1])
+        if num_classes is not None and not 0 <= label < num_classes:
+            raise LabelOutOfRangeError(
+                f"{path}:{n}: label {label} is outside [0, {num_classes}) for task {task!r} "
+                f"({num_classes} classes); the folder does not belong to this task or is damaged")
+        why = _unsafe_path(rel)
+        if why is not None:
+            raise UnsafePathError(
+                f"{path}:{n}: {rel!r} is {why}: split lists name images by paths relative to the task folder "
+                f"{path.parent} (e.g. 'images/test/000000.jpg'), never outside it; fix the line or "
+                f"{_rebuild_hint(path, task)}")
+        rel = posixpath.normpath(rel)
+        if rel in first_line:
+            dups.append((rel, *first_line[rel], n, label))
+        else:
+            first_line[rel] = (n, label)
+        out.append((rel, label))
+    if dups:
+        shown = "; ".join(
+            f"{rel!r} on lines {a} and {b}" + (f" (labels {la} and {lb})" if la != lb else "")
+            for rel, a, la, b, lb in dups[:5])
+        raise DuplicateEntryError(
+            f"{path}: {len(dups)} duplicated entr{'y' if len(dups) == 1 else 'ies'}"
+            f"{' (first 5 shown)' if len(dups) > 5 else ''}: {shown}. Each image must be listed once (a "
+            f"repeated line counts the image twice, in training and in the accuracy); remove the repeated "
+            f"lines or {_rebuild_hint(path, task)}")
     return out
+
+
+# 16-bit greyscale modes, scaled to 8 bits by their high byte (see the module docstring)
+_MODES_16BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+# modes PIL converts to RGB without clipping their range
+_MODES_8BIT = frozenset({"1", "L", "P", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LA", "La", "PA"})
+_OPEN_LOCK = threading.Lock()
+
+
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """``PIL.Image.open`` with the decompression-bomb warning raised as an error.
+
+    ``warnings.catch_warnings`` changes process-wide state, so opening is serialised; it reads only the
+    header, and the decoding (``convert``/``load``) still runs in parallel threads.
+    """
+    with _OPEN_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return Image.open(path)
+
+
+def to_rgb(img: Image.Image, path: str | os.PathLike = "<image>") -> Image.Image:
+    """The fully decoded image as 8-bit RGB (see the module docstring for 16-bit and refused modes)."""
+    mode = img.mode
+    if mode in _MODES_16BIT or (mode == "I" and img.format == "PNG"):  # PNG stores at most 16 bits per sample
+        a = np.asarray(img)
+        if a.size and (a.min() < 0 or a.max() > 0xFFFF):
+            raise UnsupportedImageModeError(f"image {path} (mode {mode}) has values outside 0..65535")
+        return Image.fromarray((a.astype(np.uint16) >> 8).astype(np.uint8), "L").convert("RGB")
+    if mode not in _MODES_8BIT:
+        raise UnsupportedImageModeError(
+            f"image {path} has PIL mode {mode!r}, which has no fixed 8-bit range: converting it to RGB would "
+            "clip its values (a black-and-white image). Save the image as 8-bit RGB or greyscale (or as a "
+            "16-bit greyscale PNG, which is scaled to 8 bits)")
+    return img.convert("RGB")  # forces a full decode (a truncated JPEG fails here)
 
 
 class VTABFolderDataset(Dataset):
@@ -163,13 +293,23 @@ class VTABFolderDataset(Dataset):
         return len(self.samples)
 
     def load_image(self, index: int) -> Image.Image:
-        """The fully decoded RGB image; :class:`CorruptImageError` names an undecodable file."""
+        """The fully decoded 8-bit RGB image (:func:`to_rgb`); :class:`CorruptImageError` (or one of its
+        subclasses) names an undecodable, too large or unsupported file."""
         path = self.samples[index][0]
         try:
-            with Image.open(path) as img:
-                return img.convert("RGB")  # forces a full decode (a truncated JPEG fails here)
+            with open_image(path) as img:
+                return to_rgb(img, path)
+        except InputError:
+            raise
         except FileNotFoundError as e:
-            raise DataNotFoundError(f"image file disappeared: {path}") from e
+            raise DataNotFoundError(f"image file disappeared: {path}\n  Rebuild the task with:  "
+                                    f"{prepare_command(self.task, self.root)} --overwrite") from e
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ImageTooLargeError(
+                f"image {path} is too large to decode safely: {e} (PIL.Image.MAX_IMAGE_PIXELS = "
+                f"{Image.MAX_IMAGE_PIXELS}). VTAB-1k images are far smaller, so the file is damaged or not a "
+                f"task image: rebuild the task with  {prepare_command(self.task, self.root)} --overwrite  (or, "
+                "if such images are intended, raise PIL.Image.MAX_IMAGE_PIXELS)") from None
         except (OSError, SyntaxError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
             raise CorruptImageError(f"corrupt or undecodable image {path}: {e}") from e
 
@@ -234,7 +374,7 @@ def verify_once(dataset: VTABFolderDataset, progress: bool = True, workers: int 
     invalidates the stamp. Returns True if it decoded now."""
     import json
 
-    from ..records import atomic_write_json
+    from .. import fileio
 
     key = _verify_key(dataset)
     stamps = _stamp_paths(dataset)
@@ -247,7 +387,7 @@ def verify_once(dataset: VTABFolderDataset, progress: bool = True, workers: int 
     verify_images(dataset, progress=progress, workers=workers)
     for stamp in stamps:
         try:
-            atomic_write_json(stamp, key)
+            fileio.atomic_write_text(stamp, json.dumps(key, indent=2) + "\n")
             break
         except OSError:  # not writable: try the next place; nowhere -> verify again next time
             continue

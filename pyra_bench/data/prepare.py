@@ -33,7 +33,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
@@ -45,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from ..fileio import fsync_dir, make_dir, make_temp_dir
 from .tasks import SPLITS, TaskSpec, derive_label, get_task, resolve_tasks
 
 META_FILE = "meta.json"
@@ -85,14 +85,15 @@ def staged_task_folder(root: str | os.PathLike, task: str, overwrite: bool = Fal
     """Yield a hidden temporary folder next to ``<root>/<task>``; rename it to ``<root>/<task>`` on success.
 
     On any exception (or Ctrl-C) the temporary folder is removed. Leftovers of a killed run
-    (``<root>/.<task>.partial-*``) are removed first.
+    (``<root>/.<task>.partial-*``) are removed first. The folder is made with the user's umask (``0o777 &
+    ~umask``, as ``mkdir`` would; ``tempfile.mkdtemp`` would leave the finished task 0700, unreadable to the
+    rest of a lab), and the rename is made durable by an fsync of ``root``.
     """
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    root = make_dir(root, "data root")
     final = root / task
     for stale in root.glob(f".{task}.partial-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{task}.partial-", dir=root))
+    tmp = make_temp_dir(root, prefix=f".{task}.partial-")
     try:
         yield tmp
         if final.exists():
@@ -101,9 +102,11 @@ def staged_task_folder(root: str | os.PathLike, task: str, overwrite: bool = Fal
             old = root / f".{task}.old-{os.getpid()}"
             os.replace(final, old)
             os.replace(tmp, final)
+            fsync_dir(root)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
+            fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from ..errors import ConfigError
 from .base import METHODS, BuildContext, Method
 
 
@@ -9,7 +12,19 @@ from .base import METHODS, BuildContext, Method
 class PEFT(Method):
     name = "peft"
 
+    def __init__(self, schedule: Any = "none", **kwargs: Any):
+        super().__init__(schedule, **kwargs)
+        self._check_compression()
+
+    def _check_compression(self) -> None:
+        spec = self.schedule_spec
+        none = spec is None or (isinstance(spec, str) and spec.strip().lower() in ("none", "", "0")) or (
+            not isinstance(spec, bool) and isinstance(spec, int) and spec == 0)
+        if not none:
+            others = ", ".join(n for n in METHODS.names() if n != self.name)
+            raise ConfigError(f"method 'peft' does not compress, so compression={spec!r} is not allowed: it must be "
+                              f"none (fix: set compression=none, or choose a compressing method: {others})")
+
     def resolve_schedule(self, ctx: BuildContext) -> list[int]:
-        if self.schedule_spec not in (None, "none", 0, "0"):
-            raise ValueError(f"method 'peft' does not compress; got schedule={self.schedule_spec!r} (use 'none')")
+        self._check_compression()
         return [0] * ctx.depth

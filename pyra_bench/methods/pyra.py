@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from ..models.pyra import MODULATORS, build_modulator
+from ..models.pyra import build_modulator, check_modulator_options
 from .base import METHODS, BuildContext
 from .tome import ToMe
 
@@ -21,8 +21,7 @@ class PYRAMethod(ToMe):
     def __init__(self, schedule: Any = "high", variant: str = "full", wr_init: str = "uniform",
                  ln_eps: float = 1e-5, **kwargs: Any):
         super().__init__(schedule, **kwargs)
-        MODULATORS.get(variant)  # fail early with the list of variants
-        self.variant, self.wr_init, self.ln_eps = variant, wr_init, ln_eps
+        self.variant, self.wr_init, self.ln_eps = check_modulator_options(variant, wr_init, ln_eps)  # fail early
 
     def make_modulator(self, r: int, ctx: BuildContext) -> nn.Module:
         return build_modulator(self.variant, r, ctx.dim, wr_init=self.wr_init, ln_eps=self.ln_eps)

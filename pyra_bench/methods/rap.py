@@ -69,9 +69,11 @@ from timm.layers import Mlp
 from torch import nn
 
 from ..models.lora import LoRALinear
-from ..models.macs import budget_fraction, model_macs, vit_macs
+from ..models.macs import model_macs, vit_macs
+from ..models.vit import UnsupportedModelError
+from ..option_checks import OptionChecker
 from .base import METHODS, BuildContext, Method, Stage
-from .spvit import BudgetError
+from .spvit import BudgetError, parse_budget
 
 STAGES = ("lora", "prune", "retrain")
 RETRAIN_SETS = ("lora", "lora+bias", "lora+bias+norm")
@@ -164,6 +166,29 @@ def l1_mlp_scores(blk: nn.Module) -> torch.Tensor:
     return (_lin_weight(blk.mlp.fc1).abs().sum(1) + _lin_weight(blk.mlp.fc2).abs().sum(0)).cpu()
 
 
+def check_device(o: OptionChecker, name: str, device: Any) -> str:
+    """``auto``, ``cpu``, ``cuda``, ``cuda:<i>`` or ``mps``, and present on this machine."""
+    rule = "auto, cpu, cuda, cuda:<index> or mps (a device this machine has)"
+    if not isinstance(device, str):
+        o.wrong_type(name, device, rule)
+    if device == "auto":
+        return device
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        o.fail(name, device, rule)
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (dev.index or 0) >= n:
+            o.fail(name, device, rule, why=f"this machine has {n} CUDA device(s)")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            o.fail(name, device, rule, why="MPS is not available here")
+    elif dev.type != "cpu":
+        o.fail(name, device, rule)
+    return device
+
+
 def encode_mask(indices: list[int]) -> str:
     """Sorted channel indices -> hexadecimal bit mask (bit i set = channel i kept)."""
     return format(sum(1 << int(i) for i in indices), "x")
@@ -195,19 +220,22 @@ class RaPMethod(Method):
                  device: str = "auto", max_draws: int = 20000, lora_epochs: float = 1.0,
                  prune_epochs: float = 0.0, retrain_epochs: float = 1.0, **kwargs: Any):
         super().__init__(schedule, **kwargs)
-        if criterion not in CRITERIA:
-            raise ValueError(f"unknown RaP criterion {criterion!r}; valid choices: {', '.join(CRITERIA)}")
-        if retrain_params not in RETRAIN_SETS:
-            raise ValueError(f"unknown retrain_params {retrain_params!r}; valid choices: {', '.join(RETRAIN_SETS)}")
-        if not 0 < min_ratio <= 1:
-            raise ValueError(f"min_ratio must be in (0, 1], got {min_ratio}")
-        if int(num_candidates) < 1:
-            raise ValueError("num_candidates must be >= 1")
-        self.num_candidates, self.eval_batches = int(num_candidates), int(eval_batches)
-        self.criterion, self.min_ratio, self.budget_tolerance = criterion, float(min_ratio), float(budget_tolerance)
-        self.mlp_unit_opt, self.seed, self.retrain_params = mlp_unit, int(seed), retrain_params
-        self.device, self.max_draws = device, int(max_draws)
-        self.epochs = {"lora": float(lora_epochs), "prune": float(prune_epochs), "retrain": float(retrain_epochs)}
+        o = OptionChecker(f"method {self.name!r}", prefix="method.kwargs")
+        self.num_candidates = o.integer("num_candidates", num_candidates, low=1)
+        self.eval_batches = o.integer("eval_batches", eval_batches, low=0)
+        self.criterion = o.choice("criterion", criterion, CRITERIA)
+        self.min_ratio = o.number("min_ratio", min_ratio, low=0, high=1, low_open=True)
+        self.budget_tolerance = o.number("budget_tolerance", budget_tolerance, low=0)
+        self.mlp_unit_opt = o.integer("mlp_unit", mlp_unit, low=1, none=True)
+        self.seed = o.integer("seed", seed)
+        self.retrain_params = o.choice("retrain_params", retrain_params, RETRAIN_SETS)
+        self.device = check_device(o, "device", device)
+        self.max_draws = o.integer("max_draws", max_draws, low=1)
+        self.epochs = {s: o.number(f"{s}_epochs", v, low=0)
+                       for s, v in (("lora", lora_epochs), ("prune", prune_epochs), ("retrain", retrain_epochs))}
+        if parse_budget(schedule, self.name) is None:  # the form, before any work
+            raise BudgetError("method 'rap' prunes channels to a FLOPs budget: use compression=low|high|"
+                              f"flops:<fraction>, got compression={schedule!r}")
         self.stage = "init"
         self.budget: float | None = None
         self.candidates: list[dict[str, Any]] = []
@@ -219,27 +247,27 @@ class RaPMethod(Method):
 
     # -- building -----------------------------------------------------------------------------------
     def resolve_schedule(self, ctx: BuildContext) -> list[int]:
-        spec = self.schedule_spec
-        if spec is None or (isinstance(spec, str) and spec.lower() in ("none", "", "0")):
-            raise BudgetError("method 'rap' prunes channels to a FLOPs budget: use compression=low|high|"
-                              f"flops:<fraction>, got {spec!r}")
-        budget_fraction(spec)
+        parse_budget(self.schedule_spec, self.name)  # the form (checked at construction too)
         return [0] * ctx.depth
 
     def apply(self, model: nn.Module, ctx: BuildContext) -> None:
         self.schedule = self.resolve_schedule(ctx)
-        self.budget = budget_fraction(self.schedule_spec)
+        self.budget = parse_budget(self.schedule_spec, self.name)
         blocks = list(model.blocks)
         self.heads_full = [b.attn.num_heads for b in blocks]
         self.head_dims = [b.attn.head_dim for b in blocks]
         self.hidden_full = [b.mlp.fc1.out_features for b in blocks]
         for i, b in enumerate(blocks):
             if type(b.mlp) is not Mlp:
-                raise TypeError(f"rap: block {i} has a {type(b.mlp).__name__}; only timm's plain Mlp is supported")
+                raise UnsupportedModelError(f"rap: block {i} has a {type(b.mlp).__name__} MLP; only timm's plain "
+                                            "Mlp can be channel-pruned: use a plain ViT backbone with method=rap")
         self.units = [int(self.mlp_unit_opt) if self.mlp_unit_opt else auto_mlp_unit(h) for h in self.hidden_full]
         for u, h in zip(self.units, self.hidden_full):
             if h % u:
-                raise ValueError(f"rap: mlp_unit {u} does not divide the MLP width {h}")
+                divisors = [d for d in range(1, max(1, h // 12) + 1) if h % d == 0][-4:]
+                OptionChecker("method 'rap'", "method.kwargs").fail(
+                    "mlp_unit", u, f"null (auto) or a divisor of the MLP width {h}, e.g. {divisors}",
+                    why=f"it does not divide the MLP width {h} of backbone {ctx.backbone.name!r}")
         pe = model.patch_embed
         self._tokens = ctx.num_tokens
         self._dim = ctx.dim

@@ -75,9 +75,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ..models.macs import block_macs, budget_fraction, model_macs, vit_macs
+from ..models.macs import BUDGETS, block_macs, budget_fraction, model_macs, vit_macs
 from ..models.merging import TokenReducer
 from ..models.vit import set_token_reducers
+from ..option_checks import OptionChecker
 from .base import METHODS, BuildContext, Method, Stage
 
 #: The masked-token size in soft (training) mode: log(EPS) = -13.8 as a key bias.
@@ -86,7 +87,33 @@ STAGES = ("lora", "prune", "retrain")
 
 
 class BudgetError(ConfigError):
-    """A FLOPs budget the method cannot reach with its configuration."""
+    """A FLOPs budget the method cannot reach with its configuration, or a compression that is no budget."""
+
+
+def is_no_budget(spec: Any) -> bool:
+    """``compression=none`` in any of its spellings (None, ``"none"``, ``""``, ``"0"``, ``0``)."""
+    if isinstance(spec, bool):
+        return False
+    if isinstance(spec, str):
+        return spec.strip().lower() in ("none", "", "0")
+    return spec is None or spec == 0
+
+
+def parse_budget(spec: Any, method: str) -> float | None:
+    """The MACs fraction a budget method's ``compression`` asks for (None for ``none``).
+
+    Anything that is not a budget (``"r16"``, ``"flops:1.5"``, ``True``, ...) is a :class:`BudgetError`
+    naming the value and the accepted forms.
+    """
+    if is_no_budget(spec):
+        return None
+    try:
+        return budget_fraction(spec)
+    except ValueError as e:
+        forms = ", ".join(f"{k} ({100 * v:g} % of the backbone's MACs)" for k, v in BUDGETS.items())
+        raise BudgetError(
+            f"method {method!r}: compression={spec!r} is not a FLOPs budget ({e}). Use compression= one of "
+            f"{forms}, or flops:<fraction> with the fraction in (0, 1], e.g. compression=flops:0.4") from None
 
 
 class TokenSelector(nn.Module):
@@ -239,12 +266,21 @@ class SPViTMethod(Method):
                  budget_tolerance: float = 0.01, lora_epochs: float = 1.0, prune_epochs: float = 0.5,
                  retrain_epochs: float = 0.5, **kwargs: Any):
         super().__init__(schedule, **kwargs)
-        self.selector_blocks_opt = None if selector_blocks is None else [int(b) for b in selector_blocks]
-        self.selector_hidden_opt = float(selector_hidden)
-        self.keep_ratios_opt = None if keep_ratios is None else [float(r) for r in keep_ratios]
-        self.ratio_weight, self.flops_weight, self.tau = float(ratio_weight), float(flops_weight), float(tau)
-        self.budget_tolerance = float(budget_tolerance)
-        self.epochs = {"lora": float(lora_epochs), "prune": float(prune_epochs), "retrain": float(retrain_epochs)}
+        o = OptionChecker(f"method {self.name!r}", prefix="method.kwargs")
+        self.selector_blocks_opt = o.integers("selector_blocks", selector_blocks, low=0, none=True)
+        if self.selector_blocks_opt is not None and sorted(set(self.selector_blocks_opt)) != self.selector_blocks_opt:
+            o.fail("selector_blocks", self.selector_blocks_opt, "a list of increasing block indices, e.g. [2, 5, 8]")
+        self.selector_hidden_opt = o.number("selector_hidden", selector_hidden, low=0, low_open=True)
+        self.keep_ratios_opt = o.numbers("keep_ratios", keep_ratios, low=0, high=1, low_open=True, none=True)
+        self.ratio_weight = o.number("ratio_weight", ratio_weight, low=0)
+        self.flops_weight = o.number("flops_weight", flops_weight, low=0)
+        self.tau = o.number("tau", tau, low=0, low_open=True)
+        self.budget_tolerance = o.number("budget_tolerance", budget_tolerance, low=0)
+        self.epochs = {s: o.number(f"{s}_epochs", v, low=0)
+                       for s, v in (("lora", lora_epochs), ("prune", prune_epochs), ("retrain", retrain_epochs))}
+        if parse_budget(schedule, self.name) is None and self.keep_ratios_opt is None:  # the form, before any work
+            raise BudgetError(f"method 'spvit' prunes tokens to a FLOPs budget: use compression=low|high|"
+                              f"flops:<fraction> (or give method.kwargs.keep_ratios), got compression={schedule!r}")
         self.stage = "init"
         # filled by apply()
         self.budget: float | None = None
@@ -256,25 +292,23 @@ class SPViTMethod(Method):
 
     # -- building -----------------------------------------------------------------------------------
     def resolve_schedule(self, ctx: BuildContext) -> list[int]:
-        spec = self.schedule_spec
-        if spec is None or (isinstance(spec, str) and spec.lower() in ("none", "", "0")):
-            if self.keep_ratios_opt is None:
-                raise BudgetError("method 'spvit' prunes tokens to a FLOPs budget: use compression=low|high|"
-                                  f"flops:<fraction> (or give keep_ratios), got {spec!r}")
-        else:
-            budget_fraction(spec)  # validates the form
+        parse_budget(self.schedule_spec, self.name)  # the form (checked at construction too)
+        o = OptionChecker(f"method {self.name!r}", prefix="method.kwargs")
         blocks = self.selector_blocks_opt or default_selector_blocks(ctx.depth)
-        if sorted(set(blocks)) != list(blocks) or blocks[0] < 0 or blocks[-1] >= ctx.depth:
-            raise ValueError(f"selector_blocks must be increasing block indices in [0, {ctx.depth}), got {blocks}")
+        if blocks[-1] >= ctx.depth:
+            o.fail("selector_blocks", blocks, f"increasing block indices in [0, {ctx.depth})",
+                   why=f"the backbone {ctx.backbone.name!r} has {ctx.depth} blocks")
         if self.keep_ratios_opt is not None and len(self.keep_ratios_opt) != len(blocks):
-            raise ValueError(f"{len(self.keep_ratios_opt)} keep_ratios for {len(blocks)} selector blocks")
+            o.fail("keep_ratios", self.keep_ratios_opt, f"a list of {len(blocks)} kept fractions, one per selector "
+                   f"block {blocks}", why=f"{len(self.keep_ratios_opt)} ratios for {len(blocks)} selectors")
         return [0] * ctx.depth
 
     def apply(self, model: nn.Module, ctx: BuildContext) -> None:
         self.schedule = self.resolve_schedule(ctx)
         if not all(getattr(blk.attn, "prop_attn", False) for blk in model.blocks):
-            raise ValueError("spvit needs proportional attention (prop_attn=True): its training-time token "
-                             "masks and package-token sizes enter attention as log(size) key biases")
+            raise ConfigError("spvit needs proportional attention (prop_attn=True): its training-time token "
+                              "masks and package-token sizes enter attention as log(size) key biases; build "
+                              "the model with prop_attn=True (the default)")
         self.selector_blocks = self.selector_blocks_opt or default_selector_blocks(ctx.depth)
         self.num_prefix = ctx.num_protected
         self.num_patches = ctx.num_tokens - ctx.num_protected
@@ -283,9 +317,7 @@ class SPViTMethod(Method):
         self._geometry = _Geometry.from_model(model, self.num_prefix)
         self.full_macs = model_macs(model)
         self.floor_fraction = self._fraction([1] * len(self.selector_blocks))
-        spec = self.schedule_spec
-        no_budget = spec is None or (isinstance(spec, str) and spec.lower() in ("none", "", "0"))
-        self.budget = None if no_budget else budget_fraction(spec)
+        self.budget = parse_budget(self.schedule_spec, self.name)
         if self.keep_ratios_opt is not None:
             self.keep = self._monotone([round(r * self.num_patches) for r in self.keep_ratios_opt])
         else:

@@ -18,7 +18,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..option_checks import OptionChecker
+from .vit import UnsupportedModelError
+
 LORA_INITS = ("standard", "authors")
+
+
+def check_lora_options(rank: object, alpha: object = None, dropout: object = 0.0,
+                       init: object = "standard") -> tuple[int, float | None, float, str]:
+    """Validate LoRA's options (cheap; call before building anything); returns them converted.
+
+    ``rank``: an integer >= 1 (config ``backbone.lora_rank``); ``alpha``: a number > 0 or None (= rank);
+    ``dropout``: in [0, 1) (``trainer.lora_dropout``); ``init``: one of :data:`LORA_INITS` (``trainer.lora_init``).
+    Raises :class:`~pyra_bench.errors.OptionTypeError` / :class:`~pyra_bench.errors.ConfigError`.
+    """
+    o = OptionChecker("LoRA")
+    return (o.integer("rank", rank, low=1, key="backbone.lora_rank (or lora_rank= of build_model)"),
+            o.number("alpha", alpha, low=0, low_open=True, none=True, key="lora_alpha= of build_model"),
+            o.number("dropout", dropout, low=0, high=1, high_open=True, key="trainer.lora_dropout"),
+            o.choice("init", init, LORA_INITS, key="trainer.lora_init"))
 
 
 class LoRALinear(nn.Linear):
@@ -36,9 +54,8 @@ class LoRALinear(nn.Linear):
         device=None,
         dtype=None,
     ):
+        rank, alpha, dropout, init = check_lora_options(rank, alpha, dropout, init)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        if rank <= 0:
-            raise ValueError(f"LoRA rank must be positive, got {rank}")
         self.rank = rank
         self.alpha = float(rank if alpha is None else alpha)
         self.scale = self.alpha / rank
@@ -69,7 +86,7 @@ class LoRALinear(nn.Linear):
             nn.init.trunc_normal_(self.lora_a.weight, std=0.02)
             nn.init.trunc_normal_(self.lora_b.weight, std=0.02)
         else:
-            raise ValueError(f"unknown LoRA init {init!r}; valid choices: {', '.join(LORA_INITS)}")
+            OptionChecker("LoRA").choice("init", init, LORA_INITS, key="trainer.lora_init")
 
     def delta_weight(self) -> torch.Tensor:
         """``scale * B @ A`` in float32, shape (out, in)."""
@@ -105,7 +122,8 @@ def add_lora_to_qkv(model: nn.Module, rank: int, **kwargs) -> list[str]:
         if isinstance(qkv, LoRALinear):
             raise ValueError(f"block {i} already has LoRA on qkv")
         if type(qkv) is not nn.Linear:
-            raise TypeError(f"block {i}: expected attn.qkv to be nn.Linear, found {type(qkv).__name__}")
+            raise UnsupportedModelError(f"block {i}: LoRA needs attn.qkv to be a plain nn.Linear, found "
+                                        f"{type(qkv).__name__}; use a timm ViT with a fused qkv Linear")
         blk.attn.qkv = LoRALinear.from_linear(qkv, rank, **kwargs)
         names.append(f"blocks.{i}.attn.qkv")
     return names

@@ -33,9 +33,21 @@ import math
 import torch
 from torch import nn
 
+from ..option_checks import OptionChecker
 from ..registry import Registry
 
 MODULATORS: Registry[type[nn.Module]] = Registry("PYRA variant")
+WR_INITS = ("uniform", "normal", "zeros")
+
+
+def check_modulator_options(variant: object = "full", wr_init: object = "uniform",
+                            ln_eps: object = 1e-5) -> tuple[str, str, float]:
+    """Validate PYRA's options (``method.kwargs.variant/wr_init/ln_eps``); returns them converted."""
+    o = OptionChecker("method 'pyra'", prefix="method.kwargs")
+    if not isinstance(variant, str):
+        o.wrong_type("variant", variant, f"one of the valid choices: {', '.join(MODULATORS.names())}")
+    MODULATORS.get(variant)  # UnknownChoiceError (a KeyError) listing the variants
+    return variant, o.choice("wr_init", wr_init, WR_INITS), o.number("ln_eps", ln_eps, low=0, low_open=True)
 
 
 class _Modulator(nn.Module):
@@ -64,7 +76,7 @@ def _init_wr(w: torch.Tensor, init: str) -> None:
     elif init == "zeros":
         nn.init.zeros_(w)
     else:
-        raise ValueError(f"unknown W_r init {init!r}; valid choices: uniform, normal, zeros")
+        OptionChecker("method 'pyra'", prefix="method.kwargs").choice("wr_init", init, WR_INITS)
 
 
 @MODULATORS.register("full")
@@ -170,6 +182,7 @@ PYRA_VARIANTS = MODULATORS.names()
 
 
 def build_modulator(variant: str, r: int, dim: int, **kwargs) -> nn.Module:
+    check_modulator_options(variant, kwargs.get("wr_init", "uniform"), kwargs.get("ln_eps", 1e-5))
     cls = MODULATORS.get(variant)
     if cls is PYRA or issubclass(cls, PYRA):
         kwargs = {k: v for k, v in kwargs.items() if k in ("wr_init", "ln_eps")}

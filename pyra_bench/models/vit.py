@@ -26,7 +26,11 @@ from .merging import TokenReducer
 
 
 class UnsupportedModelError(InputError, TypeError):
-    pass
+    """A backbone the token-reducing patch (or a method) cannot handle; the message says what it needs."""
+
+
+_PLAIN_VIT = ("use a plain timm VisionTransformer with a class token and a class-token head (e.g. the "
+              "registered backbones: pyra_bench.models.BACKBONES)")
 
 
 class ReducingAttention(Attention):
@@ -99,24 +103,32 @@ def patch_vit(model: VisionTransformer, prop_attn: bool = True) -> VisionTransfo
     if isinstance(model, ReducingViTMixin):
         return model
     if not isinstance(model, VisionTransformer):
-        raise UnsupportedModelError(f"expected a timm VisionTransformer, got {type(model).__name__}")
+        raise UnsupportedModelError(f"expected a timm VisionTransformer, got {type(model).__name__}; {_PLAIN_VIT}")
     has_cls, has_dist = num_protected_tokens(model)
     if not has_cls:
         raise UnsupportedModelError(
-            "models without a class token are not supported (token merging protects the class token)")
+            "models without a class token (class_token=False) are not supported: token merging protects the "
+            f"class token and the head reads it; {_PLAIN_VIT}")
     if getattr(model, "reg_token", None) is not None or getattr(model, "num_reg_tokens", 0):
-        raise UnsupportedModelError("ViTs with register tokens are not supported")
+        raise UnsupportedModelError(
+            f"ViTs with register tokens (reg_tokens={getattr(model, 'num_reg_tokens', '?')}) are not supported: "
+            f"merging would mix them into the image tokens; {_PLAIN_VIT}")
     if model.global_pool != "token" or getattr(model, "attn_pool", None) is not None:
         raise UnsupportedModelError(
             f"global_pool={model.global_pool!r} is not supported: merged tokens would be pooled unweighted; "
             "create the model with global_pool='token' (class-token head), as the PYRA code does")
     if model.num_prefix_tokens != int(has_cls) + int(has_dist):
-        raise UnsupportedModelError(f"unexpected number of prefix tokens ({model.num_prefix_tokens})")
+        raise UnsupportedModelError(
+            f"unexpected number of prefix tokens ({model.num_prefix_tokens}; expected class "
+            f"{int(has_cls)} + distillation {int(has_dist)}); {_PLAIN_VIT}")
     for i, blk in enumerate(model.blocks):
         if type(blk) is not Block:
-            raise UnsupportedModelError(f"block {i} is a {type(blk).__name__}; only timm's plain Block is supported")
+            raise UnsupportedModelError(
+                f"block {i} is a {type(blk).__name__}; only timm's plain Block is supported; {_PLAIN_VIT}")
         if type(blk.attn) is not Attention or getattr(blk.attn, "gate", None) is not None:
-            raise UnsupportedModelError(f"block {i}: only timm's plain (ungated) Attention is supported")
+            raise UnsupportedModelError(
+                f"block {i} has a {type(blk.attn).__name__} attention; only timm's plain (ungated) Attention is "
+                f"supported; {_PLAIN_VIT}")
         if not hasattr(blk.attn, "norm"):  # timm < 1.0.16 has no output norm (scale_norm): an identity
             blk.attn.norm = nn.Identity()
         blk.attn.__class__ = ReducingAttention

@@ -1,0 +1,139 @@
+"""Files and folders made as a plain ``open()`` / ``mkdir`` would make them, but safely.
+
+* :func:`atomic_write_bytes` / :func:`atomic_write_text`: the data goes to a temporary file in the target's
+  folder, is fsynced and renamed over the target (``os.replace``), then the folder is fsynced so the rename
+  itself survives a crash. A reader sees the old file or the new one, never half of it; any failure (a
+  full disk, Ctrl-C) removes the temporary file.
+* :func:`make_dir`: ``mkdir -p``; a path that exists but is not a folder, or cannot be made, is an
+  :class:`~pyra_bench.errors.OutputPathError` naming it.
+* :func:`make_temp_dir`: a fresh, uniquely named folder (like ``tempfile.mkdtemp``).
+* :func:`check_writable_dir`: whether a folder can be made / written, without writing anything.
+
+Permissions. ``tempfile.mkstemp`` / ``mkdtemp`` create 0600 / 0700 (private) entries, so a renamed temp
+file ends up unreadable to the rest of a lab. Here temporary files are created with ``os.open(...,
+O_CREAT | O_EXCL, 0o666)`` and folders with ``os.mkdir(..., 0o777)``: the kernel applies the user's umask
+(and a default ACL, where the folder has one) exactly as for ``open()`` / ``mkdir``, so a file ends as
+``0o666 & ~umask`` (0644 under umask 022) and a folder as ``0o777 & ~umask`` (0755). Reading the umask
+(``os.umask`` has to *set* it to read it, a race with other threads) is never needed. A replaced file
+gets these permissions too, not the old file's.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+from .errors import OutputPathError
+
+_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a folder (makes a rename or a new entry in it durable); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # Windows, or a file system that does not allow it
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # e.g. EINVAL on some network file systems
+        pass
+    finally:
+        os.close(fd)
+
+
+def make_dir(path: str | os.PathLike, what: str = "folder") -> Path:
+    """Create ``path`` and its parents (``0o777 & ~umask``, like ``mkdir -p``); return it as a Path.
+
+    ``what`` names the folder in the error (e.g. ``"results folder"``).
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # exists, but is not a folder (mkdir's exist_ok only accepts folders)
+        raise OutputPathError(f"{what} {path} exists but is not a folder; remove it or choose another path") from None
+    except NotADirectoryError:
+        raise OutputPathError(f"cannot make {what} {path}: a part of the path is a file, not a folder; "
+                              "choose another path") from None
+    except PermissionError as e:
+        raise OutputPathError(f"cannot make {what} {path}: permission denied ({e.filename}); choose a folder "
+                              "you can write") from None
+    except OSError as e:
+        raise OutputPathError(f"cannot make {what} {path}: {e.strerror or e}") from None
+    return path
+
+
+def check_writable_dir(path: str | os.PathLike, what: str = "folder") -> Path:
+    """Raise :class:`OutputPathError` unless ``path`` is a writable folder or could be made as one.
+
+    Nothing is created: the nearest existing ancestor must be a writable, searchable folder.
+    """
+    path = Path(path)
+    p = path
+    while not p.exists():
+        if p.is_symlink():  # a dangling link: mkdir would fail
+            raise OutputPathError(f"{what} {path}: {p} is a broken symbolic link; fix or remove it")
+        if p.parent == p:
+            break
+        p = p.parent
+    if not p.is_dir():
+        if p == path:
+            raise OutputPathError(f"{what} {path} exists but is not a folder; remove it or choose another path")
+        raise OutputPathError(f"cannot make {what} {path}: {p} is a file, not a folder; choose another path")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{what} {path}: {'it' if p == path else p} is not writable by this user; "
+                              "choose a folder you can write (or fix its permissions)")
+    return path
+
+
+def make_temp_dir(parent: str | os.PathLike, prefix: str = "tmp") -> Path:
+    """A new folder ``<parent>/<prefix><random>`` with ``0o777 & ~umask`` (``mkdtemp`` would give 0700)."""
+    for _ in range(100):
+        p = Path(parent) / f"{prefix}{secrets.token_hex(6)}"
+        try:
+            os.mkdir(p, 0o777)
+            return p
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary folder name {prefix}* in {parent}")
+
+
+def _temp_file(folder: Path, name: str) -> tuple[int, Path]:
+    for _ in range(100):
+        tmp = folder / f".{name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, _FILE_FLAGS, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary file name .{name}.*.tmp in {folder}")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (see the module docstring); missing parent folders are made.
+
+    The file ends with ``0o666 & ~umask``. On any failure the temporary file is removed and the old
+    ``path`` (if any) is untouched.
+    """
+    path = Path(path)
+    folder = make_dir(path.parent)
+    fd, tmp = _temp_file(folder, path.name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_dir(folder)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """:func:`atomic_write_bytes` of ``text`` encoded (no newline translation)."""
+    return atomic_write_bytes(path, text.encode(encoding))
