@@ -208,6 +208,9 @@ def format_report(rec: dict[str, Any]) -> str:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="bench")
 def main(cfg: DictConfig) -> float | None:
     try:
+        from .checks import check_bench_config
+
+        check_bench_config(cfg)
         if cfg.bench.get("run"):
             recs = bench_runs(cfg)
             return (recs[-1].get("throughput") or {}).get("img_per_s")

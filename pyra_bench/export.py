@@ -88,6 +88,9 @@ def load_inference_model(path: str | os.PathLike, map_location: str | torch.devi
     except Exception as e:  # noqa: BLE001
         raise CheckpointFormatError(f"{tensors_path} is not a readable safetensors file ({e})") from e
     cfg = OmegaConf.create(meta["config"])
+    if isinstance(cfg.get("compression"), str) and str(cfg.compression).startswith("speedup:") \
+            and meta["method_state"].get("schedule") is not None:  # the schedule chosen then, not a new search
+        cfg.compression = list(meta["method_state"]["schedule"])
     num_classes = int(cfg.task.get("num_classes") or get_task(cfg.task.name).num_classes)
     model = make_model(cfg, num_classes, pretrained=False, checkpoint=None)
     method = model.pyra_method

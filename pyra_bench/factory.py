@@ -160,11 +160,12 @@ def make_trainer(cfg: DictConfig, *, max_epochs: int, callbacks: list, loggers: 
 def make_datamodule(cfg: DictConfig, task: str | None = None):
     """The data module of the run's task (or of another ``task``: a stage trained on other data)."""
     from .data import VTABDataModule, get_task
+    from .data.tasks import task_spec_from_config
 
     t = cfg.trainer
     train_split, eval_split = PROTOCOLS[cfg.get("protocol", "final")]
-    if task in (None, cfg.task.name):
-        task, source = cfg.task.name, cfg.task.source
+    if task in (None, cfg.task.name):  # the run's own task, as its config describes it
+        task, source = task_spec_from_config(OmegaConf.to_container(cfg.task, resolve=True)), cfg.task.source
     else:
         source = "embedded" if get_task(task).source == "embedded" else "folder"
     return VTABDataModule(
@@ -218,11 +219,23 @@ def make_method(cfg: DictConfig):
 def make_model(cfg: DictConfig, num_classes: int, pretrained: bool, checkpoint: str | None):
     """The frozen backbone with LoRA and the method applied (:func:`pyra_bench.models.build_model`)."""
     from .models import build_model
+    from .models.backbones import backbone_spec_from_config
 
-    t = cfg.trainer
+    t, tp = cfg.trainer, cfg.get("throughput") or {}
     return build_model(
-        cfg.backbone.name, num_classes, make_method(cfg),
-        lora_rank=cfg.backbone.get("lora_rank"), lora_dropout=t.lora_dropout, lora_init=t.lora_init,
-        pretrained=pretrained, checkpoint=checkpoint, drop_path_rate=t.drop_path,
-        prop_attn=bool(cfg.backbone.get("prop_attn", True)),
+        backbone_spec_from_config(OmegaConf.to_container(cfg.backbone, resolve=True)), num_classes, make_method(cfg),
+        lora_dropout=t.lora_dropout, lora_init=t.lora_init, pretrained=pretrained, checkpoint=checkpoint,
+        drop_path_rate=t.drop_path, prop_attn=bool(cfg.backbone.get("prop_attn", True)),
+        device=run_device(cfg), bench_batch_size=tp.get("batch_size"), bench_dtype=str(tp.get("dtype", "float32")),
     )
+
+
+def run_device(cfg: DictConfig) -> str:
+    """Where the run computes (``cuda`` when it trains on a GPU, else ``cpu``): speed targets are timed there."""
+    try:
+        import torch
+
+        accel = str(cfg.trainer.get("accelerator", "auto"))
+        return "cuda" if torch.cuda.is_available() and accel in ("auto", "gpu", "cuda") else "cpu"
+    except Exception:  # noqa: BLE001
+        return "cpu"

@@ -34,7 +34,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from . import factory
 from .errors import CheckpointFormatError, ConfigError, InputFileNotFoundError, SettingsMismatchError
 from .identity import (
-    PROTOCOLS,
     compression_str,
     describe_diff,
     git_state,
@@ -103,19 +102,10 @@ def assign_identity(cfg: DictConfig) -> tuple[str, Path]:
 
 
 def _check_values(cfg: DictConfig) -> None:
-    protocol = cfg.get("protocol", "final")
-    if protocol not in PROTOCOLS:
-        raise ConfigError(f"unknown protocol {protocol!r}; valid choices: {', '.join(PROTOCOLS)}")
-    try:
-        from .checks import check_run_config
-    except ImportError:
-        pass
-    else:
-        check_run_config(cfg)
+    from .checks import check_run_config
+
+    check_run_config(cfg)
     factory.check_trainer_options(cfg)
-    evaluation = cfg.trainer.get("evaluation", "every_n")
-    if evaluation not in EVALUATIONS:
-        raise ConfigError(f"unknown trainer.evaluation {evaluation!r}; valid choices: {', '.join(EVALUATIONS)}")
 
 
 def _check_chaining(cfg: DictConfig, method: str, names: list[str]) -> tuple[str | None, int, Path | None]:
@@ -206,10 +196,12 @@ def check(cfg: DictConfig, fresh: bool = False) -> Plan:
     plan.stop_after, plan.init_index, plan.init_path = _check_chaining(cfg, method.name, [s.name for s in plan.stages])
     plan.stage_data = {s.task: factory.make_datamodule(cfg, s.task) for s in plan.stages
                        if s.task and s.task != cfg.task.name}
+    _check_eval_epochs(cfg, plan.stages)
+    timm_name = getattr(model.pyra_backbone, "timm_name", None)
     del model
     # weights: a missing file fails here; the source (with its hash) is part of the run's settings
     plan.pretrained, plan.checkpoint = factory.resolve_weights(cfg.backbone)
-    plan.weights = weights_source(cfg.backbone.get("weights"), plan.checkpoint, _timm_name(cfg))
+    plan.weights = weights_source(cfg.backbone.get("weights"), plan.checkpoint, timm_name)
     plan.settings = result_settings(cfg, plan.weights)
     _check_record(plan)
     if plan.skip is not None:
@@ -223,13 +215,16 @@ def check(cfg: DictConfig, fresh: bool = False) -> Plan:
     return plan
 
 
-def _timm_name(cfg: DictConfig) -> str | None:
-    from .models import get_backbone
-
-    try:
-        return get_backbone(cfg.backbone.name).timm_name
-    except Exception:  # noqa: BLE001 - a config-defined backbone may carry its own
-        return cfg.backbone.get("timm_name")
+def _check_eval_epochs(cfg: DictConfig, stages: list) -> None:
+    """``trainer.eval_epochs`` count global epochs: each must fall inside the run's stages."""
+    listed = cfg.trainer.get("eval_epochs")
+    if cfg.trainer.get("evaluation", "every_n") != "epochs" or not listed:
+        return
+    total = sum(_stage_epochs(cfg, s) for s in stages)
+    outside = [int(e) for e in listed if not 1 <= int(e) <= total]
+    if outside:
+        raise ConfigError(f"trainer.eval_epochs={list(listed)}: {outside} outside the run's {total} epochs "
+                          f"(global epochs over its stages: {', '.join(s.name for s in stages)})")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -467,17 +462,14 @@ def command_line_overrides() -> list[str]:
 
 
 def make_record(plan: Plan, model, results: StageResults, measured: dict[str, Any]) -> dict[str, Any]:
-    from .data import get_task
 
     cfg, method = plan.cfg, model.pyra_method
     protocol = cfg.get("protocol", "final")
     t = cfg.trainer
-    try:
-        backbone_label = get_backbone_label(cfg)
-    except Exception:  # noqa: BLE001
-        backbone_label = str(cfg.backbone.name)
+    spec = getattr(model, "pyra_backbone", None)
+    backbone_label = str(cfg.backbone.get("display_name") or (spec.label if spec is not None else cfg.backbone.name))
     return {
-        "run_id": plan.run_id, "status": "completed", "task": cfg.task.name, "group": get_task(cfg.task.name).group,
+        "run_id": plan.run_id, "status": "completed", "task": cfg.task.name, "group": plan.datamodule.spec.group,
         "backbone": cfg.backbone.name, "backbone_label": backbone_label,
         "method": cfg.method.name, "method_key": method_key(cfg.method), "method_label": type(method).label(),
         "method_options": method_options(cfg.method),
@@ -499,16 +491,6 @@ def make_record(plan: Plan, model, results: StageResults, measured: dict[str, An
         "created": utc_now(), "versions": software_versions(), "wall_time_s": round(time.time() - plan.started, 1),
         "run_dir": str(plan.run_dir),
     }
-
-
-def get_backbone_label(cfg: DictConfig) -> str:
-    label = cfg.backbone.get("display_name")
-    if label:
-        return str(label)
-    from .models import get_backbone
-
-    spec = get_backbone(cfg.backbone.name)
-    return getattr(spec, "display_name", None) or spec.name
 
 
 def log_summary(rec: dict, path: Path) -> None:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -42,39 +41,11 @@ from typing import Any
 SCHEMA_VERSION = 1
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically: a temp file in the same folder (made with the user's umask,
-    like a plain ``open``), fsync, ``os.replace``, fsync of the folder. A reader never sees a half-written
-    file; a crash or a full disk leaves the old file (or none) and no temp file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-    return path
+    """Write ``text`` atomically, with the user's umask (:func:`pyra_bench.fileio.atomic_write_text`)."""
+    from .fileio import atomic_write_text as write
+
+    return write(path, text)
 
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:

@@ -30,12 +30,6 @@ from .paths import CONF_DIR
 
 log = logging.getLogger("pyra_bench")
 
-#: Rough GPU hours of one 100-epoch VTAB-1k run (1,000 training images, 11 test evaluations) on one
-#: RTX 3090 / A100-class GPU, from the paper's throughputs and the recipe; token-merging methods train
-#: about 1.3x faster, the three-stage baselines take about twice the epochs. Estimates, not measurements.
-GPU_HOURS_PER_100_EPOCHS = {"vit_s16_in21k": 0.08, "deit_s16_distilled": 0.08, "vit_b16_in21k": 0.25,
-                            "vit_b16_mae": 0.25, "deit_b16_distilled": 0.25, "vit_l16_in21k": 0.8, "vit_l16_mae": 0.8}
-METHOD_FACTOR = {"tome": 0.75, "pyra": 0.77, "peft": 1.0, "spvit": 2.0, "rap": 2.0, "diffrate": 1.1}
 
 
 def _compose(overrides: list[str], hydra_cfg: bool = False) -> DictConfig:
@@ -89,19 +83,23 @@ def record_conflict(cfg: DictConfig, record: Path) -> str:
 def plan(overrides: list[str]) -> list[dict[str, Any]]:
     """Every job of the sweep with its run id, record status and estimated GPU hours; jobs with the same
     run id as an earlier one are marked ``duplicate_of`` (the sweep launches them once)."""
+    from .estimate import gpu_hours
     from .identity import run_id
+    from .records import iter_records
 
-    jobs, seen = [], {}
+    jobs, seen, records = [], {}, {}
     for combo in expand_sweep(overrides):
         cfg = _compose(combo)
         rid = run_id(cfg)
         results = Path(cfg.results_dir)
+        if str(results) not in records:
+            records[str(results)] = iter_records([results]) if results.is_dir() else []
         record = results / f"{rid}.json"
         conflict = record_conflict(cfg, record) if record.exists() and not cfg.force else ""
-        hours = GPU_HOURS_PER_100_EPOCHS.get(cfg.backbone.name, 0.0) * cfg.trainer.epochs / 100 \
-            * METHOD_FACTOR.get(cfg.method.name, 1.0)
+        hours, basis = gpu_hours(cfg, records[str(results)])
         jobs.append({"run_id": rid, "overrides": combo, "record": record,
-                     "failed": results / "failed" / f"{rid}.json", "gpu_hours": hours, "force": bool(cfg.force),
+                     "failed": results / "failed" / f"{rid}.json", "gpu_hours": hours, "basis": basis,
+                     "force": bool(cfg.force),
                      "conflict": conflict, "duplicate_of": seen.get(rid)})
         seen.setdefault(rid, len(jobs) - 1)
     return jobs
@@ -242,10 +240,11 @@ def main(argv: list[str] | None = None) -> int:
                   + (f"\n      {j['conflict']}" if j["conflict"] else ""))
         stop = [j for j in jobs if j["conflict"] and j not in todo]
         dups = [j for j in jobs if j["duplicate_of"] is not None]
-        hours = sum(j["gpu_hours"] for j in todo)
+        hours = sum(j["gpu_hours"] for j in todo if j["gpu_hours"] == j["gpu_hours"])  # NaN: no basis
+        bases = sorted({j["basis"].split(":")[0] for j in todo if j.get("basis")})
         print(f"\n{len(jobs)} jobs in the sweep ({len(dups)} duplicate run ids launched once), "
               f"{len(jobs) - len(dups) - len(todo) - len(stop)} already have records (skipped), {len(todo)} to run, "
-              f"about {hours:.1f} GPU hours (estimates: see pyra_bench/sweep.py)"
+              f"about {hours:.1f} GPU hours (estimated from: {'; '.join(bases) or 'nothing'}; pyra_bench/estimate.py)"
               + (f"; {len(stop)} would STOP: their records were made with other settings (set run_tag or "
                  f"force=true)" if stop else ""))
     else:

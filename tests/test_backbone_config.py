@@ -125,8 +125,6 @@ def test_dinov2_config_with_pyra_at_half_the_macs_trains():
     assert torch.equal(model.blocks[0].mlp.fc1.weight, frozen) and torch.isfinite(loss)
 
 
-@pytest.mark.skip(reason="needs lead wiring: make_model must build from backbone_spec_from_config(cfg.backbone) "
-                         "with prop_attn=cfg.backbone.prop_attn (see the issue-14 report)")
 def test_dinov2_config_trains_one_epoch_and_writes_a_record(tmp_path):
     import json
 

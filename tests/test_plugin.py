@@ -147,9 +147,6 @@ def test_tables_name_the_plugin_by_its_class(plugins, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="needs lead wiring: train builds the method through methods.method_class(cfg.method.name, "
-                         "cfg.method._target_) (factory.make_method); passes against the lead's working tree (~3 min "
-                         "on 2 loaded cores: ViT-B/16 steps on the CPU)")
 def test_a_plugin_trained_in_a_multirun_appears_in_table2_and_the_paired_table(tmp_path):
     """The issue's end-to-end test: a method defined outside pyra_bench, registered through its config, trained
     in a multirun with two seeds beside ToMe (ViT-B/16 shape, random weights, two smoke steps on a tiny

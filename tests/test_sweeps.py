@@ -1,4 +1,5 @@
-"""Sweeps under Hydra multirun: basic and submitit-local launchers, idempotence, failure isolation."""
+"""Sweeps under Hydra multirun: failure isolation and a non-zero exit, interpolated run tags, duplicate run
+ids launched once, idempotent re-runs, the local GPU launcher, dry-run."""
 
 import json
 import os
@@ -6,73 +7,74 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from pyra_bench import sweep, tables
+from pyra_bench.launcher import gpu_slots
 from pyra_bench.records import iter_records
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["task=digits", "backbone=vit_tiny_test", "trainer=smoke", "export_inference_model=false"]
+TINY = ["task=digits", "backbone=vit_tiny_test", "trainer=smoke", "trainer.epochs=1", "export_inference_model=false",
+        "logger=none", "callbacks=none"]
 
 
 def _sweep(tmp_path, *overrides):
     env = {**os.environ, "PYRA_RESULTS": str(tmp_path / "results"), "PYRA_RUNS": str(tmp_path / "runs"),
            "WANDB_MODE": "disabled"}
-    p = subprocess.run([sys.executable, "-m", "pyra_bench.train", "-m", *TINY, *overrides], cwd=ROOT, env=env,
+    p = subprocess.run([sys.executable, "-m", "pyra_bench.train", "-m", *TINY, *overrides], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return p.stdout + p.stderr
+    return p.returncode, p.stdout + p.stderr
 
 
-def _summary_line(out):
-    return next(line for line in out.splitlines() if line.startswith("sweep summary:"))
+def _summary(out):
+    lines = out.splitlines()
+    i = next(i for i, line in enumerate(lines) if line.startswith("sweep summary:"))
+    rest = [ln.split()[:2] for ln in lines[i + 1:] if ln.startswith("  ")]
+    return lines[i], {(kind, rid) for kind, rid in rest}
 
 
-def test_sweep_is_idempotent_and_isolates_failures(tmp_path, monkeypatch, capsys):
-    out = _sweep(tmp_path, "method=tome,pyra", "seed=0,1")
-    assert "4 succeeded, 0 skipped, 0 failed, 0 missing" in _summary_line(out)
+def test_a_sweep_reports_exact_ids_exits_non_zero_on_a_failure_and_launches_a_run_once(tmp_path):
+    """tome x {low, infeasible [99]} and peft (which ignores the budget: one run id for both budgets), with an
+    interpolated run_tag: the failure is named under its own id, the sweep exits 1, PEFT trains once."""
+    args = ["method=tome,peft", "budget=low,[99]", "run_tag=lr${trainer.lr}"]
+    code, out = _sweep(tmp_path, *args)
+    assert code == 1, out[-3000:]
+    head, items = _summary(out)
+    assert "2 completed" in head and "1 failed" in head and "1 duplicate" in head, head
+    assert ("failed", "digits__vit_tiny_test__tome__list-99__seed0__lr0.001") in items, items
+    assert ("duplicate", "digits__vit_tiny_test__peft__none__seed0__lr0.001") in items, items
+    assert "infeasible merging schedule" in out
     recs = iter_records([tmp_path / "results"])
-    assert sorted((r["method"], r["seed"]) for r in recs) == [("pyra", 0), ("pyra", 1), ("tome", 0), ("tome", 1)]
+    assert sorted(r["run_id"] for r in recs) == ["digits__vit_tiny_test__peft__none__seed0__lr0.001",
+                                                 "digits__vit_tiny_test__tome__low__seed0__lr0.001"]
+    (sweep_dir,) = (tmp_path / "runs" / "multirun").iterdir()
+    assert len(json.loads((sweep_dir / "sweep_plan.json").read_text())) == 4
+    assert not list((tmp_path / "results" / "failed").glob("*.json")), "bad input writes no failure record"
     # the tables rebuild from exactly those records
     summary = tables.summarise(tables.records_frame(recs))
-    assert set(summary["method"]) == {"tome", "pyra"} and (summary["n_runs"] == 2).all()
-    assert tables.main(["--records", str(tmp_path / "results"), "--out", str(tmp_path / "tables"), "--tables", "3"]) == 0
-    # re-running skips everything; deleting one record re-runs only that one
-    assert "0 succeeded, 4 skipped" in _summary_line(_sweep(tmp_path, "method=tome,pyra", "seed=0,1"))
-    victim = next((tmp_path / "results").glob("digits__vit_tiny_test__pyra*seed1.json"))
-    victim.unlink()
-    assert "1 succeeded, 3 skipped" in _summary_line(_sweep(tmp_path, "method=tome,pyra", "seed=0,1"))
-    assert victim.exists()
-    # the same runs with another learning rate are not taken from the old records: dry-run warns, the sweep
-    # reports them as failed with the reason, and run_tag keeps them apart
-    monkeypatch.setenv("PYRA_RESULTS", str(tmp_path / "results"))
-    monkeypatch.setenv("PYRA_RUNS", str(tmp_path / "runs"))
-    assert sweep.main(["dry-run", *TINY, "method=tome,pyra", "seed=0", "trainer.lr=0.01"]) == 0
-    assert "2 would STOP" in capsys.readouterr().out
-    line = _summary_line(_sweep(tmp_path, "method=tome,pyra", "seed=0", "trainer.lr=0.01"))
-    assert "0 succeeded, 0 skipped, 2 failed" in line, line
-    line = _summary_line(_sweep(tmp_path, "method=tome", "seed=0", "trainer.lr=0.01", "run_tag=lr0.01"))
-    assert "1 succeeded, 0 skipped, 0 failed" in line, line
-    # a failing run (infeasible schedule) does not stop the sweep and is reported
-    out = _sweep(tmp_path, "method=tome,pyra", "seed=2", "budget=low,[99]")
-    line = _summary_line(out)
-    assert "2 succeeded" in line and "2 failed" in line, out[-2000:]
-    assert "infeasible merging schedule" in out
-    failed = list((tmp_path / "results" / "failed").glob("*seed2.json"))
-    assert len(failed) == 2 and json.loads(failed[0].read_text())["status"] == "failed"
+    assert set(summary["method"]) == {"tome", "peft"}
+    # re-running skips what exists and reports the same failure
+    code, out = _sweep(tmp_path, *args)
+    head, items = _summary(out)
+    assert code == 1 and "2 skipped" in head and "1 failed" in head, head
 
 
-def test_sweep_under_submitit_local_executor(tmp_path):
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    out = _sweep(tmp_path, "hydra/launcher=local", "method=tome,pyra")
-    assert "2 succeeded" in _summary_line(out)
+def test_the_local_launcher_runs_one_job_per_gpu_slot(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,3")
+    assert gpu_slots("auto") == ["0", "3"] and gpu_slots([1, 2], jobs_per_gpu=2) == ["1", "1", "2", "2"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert gpu_slots("auto") == [None], "no GPU: one job at a time"
+    code, out = _sweep(tmp_path, "hydra/launcher=local", "method=tome,pyra", "compression=low")
+    assert code == 0, out[-3000:]
+    assert "2 completed" in _summary(out)[0] and "1 at a time" in out
     assert len(iter_records([tmp_path / "results"])) == 2
+    (sweep_dir,) = (tmp_path / "runs" / "multirun").iterdir()
+    assert all((sweep_dir / str(i) / "job.log").is_file() for i in (0, 1))
 
 
-def test_dry_run_lists_runs_and_gpu_hours(capsys):
-    from pyra_bench.sweep import main
-
-    assert main(["dry-run", "experiment=table2_vit_b"]) == 0
+def test_dry_run_lists_runs_duplicates_and_gpu_hours(capsys):
+    assert sweep.main(["dry-run", "experiment=table2_vit_b"]) == 0
     out = capsys.readouterr().out
-    assert "114 runs in the sweep" in out  # 19 tasks x {peft, rap, spvit, diffrate, tome, pyra}
+    assert "114 jobs in the sweep (0 duplicate" in out  # 19 tasks x {peft, rap, spvit, diffrate, tome, pyra}
     assert "cifar100__vit_b16_in21k__peft__none__seed0" in out and "GPU hours" in out
+    assert sweep.main(["dry-run", "experiment=fig4_deit", "task=dtd"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("dup ") == 6, "PEFT once, not once per budget"  # 7 budgets x peft -> 1 run

@@ -141,8 +141,6 @@ def test_recipe_sets_the_pyra_lr_of_the_task_and_compression(overrides, lr):
     assert cfg.method.lr == lr and cfg.method.weight_decay == 1e-3 and cfg.run_tag == "authors_pyra_lr"
 
 
-@pytest.mark.skip(reason="needs lead wiring: make_datamodule must pass task_spec_from_config(cfg.task) to "
-                         "VTABDataModule and the record take its group from that spec (see the issue-14 report)")
 def test_task_from_config_trains_and_is_recorded_in_its_own_group(tmp_path):
     import json
 

@@ -35,7 +35,7 @@ def _train(cfg):
 
 
 # spvit: the tiny backbone's selectors alone cost ~6% of its MACs, so "low" would keep one token.
-COMPRESSION = {"peft": "none", "spvit": "flops:0.7"}
+COMPRESSION = {"peft": "none", "spvit": "flops:0.7", "diffrate": "flops:0.8"}
 
 
 @pytest.mark.parametrize("method", METHODS.names())

@@ -78,6 +78,8 @@ class Method:
     display_name: str | None = None
     #: parameter-group name for the method's own parameters (the separate lr/wd of the trainer config)
     param_group: str = "method"
+    #: GPU time of a run relative to PEFT's, for sweep estimates when no records exist
+    cost_factor: float = 1.0
     #: constructor options that do NOT change results (e.g. a worker count); every other option does, so
     #: it is part of the run id (when it differs from its default) and of the record check
     execution_options: frozenset[str] = frozenset()

@@ -278,6 +278,8 @@ def _load_schedule(spec: Any) -> tuple[dict[str, list[int]], str]:
 @METHODS.register("diffrate")
 class DiffRateMethod(Method):
     name = "diffrate"
+    display_name = "DiffRate"
+    cost_factor = 1.1  # GPU time of a run relative to PEFT (sweep estimates without records)
 
     def __init__(self, schedule: Any = "low", kept_schedule: Any = None, granularity: int = 4,
                  search_epochs: float = 0.3, search_task: str | None = None, search_objective: str = "distill",

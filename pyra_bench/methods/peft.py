@@ -11,6 +11,8 @@ from .base import METHODS, BuildContext, Method
 @METHODS.register("peft")
 class PEFT(Method):
     name = "peft"
+    display_name = "PEFT"
+    cost_factor = 1.0  # GPU time of a run relative to PEFT (sweep estimates without records)
 
     def __init__(self, schedule: Any = "none", **kwargs: Any):
         super().__init__(schedule, **kwargs)

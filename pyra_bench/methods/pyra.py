@@ -14,6 +14,7 @@ from .tome import ToMe
 @METHODS.register("pyra")
 class PYRAMethod(ToMe):
     name = "pyra"
+    cost_factor = 0.77  # GPU time of a run relative to PEFT (sweep estimates without records)
     display_name = "PYRA"
     param_group = "pyra"
     bare_key_options = ("variant",)

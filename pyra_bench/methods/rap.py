@@ -212,6 +212,8 @@ class RaPMethod(Method):
     """RaP + LoRA (our ViT design, see the module docstring). ``schedule``: ``low``/``high``/``flops:<f>``."""
 
     name = "rap"
+    display_name = "RaP"
+    cost_factor = 2.0  # GPU time of a run relative to PEFT (sweep estimates without records)
     param_group = "rap"
 
     def __init__(self, schedule: Any = "low", num_candidates: int = 20, eval_batches: int = 4,

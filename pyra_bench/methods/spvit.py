@@ -258,6 +258,8 @@ class SPViTMethod(Method):
     """SPViT + LoRA (see the module docstring). ``schedule``: ``low`` / ``high`` / ``flops:<f>``."""
 
     name = "spvit"
+    display_name = "SPViT"
+    cost_factor = 2.0  # GPU time of a run relative to PEFT (sweep estimates without records)
     param_group = "spvit"
 
     def __init__(self, schedule: Any = "low", selector_blocks: list[int] | None = None,

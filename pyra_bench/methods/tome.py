@@ -26,6 +26,9 @@ from .base import METHODS, BuildContext, Method
 @METHODS.register("tome")
 class ToMe(Method):
     name = "tome"
+    display_name = "ToMe"
+    execution_options = frozenset({"speedup_warmup_s", "speedup_duration_s", "speedup_cache"})
+    cost_factor = 0.75  # GPU time of a run relative to PEFT (sweep estimates without records)
 
     def __init__(self, schedule: Any = "none", flops_tolerance: float = 0.01, speedup_warmup_s: float = 2.0,
                  speedup_duration_s: float = 3.0, speedup_cache: bool = True, **kwargs: Any):

@@ -69,7 +69,7 @@ def build_model(
 
     if isinstance(backbone, nn.Module):
         model = backbone
-        spec = BackboneSpec("custom", None, lora_rank or 8, None)
+        spec = BackboneSpec("custom", None, 8 if lora_rank is None else lora_rank, None)
         model.reset_classifier(num_classes)
     else:
         spec = get_backbone(backbone) if isinstance(backbone, str) else backbone
@@ -99,7 +99,7 @@ def build_model(
     model.requires_grad_(False)
     model.pyra_backbone_params = sum(p.numel() for n, p in model.named_parameters()
                                      if not n.startswith(("head.", "head_dist.")))
-    add_lora_to_qkv(model, lora_rank or spec.lora_rank, alpha=lora_alpha, dropout=lora_dropout, init=lora_init)
+    add_lora_to_qkv(model, spec.lora_rank if lora_rank is None else lora_rank, alpha=lora_alpha, dropout=lora_dropout, init=lora_init)
     for head in (getattr(model, "head", None), getattr(model, "head_dist", None)):
         if isinstance(head, nn.Module):
             head.requires_grad_(True)
