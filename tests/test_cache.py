@@ -210,3 +210,23 @@ def test_lightning_normalises_cached_batches_on_the_device(digits_root, tmp_path
     assert all(x.dtype == torch.float32 for x in seen) and len(seen) == 2
     assert torch.equal(seen[0], next(iter(pil.train_dataloader()))[0])
     assert torch.equal(seen[1], next(iter(pil.val_dataloader()))[0])
+
+
+def test_bench_data_script_reports_the_ratio(tmp_path, capsys):
+    """scripts/bench_data.py end to end (timings are reported, never asserted)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import bench_data
+
+    rep = bench_data.main(["--make-photos", str(tmp_path / "p"), "--data-root", str(tmp_path / "p"), "--task", "dtd",
+                           "--count", "12", "--photo-size", "64", "--image-size", "32", "--seconds", "0.05",
+                           "--out-dir", str(tmp_path / "out")])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].startswith("cached/jpeg: ") and out[-1].endswith("x")
+    assert float(out[-1].split()[1][:-1]) == pytest.approx(rep["cached_over_jpeg"], rel=0.01)
+    assert rep["images"] == 12 and rep["cache_bytes"] >= 12 * 3 * 32 * 32
+    assert set(rep["paths"]) == {"jpeg", "first pass (build)", "cached", "cached + CPU normalise"}
+    assert rep["paths"]["cached"]["dtype"] == "uint8" and rep["paths"]["jpeg"]["dtype"] == "float32"
+    assert len(list((tmp_path / "out").glob("data_cpu-*_dtd.md"))) == 1
