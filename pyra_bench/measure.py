@@ -366,7 +366,7 @@ _SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION"
                   "cudnn": "CUDNN_ATTENTION"}
 
 
-def _sdpa_backend_ctx(name: str | None):
+def sdpa_backend_context(name: str | None):
     if name in (None, "", "auto"):
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -434,6 +434,32 @@ def _time_calls(fn, device: torch.device, warmup_s: float, duration_s: float, mi
     return times, warm_iters, warm_elapsed
 
 
+def time_interleaved(fns: dict[str, Any], device: str | torch.device, duration_s: float, min_rounds: int = 3,
+                     warmup_rounds: int = 1) -> dict[str, list[float]]:
+    """Round-robin timing of several calls (e.g. forwards of several models): each round calls every ``fn``
+    once, in an order rotated every round, each call between device synchronisations; rounds go on until
+    ``duration_s`` seconds have been timed (at least ``min_rounds``), after ``warmup_rounds`` untimed ones.
+    Returns each call's times, round by round: index ``i`` of every list belongs to round ``i``, so ratios
+    taken per round cancel the machine's drift and load (all calls of a round see the same machine)."""
+    device = torch.device(device)
+    names = list(fns)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    total, rnd = 0.0, 0
+    while rnd < warmup_rounds + min_rounds or total < duration_s:
+        for j in range(len(names)):
+            k = names[(j + rnd) % len(names)]
+            _sync(device)
+            t = time.perf_counter()
+            fns[k]()
+            _sync(device)
+            dt = time.perf_counter() - t
+            if rnd >= warmup_rounds:
+                times[k].append(dt)
+                total += dt
+        rnd += 1
+    return times
+
+
 def measure_throughput(
     model: nn.Module,
     batch_size: int = 512,
@@ -470,7 +496,7 @@ def measure_throughput(
     device, dtype = _device_and_dtype(device, dtype)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    backend_ctx = _sdpa_backend_ctx(sdpa_backend)
+    backend_ctx = sdpa_backend_context(sdpa_backend)
     prev_threads = torch.get_num_threads()
     if num_threads:
         torch.set_num_threads(int(num_threads))

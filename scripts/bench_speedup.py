@@ -2,25 +2,27 @@
 """Speedup of token merging over the unmerged backbone, on one device, with FLOPs for reference.
 
 Builds the unmerged model (``peft``) and each method at each schedule (``low``/``high``), and measures the
-*inference model* of each (LoRA merged into qkv): MACs with fvcore (+ explicit attention), images/s with
-the authors' protocol (:func:`pyra_bench.measure.measure_throughput`). The configurations are timed
-round-robin, rotating the order every repeat, each measurement bracketed by a float32 GEMM probe of the
-machine's speed; runs taken while the machine was throttled (probe < 85 % of its reference) are left out
-of the medians, and configurations short of clean runs get extra rounds. Reported: img/s (median of the
-clean runs), speedup over the unmerged model, the MACs ratio, speedup / (1 / MACs ratio) -- the share of
-the FLOPs reduction that turns into speed (targets: >= 100 % at low, >= 98 % at high) -- and PYRA's
-throughput relative to ToMe (target: at most 1 % slower). Where time goes: ``scripts/profile_merge.py``.
+*inference model* of each (LoRA merged into qkv): MACs with fvcore (+ explicit attention) and the time of
+whole forwards under the authors' protocol (eval, ``torch.inference_mode``, one random input, device sync
+after each forward). All configurations are timed in one interleaved run: each round runs one forward of
+every configuration, in an order rotated every round (:func:`pyra_bench.measure.time_interleaved`); the
+speedup over the unmerged model and PYRA / ToMe are medians of the per-round ratios, so load and drift of
+a shared machine, common to a round, cancel. Reported: img/s, speedup, the MACs ratio, speedup /
+(1 / MACs ratio) -- the share of the FLOPs reduction that turns into speed (targets: >= 100 % at low,
+>= 98 % at high) -- and PYRA's speed relative to ToMe (target: at most 1 % slower). Where the time goes:
+``scripts/profile_merge.py``.
 
 Writes ``results/bench/speedup_<device-slug>.md`` and ``.json``.
 
-    python scripts/bench_speedup.py                  # CPU: ViT-B/16, batch 8, 1 thread, 5 s + 10 s, 3 repeats
-    python scripts/bench_speedup.py --device cuda    # batch 512, 10 s + 10 s, ViT-B and ViT-L
+    python scripts/bench_speedup.py                  # CPU: ViT-B/16, batch 8, 1 thread, 480 s timed
+    python scripts/bench_speedup.py --device cuda    # batch 512, ViT-B and ViT-L, 60 s timed
     python scripts/bench_speedup.py --quick          # smoke run on the tiny test ViT
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -34,13 +36,17 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from pyra_bench.measure import (  # noqa: E402
+    DTYPES,
     MEASURED_MODEL,
+    compile_model,
     count_flops,
     default_batch_size,
     device_name,
     device_slug,
-    measure_throughput,
+    input_spec,
+    sdpa_backend_context,
     software_versions,
+    time_interleaved,
 )
 from pyra_bench.methods import METHODS  # noqa: E402
 from pyra_bench.models import build_model  # noqa: E402
@@ -50,7 +56,6 @@ from pyra_bench.records import atomic_write_json  # noqa: E402
 BASELINE = ("peft", "none")
 TARGET_EFFICIENCY = {"low": 1.00, "high": 0.98}  # speedup / (1 / MACs ratio), per schedule
 TARGET_PYRA_VS_TOME = 0.99  # PYRA img/s >= 99 % of ToMe's
-CLEAN_PROBE_FRACTION = 0.85
 
 
 def build_inference(backbone: str, method: str, schedule: str, advance_stages: bool = False):
@@ -101,110 +106,91 @@ def build_configs(backbone: str, methods: list[str], schedules: list[str], log) 
     return configs, skipped
 
 
-def machine_probe(device, n: int = 1024, seconds: float = 0.3) -> float:
-    """GFLOP/s of a float32 GEMM: the machine's speed right now (exposes throttling and drift)."""
-    dev = torch.device(device)
-    a, b, out = (torch.randn(n, n, device=dev) for _ in range(3))
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    for _ in range(3):
-        torch.mm(a, b, out=out)
-    sync()
-    iters, t0 = 0, time.perf_counter()
-    while iters < 3 or time.perf_counter() - t0 < seconds:
-        torch.mm(a, b, out=out)
-        iters += 1
-    sync()
-    return 2 * n**3 * iters / (time.perf_counter() - t0) / 1e9
-
-
-def _measure(c: dict, tkw: dict, label: str, log) -> None:
-    before = machine_probe(tkw["device"])
-    r = measure_throughput(c["model"], **tkw)
-    r["probes"] = (before, machine_probe(tkw["device"]))
-    c["runs"].append(r)
-    log(f"  {label} {c['method']:>8} {c['schedule']:<5} {r['img_per_s']:9.2f} img/s ({r['iters']} iters; "
-        f"GEMM probe {r['probes'][0]:.0f}/{r['probes'][1]:.0f} GFLOP/s)")
-
-
-def run_interleaved(configs: list[dict], repeats: int, tkw: dict, log, extra_rounds: int = 2) -> float:
-    """Round-robin repeats (order rotated), then extra rounds for configs with < min(2, repeats) clean runs.
-    Returns the machine's reference GEMM speed (upper-half median of all probes)."""
-    for c in configs:
-        c["runs"] = []
-    for rep in range(repeats):
-        for i in range(len(configs)):
-            _measure(configs[(i + rep) % len(configs)], tkw, f"repeat {rep + 1}/{repeats}", log)
-
-    def mark() -> float:
-        probes = sorted(p for c in configs for r in c["runs"] for p in r["probes"])
-        ref = statistics.median(probes[len(probes) // 2:])
+def run_interleaved(configs: list[dict], tkw: dict, duration_s: float, log) -> None:
+    """Time whole forwards of every config round-robin (:func:`pyra_bench.measure.time_interleaved`): one
+    forward of each per round, the order rotated every round, until ``duration_s`` seconds are timed."""
+    dev = torch.device(tkw["device"])
+    ch, size = input_spec(configs[0]["model"])
+    x = torch.randn(tkw["batch_size"], ch, size, size, device=dev)
+    amp = tkw["dtype"] != "float32"
+    autocast = torch.autocast(dev.type, dtype=DTYPES[tkw["dtype"]]) if amp else contextlib.nullcontext()
+    torch.backends.cudnn.benchmark = True  # as the authors
+    with torch.inference_mode(), autocast, sdpa_backend_context(tkw["sdpa_backend"]):
+        fns = {}
         for c in configs:
-            for r in c["runs"]:
-                r["clean"] = min(r["probes"]) >= CLEAN_PROBE_FRACTION * ref
-        return ref
-
-    ref = mark()
-    for extra in range(extra_rounds):
-        short = [c for c in configs if sum(r["clean"] for r in c["runs"]) < min(2, repeats)]
-        if not short:
-            break
-        for c in short:
-            _measure(c, tkw, f"extra {extra + 1}/{extra_rounds}", log)
-        ref = mark()
-    return ref
+            net = compile_model(c["model"].eval(), tkw["compile"])
+            fns[_key(c)] = lambda net=net: net(x)
+            if tkw["compile"]:
+                t0 = time.perf_counter()
+                fns[_key(c)]()
+                log(f"  compiled {_key(c)} in {time.perf_counter() - t0:.1f} s")
+        log(f"  timing {len(fns)} configs round-robin for {duration_s:g} s (+ {tkw['warmup_rounds']} warm-up round(s))")
+        times = time_interleaved(fns, dev, duration_s, min_rounds=3, warmup_rounds=tkw["warmup_rounds"])
+    for c in configs:
+        c["times"] = times[_key(c)]
+    log(f"  {len(configs[0]['times'])} rounds")
 
 
-def summarise(configs: list[dict]) -> list[dict]:
-    def med(c):
-        clean = [r["img_per_s"] for r in c["runs"] if r["clean"]]
-        return statistics.median(clean or [r["img_per_s"] for r in c["runs"]])
+def _key(c: dict) -> str:
+    return f"{c['backbone']}/{c['method']}/{c['schedule']}"
 
+
+def _median_iqr(values: list[float]) -> tuple[float, float, float]:
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return statistics.median(values), q[0], q[2]
+
+
+def summarise(configs: list[dict], batch: int) -> list[dict]:
+    """Per config: img/s = batch / median forward time; speedup and vs-ToMe = medians of the per-round ratios
+    of forward times (with their interquartile range)."""
     by_key = {(c["backbone"], c["method"], c["schedule"]): c for c in configs}
     rows = []
     for c in configs:
         base = by_key[(c["backbone"], *BASELINE)]
-        ips, macs_ratio = med(c), c["flops"]["gmacs"] / base["flops"]["gmacs"]
         tome = by_key.get((c["backbone"], "tome", c["schedule"]))
-        clean = [r["img_per_s"] for r in c["runs"] if r["clean"]] or [r["img_per_s"] for r in c["runs"]]
+        speedup, s_lo, s_hi = _median_iqr([b / t for b, t in zip(base["times"], c["times"])])
+        macs_ratio = c["flops"]["gmacs"] / base["flops"]["gmacs"]
+        vs_tome = None
+        if tome is not None and c["method"] not in ("tome", BASELINE[0]):
+            vs_tome = _median_iqr([a / t for a, t in zip(tome["times"], c["times"])])
         rows.append({
             "backbone": c["backbone"], "method": c["method"], "schedule": c["schedule"],
             "tokens_final": c["flops"]["tokens_final"], "gmacs": c["flops"]["gmacs"], "macs_ratio": macs_ratio,
-            "img_per_s": ips, "img_per_s_runs": [r["img_per_s"] for r in c["runs"]],
-            "clean_runs": [r["clean"] for r in c["runs"]], "img_per_s_min": min(clean), "img_per_s_max": max(clean),
-            "speedup": ips / med(base), "efficiency": ips / med(base) * macs_ratio,
-            "target_efficiency": TARGET_EFFICIENCY.get(c["schedule"]),
-            "vs_tome": ips / med(tome) if tome is not None and c["method"] not in ("tome", BASELINE[0]) else None,
+            "img_per_s": batch / statistics.median(c["times"]), "img_per_s_mean": batch * len(c["times"]) / sum(c["times"]),
+            "forward_s": c["times"], "speedup": speedup, "speedup_iqr": [s_lo, s_hi],
+            "efficiency": speedup * macs_ratio, "target_efficiency": TARGET_EFFICIENCY.get(c["schedule"]),
+            "vs_tome": vs_tome[0] if vs_tome else None, "vs_tome_iqr": list(vs_tome[1:]) if vs_tome else None,
             "note": c["note"],
         })
     return rows
 
 
 def markdown(rep: dict) -> str:
-    s, mp = rep["settings"], rep["machine_probe"]
+    s = rep["settings"]
     L = [f"# Token-merging speedup on {rep['device']}", "",
          f"Measured: {MEASURED_MODEL}, random-init weights. Protocol: eval, `torch.inference_mode`, random input, "
-         f"batch {s['batch_size']}, {s['dtype']}{', torch.compile' if s['compile'] else ''}, {s['warmup_s']:g} s "
-         f"warm-up + {s['duration_s']:g} s of timed whole forwards, {s['repeats']} interleaved repeats (order "
-         f"rotated). MACs: fvcore + explicit SDPA, per image. torch {rep['versions']['torch']}, timm "
-         f"{rep['versions']['timm']}, {s['threads']} thread(s). Wall time {rep['wall_time_s']:.0f} s.", "",
-         f"GEMM probe around every measurement: reference {mp['reference']:.0f} GFLOP/s (range {mp['min']:.0f}-"
-         f"{mp['max']:.0f}); {mp['throttled']} of {mp['runs']} runs below {100 * CLEAN_PROBE_FRACTION:.0f} % of it "
-         f"were left out. img/s = median of the clean runs [min-max]; ratios are ratios of medians.", "",
-         "| backbone | method | schedule | tokens out | GMACs | MACs ratio | img/s [min-max] | speedup | "
-         "1/MACs ratio | speedup / (1/MACs ratio) | vs ToMe |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+         f"batch {s['batch_size']}, {s['dtype']}{', torch.compile' if s['compile'] else ''}, whole forwards each "
+         f"between device syncs, all configs interleaved: one forward of each per round, order rotated every "
+         f"round, {rep['rounds']} rounds after {s['warmup_rounds']} warm-up round(s) ({s['duration_s']:g} s timed). "
+         f"img/s = batch / median forward time; speedup and vs-ToMe = median of the per-round ratios "
+         f"[interquartile range], so load and drift of the machine, common to a round, cancel. MACs: fvcore + "
+         f"explicit SDPA, per image. torch {rep['versions']['torch']}, timm {rep['versions']['timm']}, "
+         f"{s['threads']} thread(s). Wall time {rep['wall_time_s']:.0f} s.", "",
+         "| backbone | method | schedule | tokens out | GMACs | MACs ratio | img/s | speedup [IQR] | "
+         "1/MACs ratio | speedup / (1/MACs ratio) | vs ToMe [IQR] |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rep["results"]:
         t = r["target_efficiency"]
         eff = "-" if r["method"] == BASELINE[0] else f"{100 * r['efficiency']:.1f}%" + (
             "" if t is None else f" {'OK' if r['efficiency'] >= t else 'MISSED'} (>= {100 * t:.0f}%)")
-        vt = "-" if r["vs_tome"] is None else f"{r['vs_tome']:.3f}" + (
+        vt = "-" if r["vs_tome"] is None else f"{r['vs_tome']:.3f} [{r['vs_tome_iqr'][0]:.3f}-{r['vs_tome_iqr'][1]:.3f}]" + (
             f" {'OK' if r['vs_tome'] >= TARGET_PYRA_VS_TOME else 'MISSED'}" if r["method"] == "pyra" else "")
         L.append(f"| {r['backbone']} | {r['method']} | {r['schedule']} | {r['tokens_final']} | {r['gmacs']:.2f} | "
-                 f"{r['macs_ratio']:.3f} | {r['img_per_s']:.2f} [{r['img_per_s_min']:.2f}-{r['img_per_s_max']:.2f}] | "
-                 f"{r['speedup']:.2f}x | {1 / r['macs_ratio']:.2f}x | {eff} | {vt} |")
+                 f"{r['macs_ratio']:.3f} | {r['img_per_s']:.2f} | {r['speedup']:.3f}x [{r['speedup_iqr'][0]:.3f}-"
+                 f"{r['speedup_iqr'][1]:.3f}] | {1 / r['macs_ratio']:.3f}x | {eff} | {vt} |")
     L += [""] + [f"- {r['method']} {r['schedule']}: {r['note']}" for r in rep["results"] if r["note"]]
     L += [f"- skipped {k['method']} {k['schedule']}: {k['reason']}" for k in rep["skipped"]]
     L += ["", f"Targets: speedup / (1/MACs ratio) >= {', '.join(f'{100 * v:.0f}% at {k}' for k, v in TARGET_EFFICIENCY.items())}"
-              f"; PYRA >= {100 * TARGET_PYRA_VS_TOME:.0f}% of ToMe's img/s at the same schedule.", ""]
+              f"; PYRA >= {100 * TARGET_PYRA_VS_TOME:.0f}% of ToMe's speed at the same schedule.", ""]
     return "\n".join(L)
 
 
@@ -213,10 +199,8 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:<i>")
     p.add_argument("--dtype", default="float32", help="float32 (the paper) | bfloat16 | float16 (autocast)")
     p.add_argument("--batch-size", type=int, default=None, help="default: 512 on CUDA, 8 on the CPU")
-    p.add_argument("--warmup-s", type=float, default=None)
-    p.add_argument("--duration-s", type=float, default=10.0)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--extra-rounds", type=int, default=2)
+    p.add_argument("--duration-s", type=float, default=None, help="timed seconds in all (default: CPU 480, CUDA 60)")
+    p.add_argument("--warmup-rounds", type=int, default=1)
     p.add_argument("--backbones", nargs="+", default=None)
     p.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
     p.add_argument("--schedules", nargs="+", default=["low", "high"])
@@ -225,18 +209,17 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--compile", action="store_true", help="measure torch.compile'd inference models")
     p.add_argument("--out-dir", default=str(ROOT / "results" / "bench"))
     p.add_argument("--tag", default="", help="suffix for the output file names")
-    p.add_argument("--quick", action="store_true", help="smoke run: vit_tiny_test, tiny durations")
+    p.add_argument("--quick", action="store_true", help="smoke run: vit_tiny_test, a second of timing")
     a = p.parse_args(argv)
     cuda = torch.device(a.device).type == "cuda"
     if not cuda:
         torch.set_num_threads(a.threads or 1)
     if a.quick:
-        a.backbones, a.duration_s, a.repeats = a.backbones or ["vit_tiny_test"], 0.3, min(a.repeats, 2)
-        a.warmup_s = 0.2 if a.warmup_s is None else a.warmup_s
+        a.backbones, a.duration_s = a.backbones or ["vit_tiny_test"], a.duration_s or 1.0
     backbones = a.backbones or (["vit_b16_in21k", "vit_l16_in21k"] if cuda else ["vit_b16_in21k"])
     tkw = {"batch_size": a.batch_size or default_batch_size(a.device), "device": a.device, "dtype": a.dtype,
-           "warmup_s": a.warmup_s if a.warmup_s is not None else (10.0 if cuda else 5.0),
-           "duration_s": a.duration_s, "image_size": None, "sdpa_backend": a.sdpa_backend, "compile": a.compile}
+           "duration_s": a.duration_s or (60.0 if cuda else 480.0), "warmup_rounds": a.warmup_rounds,
+           "sdpa_backend": a.sdpa_backend, "compile": a.compile}
     methods = a.methods or METHODS.names()
     t0 = time.time()
 
@@ -244,28 +227,26 @@ def main(argv=None) -> dict[str, Any]:
         print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
 
     log(f"{device_name(a.device)}; methods {methods}; schedules {a.schedules}; batch {tkw['batch_size']}")
-    results, skipped, refs, probes = [], [], [], []
+    results, skipped, rounds = [], [], 0
     for bb in backbones:
         configs, sk = build_configs(bb, methods, a.schedules, log)
         skipped += sk
         for c in configs:
             c["model"].to(a.device)
-        refs.append(run_interleaved(configs, a.repeats, tkw, log, a.extra_rounds))
-        results += summarise(configs)
-        probes += [p for c in configs for r in c["runs"] for p in r["probes"]]
+        run_interleaved(configs, tkw, tkw["duration_s"] / len(backbones), log)
+        results += summarise(configs, tkw["batch_size"])
+        rounds = len(configs[0]["times"])
         for c in configs:
             c["model"] = None
+        if cuda:
+            torch.cuda.empty_cache()
     report = {
         "kind": "bench_speedup", "device": device_name(a.device), "device_slug": device_slug(a.device),
-        "measured": MEASURED_MODEL,
-        "settings": {**{k: v for k, v in tkw.items() if k != "image_size"}, "repeats": a.repeats,
-                     "threads": torch.get_num_threads(), "backbones": backbones, "methods": methods},
+        "measured": MEASURED_MODEL, "rounds": rounds,
+        "settings": {**tkw, "threads": torch.get_num_threads(), "backbones": backbones, "methods": methods},
         "targets": {"efficiency": TARGET_EFFICIENCY, "pyra_vs_tome_min": TARGET_PYRA_VS_TOME},
         "results": results, "skipped": skipped, "versions": software_versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "wall_time_s": time.time() - t0,
-        "machine_probe": {"reference": statistics.median(refs), "min": min(probes), "max": max(probes),
-                          "runs": sum(len(r["clean_runs"]) for r in results),
-                          "throttled": sum(not x for r in results for x in r["clean_runs"])},
     }
     out = Path(a.out_dir)
     stem = f"speedup_{report['device_slug']}{('_' + a.tag) if a.tag else ''}"
