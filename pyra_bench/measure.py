@@ -30,6 +30,8 @@ Throughput (:func:`measure_throughput`)
     (``torch.inference_mode``), one random input allocated once on the device, ``cudnn.benchmark=True``,
     a wall-clock warm-up, then whole forward passes, each followed by a device synchronisation, until the
     timed window is filled; images/s = batch * iterations / timed seconds. Mixed precision via autocast.
+    ``compile=True`` measures the model after ``torch.compile`` (:func:`compile_model`; the compilation is
+    done, and timed apart, before the warm-up).
 """
 
 from __future__ import annotations
@@ -364,7 +366,7 @@ _SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION"
                   "cudnn": "CUDNN_ATTENTION"}
 
 
-def _sdpa_backend_ctx(name: str | None):
+def sdpa_backend_context(name: str | None):
     if name in (None, "", "auto"):
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -382,6 +384,24 @@ def _device_and_dtype(device: str | torch.device, dtype: str | torch.dtype) -> t
     if device.type == "cpu" and dtype == "float16":
         raise ValueError("float16 autocast is for CUDA; use dtype=bfloat16 (or float32) on the CPU")
     return device, dtype
+
+
+def compile_model(model: nn.Module, compile: bool | str = True) -> nn.Module:
+    """``torch.compile`` of ``model`` for fixed shapes (``dynamic=False``: merging schedules are static, so
+    every token count is). ``compile``: True (inductor) or a backend name (e.g. ``aot_eager``); False -> as is."""
+    if not compile:
+        return model
+    backend = "inductor" if compile is True else str(compile)
+    return torch.compile(model, backend=backend, dynamic=False)
+
+
+def _compiled_call(fn, device: torch.device) -> float:
+    """Run ``fn`` once (this compiles it) and return the seconds it took."""
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
 
 
 def default_batch_size(device: str | torch.device) -> int:
@@ -414,6 +434,32 @@ def _time_calls(fn, device: torch.device, warmup_s: float, duration_s: float, mi
     return times, warm_iters, warm_elapsed
 
 
+def time_interleaved(fns: dict[str, Any], device: str | torch.device, duration_s: float, min_rounds: int = 3,
+                     warmup_rounds: int = 1) -> dict[str, list[float]]:
+    """Round-robin timing of several calls (e.g. forwards of several models): each round calls every ``fn``
+    once, in an order rotated every round, each call between device synchronisations; rounds go on until
+    ``duration_s`` seconds have been timed (at least ``min_rounds``), after ``warmup_rounds`` untimed ones.
+    Returns each call's times, round by round: index ``i`` of every list belongs to round ``i``, so ratios
+    taken per round cancel the machine's drift and load (all calls of a round see the same machine)."""
+    device = torch.device(device)
+    names = list(fns)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    total, rnd = 0.0, 0
+    while rnd < warmup_rounds + min_rounds or total < duration_s:
+        for j in range(len(names)):
+            k = names[(j + rnd) % len(names)]
+            _sync(device)
+            t = time.perf_counter()
+            fns[k]()
+            _sync(device)
+            dt = time.perf_counter() - t
+            if rnd >= warmup_rounds:
+                times[k].append(dt)
+                total += dt
+        rnd += 1
+    return times
+
+
 def measure_throughput(
     model: nn.Module,
     batch_size: int = 512,
@@ -428,6 +474,7 @@ def measure_throughput(
     cudnn_benchmark: bool = True,
     num_threads: int | None = None,
     sdpa_backend: str | None = None,
+    compile: bool | str = False,
 ) -> dict[str, Any]:
     """Inference images/s of ``model`` with the authors' protocol (see the module docstring).
 
@@ -443,11 +490,13 @@ def measure_throughput(
     attention kernel, so that merged models (additive ``log(size)`` bias) and the unmerged model (no mask)
     can be compared on the same kernel (spec section 7): on CUDA, FlashAttention takes no additive mask,
     so by default the unmerged model runs Flash and the merged ones the memory-efficient kernel.
+    ``compile``: measure ``torch.compile(model)`` (:func:`compile_model`); ``compile_s`` records the first
+    call, which compiles.
     """
     device, dtype = _device_and_dtype(device, dtype)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    backend_ctx = _sdpa_backend_ctx(sdpa_backend)
+    backend_ctx = sdpa_backend_context(sdpa_backend)
     prev_threads = torch.get_num_threads()
     if num_threads:
         torch.set_num_threads(int(num_threads))
@@ -469,7 +518,9 @@ def measure_throughput(
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         with _eval_mode(model), torch.inference_mode(), autocast, backend_ctx:
-            times, warm_iters, warm_elapsed = _time_calls(lambda: model(x), device, warmup_s, duration_s,
+            net = compile_model(model, compile)
+            compile_s = _compiled_call(lambda: net(x), device) if compile else None
+            times, warm_iters, warm_elapsed = _time_calls(lambda: net(x), device, warmup_s, duration_s,
                                                           min_warmup_iters, min_iters)
         total = sum(times)
         peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
@@ -498,6 +549,8 @@ def measure_throughput(
         "cudnn_benchmark": cudnn_benchmark if device.type == "cuda" else None,
         "peak_memory_gib": peak_mem,
         "sdpa_backend": sdpa_backend or "auto",
+        "compiled": ("inductor" if compile is True else str(compile)) if compile else None,
+        "compile_s": compile_s,
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "cuda_matmul_tf32": torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" else None,
         "lora_merged": merged,
@@ -520,12 +573,14 @@ def measure_training_step(
     duration_s: float = 10.0,
     min_iters: int = 2,
     lr: float = 1e-3,
+    compile: bool | str = False,
 ) -> dict[str, Any]:
     """Training images/s of a built (trainable) model: whole steps of forward, cross-entropy, backward and
     an AdamW step over the parameters that require gradients (the frozen backbone gets none), in train
     mode, on one random batch allocated once, each step followed by a device synchronisation. Data loading
     is excluded (see the run records' ``training_cost`` for the figure with it). ``model`` itself is left
-    untouched: a copy is trained. ``dtype``: autocast as in :func:`measure_throughput`."""
+    untouched: a copy is trained. ``dtype``: autocast as in :func:`measure_throughput`; ``compile``: train
+    ``torch.compile(copy)`` (:func:`compile_model`; the first, compiling, step is timed apart as ``compile_s``)."""
     device, dtype = _device_and_dtype(device, dtype)
     net = copy.deepcopy(model).to(device).train()
     params = [p for p in net.parameters() if p.requires_grad]
@@ -538,14 +593,16 @@ def measure_training_step(
     y = torch.randint(0, int(num_classes), (batch_size,), device=device)
     amp = dtype != "float32"
     autocast = (torch.autocast(device_type=device.type, dtype=DTYPES[dtype]) if amp else contextlib.nullcontext())
+    fwd = compile_model(net, compile)
 
     def step() -> None:
         with autocast:
-            loss = torch.nn.functional.cross_entropy(net(x), y)
+            loss = torch.nn.functional.cross_entropy(fwd(x), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    compile_s = _compiled_call(step, device) if compile else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, warm_iters, _ = _time_calls(step, device, warmup_s, duration_s, 1, min_iters)
@@ -556,6 +613,7 @@ def measure_training_step(
         "image_size": image_size, "trainable_params": sum(p.numel() for p in params),
         "device": device_name(device), "dtype": dtype, "autocast": amp, "threads": torch.get_num_threads(),
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "compiled": ("inductor" if compile is True else str(compile)) if compile else None, "compile_s": compile_s,
         "protocol": "train mode, random batch, forward + cross-entropy + backward + AdamW step, device sync "
                     "per step; data loading excluded",
         "versions": software_versions(),

@@ -53,6 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default 1 on the CPU: stable timings)")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--compile", action="store_true", help="train torch.compile'd models (compilation timed apart)")
     p.add_argument("--quick", action="store_true", help="tiny test ViT, tiny durations")
     p.add_argument("--out-dir", default=str(ROOT / "results" / "bench"))
     return p.parse_args(argv)
@@ -82,7 +83,7 @@ def main(argv=None) -> dict:
         order = configs[rep % len(configs):] + configs[:rep % len(configs)]
         for c in order:
             r = measure_training_step(models[c], batch_size=batch, image_size=None, device=a.device, dtype=a.dtype,
-                                      warmup_s=warm, duration_s=dur)
+                                      warmup_s=warm, duration_s=dur, compile=a.compile)
             runs[c].append(r["img_per_s"])
             last[c] = r
             print(f"[train-bench] round {rep + 1}/{a.repeats} {c[0]:>5} {c[1]:>5}: {r['img_per_s']:.3f} img/s "
@@ -100,13 +101,13 @@ def main(argv=None) -> dict:
                     for s in a.schedules if "pyra" in a.methods and "tome" in a.methods}
     dev = device_name(a.device)
     report = {"kind": "training_bench", "backbone": a.backbone, "device": dev, "batch_size": batch,
-              "dtype": a.dtype, "threads": torch.get_num_threads(), "warmup_s": warm, "duration_s": dur,
+              "dtype": a.dtype, "compile": a.compile, "threads": torch.get_num_threads(), "warmup_s": warm, "duration_s": dur,
               "repeats": a.repeats, "rows": rows, "pyra_vs_tome": pyra_vs_tome,
               "protocol": last[configs[0]]["protocol"], "versions": software_versions(),
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "wall_time_s": round(time.time() - t_start, 1)}
     lines = [f"# Training speed: {a.backbone} on {dev}", "",
-             f"batch {batch}, {a.dtype}, {torch.get_num_threads()} thread(s) on CPU, median of {a.repeats} "
+             f"batch {batch}, {a.dtype}{', torch.compile' if a.compile else ''}, {torch.get_num_threads()} thread(s) on CPU, median of {a.repeats} "
              f"interleaved rounds ({warm:g} s warm-up + {dur:g} s per measurement). {report['protocol']}.", "",
              "| method | schedule | train img/s | speedup vs PEFT | forward MACs ratio | trainable params |",
              "|---|---|---|---|---|---|"]

@@ -104,20 +104,20 @@ def test_a_record_of_a_random_backbone_is_not_taken_for_a_pretrained_run(tmp_pat
 
     from pyra_bench.models import create_backbone, get_backbone
 
-    _train(_cfg(tmp_path, "trainer.epochs=1"))  # backbone.weights=none: random initialisation
+    _train(_cfg(tmp_path, "trainer.epochs=1", "trainer.warmup_epochs=0"))  # backbone.weights=none: random initialisation
     weights = tmp_path / "tiny.safetensors"
     state = create_backbone(get_backbone("vit_tiny_test"), 10).state_dict()
     save_file({k: v.contiguous() for k, v in state.items()}, str(weights))
     with pytest.raises(SettingsMismatchError, match=r"weights.source: 'none' then, 'file' now"):
-        _train(_cfg(tmp_path, "trainer.epochs=1", f"backbone.weights={weights}"))
+        _train(_cfg(tmp_path, "trainer.epochs=1", "trainer.warmup_epochs=0", f"backbone.weights={weights}"))
 
 
 def test_a_corrupt_record_is_redone_not_skipped(tmp_path, caplog):
-    first = _train(_cfg(tmp_path, "trainer.epochs=1"))
+    first = _train(_cfg(tmp_path, "trainer.epochs=1", "trainer.warmup_epochs=0"))
     path = tmp_path / "results" / f"{first['run_id']}.json"
     path.write_text(path.read_text()[:100])  # truncated
     with caplog.at_level(logging.WARNING, logger="pyra_bench"):
-        again = _train(_cfg(tmp_path, "trainer.epochs=1"))
+        again = _train(_cfg(tmp_path, "trainer.epochs=1", "trainer.warmup_epochs=0"))
     assert again["status"] == "completed" and str(path) in caplog.text
     assert read_record(path)["metrics"]["test_top1"] == again["metrics"]["test_top1"]
     assert path.with_name(path.name + ".corrupt").exists()
@@ -140,7 +140,7 @@ def test_a_corrupt_checkpoint_is_set_aside_and_its_stage_trained_again(tmp_path,
 
 def test_any_trainer_option_reaches_the_trainer_and_a_misspelt_one_is_refused(tmp_path):
     out = tmp_path / "trainer.json"
-    rec = _train(_cfg(tmp_path, "trainer.epochs=1", "+trainer.gradient_clip_val=1.0",
+    rec = _train(_cfg(tmp_path, "trainer.epochs=1", "trainer.warmup_epochs=0", "+trainer.gradient_clip_val=1.0",
                       "+trainer.accumulate_grad_batches=2", f"+callbacks.spy._target_={HELPERS}.RecordTrainer",
                       f"+callbacks.spy.out={out}"))
     assert json.loads(out.read_text()) == {"gradient_clip_val": 1.0, "accumulate_grad_batches": 2}

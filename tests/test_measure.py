@@ -5,6 +5,7 @@ fields and positivity.
 """
 
 import json
+import os
 import subprocess
 import sys
 from functools import cache
@@ -257,3 +258,49 @@ def test_benchmark_scripts_run_in_quick_mode(script, tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "peft" in p.stdout and "pyra" in p.stdout and "tome" in p.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torch.compile
+# ---------------------------------------------------------------------------------------------------------
+def _modulating_tiny_pyra():
+    """A tiny PYRA inference model whose modulation is not the identity (W_D != 0)."""
+    torch.manual_seed(0)
+    model = build_model("vit_tiny_test", 10, "pyra", "low", drop_path_rate=0.0)
+    for m in model.modules():
+        if hasattr(m, "w_d"):
+            nn.init.normal_(m.w_d)
+    return model.pyra_method.inference_model(model).eval()
+
+
+def test_compiled_inference_model_agrees_with_eager():
+    """Dynamo capture + AOTAutograd (backend aot_eager, no C++ build: seconds) of the merging model gives the
+    eager logits; measure_throughput records the compilation."""
+    from pyra_bench.measure import compile_model
+
+    infer = _modulating_tiny_pyra()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        eager = infer(x)
+        compiled = compile_model(infer, "aot_eager")(x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    assert compile_model(infer, False) is infer
+    r = measure_throughput(infer, batch_size=3, image_size=32, warmup_s=0, duration_s=0.01, compile="aot_eager")
+    assert r["compiled"] == "aot_eager" and r["compile_s"] > 0 and r["img_per_s"] > 0
+
+
+@pytest.mark.skipif(os.environ.get("PYRA_TEST_INDUCTOR") != "1",
+                    reason="inductor's cold C++ compile takes 1-4 minutes on 2 cores: set PYRA_TEST_INDUCTOR=1")
+def test_inductor_compiled_inference_model_agrees_with_eager():
+    import shutil as sh
+
+    if not (sh.which(os.environ.get("CXX", "g++")) or sh.which("c++") or sh.which("clang++")):
+        pytest.skip("no C++ compiler on this machine: torch.compile's inductor backend cannot run on the CPU")
+    from pyra_bench.measure import compile_model
+
+    infer = _modulating_tiny_pyra()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        eager = infer(x)
+        compiled = compile_model(infer, True)(x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)

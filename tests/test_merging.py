@@ -96,3 +96,64 @@ def test_distillation_token_is_protected_in_deit():
     assert (size[:, :2] == 1).all() and merged.shape[1] == 11
     with torch.no_grad():
         assert model(x).shape == (2, 3)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# parity with the previous implementation (tokens and sizes gathered/scattered together, x * s / s)
+# ---------------------------------------------------------------------------------------------------------
+def _merge_wavg_v1(x, size, m, modulator=None, distill_token=False):
+    """merging.merge_wavg as it was before the lean rewrite (kept here as the parity reference)."""
+    B, N, D = x.shape
+    if size is None:
+        size = x.new_ones(B, N, 1)
+    xs = torch.cat([x * size, size], dim=-1)
+    src, dst = xs[:, ::2], xs[:, 1::2]
+    n_unm, r = m.unm_idx.shape[1], m.src_idx.shape[1]
+    unm = src.gather(1, m.unm_idx.expand(B, n_unm, D + 1))
+    s = src.gather(1, m.src_idx.expand(B, r, D + 1))
+    if modulator is not None:
+        t = dst.gather(1, m.dst_idx.expand(B, r, D + 1))
+        s = torch.cat([modulator(s[..., :D], t[..., :D]), s[..., D:]], dim=-1)
+    dst = dst.scatter_reduce(1, m.dst_idx.expand(B, r, D + 1), s, reduce="sum")
+    if distill_token:
+        out = torch.cat([unm[:, :1], dst[:, :1], unm[:, 1:], dst[:, 1:]], dim=1)
+    else:
+        out = torch.cat([unm, dst], dim=1)
+    size = out[..., D:]
+    return out[..., :D] / size, size
+
+
+@pytest.mark.parametrize("distill", [False, True])
+@pytest.mark.parametrize("first", [True, False])
+@pytest.mark.parametrize("modulate", [False, True])
+def test_merge_matches_the_previous_implementation(distill, first, modulate):
+    """Sizes and every merged token are bit-identical to the previous implementation; tokens that merge
+    with nothing differ at most by the rounding of its x * s / s round trip (one float32 ulp), and are
+    exactly the input tokens. The inference path (no autograd, in place) equals the autograd path."""
+    from pyra_bench.models.merging import bipartite_matching, merge_wavg
+    from pyra_bench.models.pyra import PYRA
+
+    torch.manual_seed(1)
+    B, N, D, r = 4, 33, 16, 9
+    x = torch.randn(B, N, D)
+    size = None if first else torch.randint(1, 6, (B, N, 1)).float()
+    m = bipartite_matching(torch.randn(B, N, 8), r, True, distill)
+    mod = None
+    if modulate:
+        mod = PYRA(r, D)
+        torch.nn.init.normal_(mod.w_d)  # not the identity
+    with torch.no_grad():
+        old_x, old_s = _merge_wavg_v1(x, size, m, mod, distill)
+        new_x, new_s = merge_wavg(x, size, m, mod, distill)
+    xg, sg = merge_wavg(x.requires_grad_(), size, m, mod, distill)  # the autograd path
+    assert xg.requires_grad and torch.equal(xg.detach(), new_x) and torch.equal(sg, new_s)
+    assert torch.equal(new_s, old_s)
+    n_unm = N - (N // 2) - r
+    # output order: kept A tokens then B; with a distillation token: cls, dist, rest of A, rest of B
+    kept_rows = [0] + list(range(2, n_unm + 1)) if distill else list(range(n_unm))
+    dst_rows = [i for i in range(new_x.shape[1]) if i not in kept_rows]
+    torch.testing.assert_close(new_x[:, kept_rows], old_x[:, kept_rows], rtol=1.2e-7, atol=0)
+    assert torch.equal(new_x[:, dst_rows], old_x[:, dst_rows])
+    xa = x.detach()[:, ::2]
+    expect_kept = xa.gather(1, m.unm_idx.expand(B, n_unm, D))  # the kept A tokens, untouched
+    assert torch.equal(new_x[:, kept_rows], expect_kept)

@@ -12,8 +12,8 @@ from pyra_bench.launcher import gpu_slots
 from pyra_bench.records import iter_records
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["task=digits", "backbone=vit_tiny_test", "trainer=smoke", "trainer.epochs=1", "export_inference_model=false",
-        "logger=none", "callbacks=none"]
+TINY = ["task=digits", "backbone=vit_tiny_test", "trainer=smoke", "trainer.epochs=1", "trainer.warmup_epochs=0",
+        "export_inference_model=false", "logger=none", "callbacks=none"]
 
 
 def _sweep(tmp_path, *overrides):

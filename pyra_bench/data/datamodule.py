@@ -3,10 +3,16 @@
 The authors' protocol (``PYRA: lib/datasets.py``): train on ``train800val200`` (1,000 images; shuffled,
 ``drop_last=True``), evaluate top-1 on the full ``test`` split; tuning runs train on ``train800`` and
 evaluate on ``val200``. Same transform for both (direct bicubic resize + normalise, no augmentation).
+
+Folder data goes through the input cache by default (:mod:`pyra_bench.data.cache`): each split is decoded
+and resized once into a memory-mapped uint8 file, the loaders deliver uint8 batches, and the
+normalisation runs on the device in :meth:`VTABDataModule.on_after_batch_transfer` (bit-identical to the
+PIL path). Code that iterates the loaders itself normalises with :meth:`VTABDataModule.normalize`.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -19,7 +25,9 @@ from torch.utils.data import DataLoader, Dataset
 from ..errors import ConfigError
 from .folder import VTABFolderDataset, find_task_dir, verify_once
 from .tasks import SPLITS, TaskSpec, get_task
-from .transforms import build_transform, get_normalization
+from .transforms import Uint8Normalizer, build_transform, get_normalization
+
+log = logging.getLogger(__name__)
 
 SOURCES = ("folder", "embedded")
 DATA_FORMATS = {"folder": "jpeg_folder", "embedded": "embedded_sklearn_digits"}
@@ -46,6 +54,12 @@ class VTABDataModule(L.LightningDataModule):
         verify_images: decode every image of the used splits before training (``source="folder"``), so a
             corrupt file fails the run up front, naming the file; remembered per split list
             (:func:`~pyra_bench.data.folder.verify_once`), so only the first run on a folder pays for it.
+        cache: serve folder splits from the input cache (default: on for folder data; in-memory embedded
+            data needs none). The loaders then yield uint8 images, normalised on the device.
+        cache_dir: where the cache lives (default ``$PYRA_INPUT_CACHE``, else ``~/.cache/pyra_bench/inputs``
+            or ``$PYRA_BENCH_CACHE/inputs``).
+        cache_max_gb: size limit of the whole cache folder (least recently used entries are evicted; a
+            split over the limit on its own is read from its JPEG files).
     """
 
     def __init__(
@@ -65,6 +79,9 @@ class VTABDataModule(L.LightningDataModule):
         seed: int = 0,
         interpolation: str = "bicubic",
         verify_images: bool = False,
+        cache: bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        cache_max_gb: float | None = None,
     ):
         super().__init__()
         self.spec = get_task(task)
@@ -96,6 +113,7 @@ class VTABDataModule(L.LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.seed = int(seed)
         self._datasets: dict[str, Dataset] = {}
+        self._init_cache(cache, cache_dir, cache_max_gb)
         if source == "folder":  # fail fast: folder, split lists, labels, listed images (no decoding)
             for split in dict.fromkeys((self.train_split, self.eval_split, self.val_split)):
                 self._dataset(split)
@@ -129,6 +147,8 @@ class VTABDataModule(L.LightningDataModule):
             "image_size": self.image_size, "normalization": self.normalization,
             "interpolation": self.interpolation,
             "sizes": {s: len(self._dataset(s)) for s in dict.fromkeys((self.train_split, self.eval_split))},
+            "input_cache": {s: e.describe() if e is not None else None for s, e in self._cache_entries.items()}
+            if self.cache else None,
         }
         if self.source == "folder":
             from .prepare import read_meta
@@ -164,9 +184,55 @@ class VTABDataModule(L.LightningDataModule):
         for split in dict.fromkeys((self.train_split, self.eval_split, self.val_split)):
             self._dataset(split)
 
+    # -- input cache and on-device normalisation -------------------------------------------------------
+    def _init_cache(self, cache: bool | None, cache_dir: str | os.PathLike | None,
+                    cache_max_gb: float | None) -> None:
+        from .cache import DEFAULT_MAX_GB
+
+        if cache is not None and not isinstance(cache, bool):
+            raise ConfigError(f"cache must be true, false or null (default: on for folder data), got {cache!r}")
+        max_gb = DEFAULT_MAX_GB if cache_max_gb is None else float(cache_max_gb)
+        if not max_gb > 0:
+            raise ConfigError(f"cache_max_gb must be positive, got {cache_max_gb!r} (cache=false turns the cache off)")
+        self.cache = self.source == "folder" and cache is not False
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
+        self.cache_max_gb = max_gb
+        self.normalizer = Uint8Normalizer.from_name(self.normalization)
+        self._cache_entries: dict[str, Any] = {}
+        self._served: dict[str, Dataset] = {}
+
+    def prepare_data(self) -> None:
+        """Build the input cache of the used splits (Lightning calls this once per node, before ``setup``)."""
+        for split in dict.fromkeys((self.train_split, self.eval_split, self.val_split)):
+            self._serve(split)
+
+    def _serve(self, split: str) -> Dataset:
+        """What the loaders read: the cached split (uint8 images) or, without a cache, the dataset itself."""
+        if split not in self._served:
+            ds = self._dataset(split)
+            if self.cache:
+                from .cache import CachedImages, ensure_cached
+
+                entry = ensure_cached(ds, self.image_size, self.interpolation, self.cache_dir, self.cache_max_gb,
+                                      workers=max(1, self.num_workers))
+                self._cache_entries[split] = entry
+                if entry is not None:
+                    ds = CachedImages(entry.path, ds.targets, name=f"{self.task}/{split}")
+            self._served[split] = ds
+        return self._served[split]
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Model input from a loader's images: uint8 (cached) -> normalised float32 on their device, as the
+        PIL path computes it; float images pass through."""
+        return self.normalizer(x)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        x, y = batch
+        return self.normalize(x), y
+
     # -- loaders ---------------------------------------------------------------------------------------
     def _loader(self, split: str, train: bool) -> DataLoader:
-        ds = self._dataset(split)
+        ds = self._serve(split)
         batch = self.batch_size if train else self.eval_batch_size
         if train and len(ds) < batch:
             raise ConfigError(f"{self.task}/{split} has {len(ds)} images, fewer than one batch of {batch} "

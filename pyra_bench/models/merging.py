@@ -9,7 +9,8 @@ In a block with ``r > 0`` the tokens are merged *after the attention residual an
   into their partners (sources ordered by descending similarity), the rest of A is kept;
 * output order: kept A tokens (class token first), then B (distillation token kept second);
 * size-weighted average: ``x = sum(s * x) / sum(s)``, sizes add; the next attention adds ``log(s)`` to
-  the key logits (proportional attention, see :mod:`pyra_bench.models.vit`).
+  the key logits (proportional attention, see :mod:`pyra_bench.models.vit`). Tokens that take part in no
+  merge are passed through unchanged.
 
 Everything is batched gather / scatter: no Python loop over tokens or images.
 A *modulator* (PYRA, :mod:`pyra_bench.models.pyra`) may rewrite the size-weighted source tokens
@@ -65,27 +66,40 @@ def merge_wavg(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Size-weighted merge of ``x`` (B, N, D) under matching ``m``; returns the new ``(x, size)``.
 
-    ``size`` (B, N, 1) is None before the first merge (all ones). Sizes travel in an extra channel so the
-    tokens and their sizes are gathered and scattered together.
+    ``size`` (B, N, 1) is None before the first merge (all ones). Only what changes is computed: kept A
+    tokens are gathered as they are (ToMe's ``x * s / s`` round trip would only add rounding), each B token
+    becomes ``(s_b x_b + sum of its sources' s x) / (s_b + sum of their s)``, and the sizes travel as their
+    own (B, N, 1) tensor. Without autograd (inference) the result is written straight into one preallocated
+    output (no concatenation); with autograd the same arithmetic runs out of place.
     """
     B, N, D = x.shape
+    n_unm, r = m.unm_idx.shape[1], m.src_idx.shape[1]
     if size is None:
         size = x.new_ones(B, N, 1)
-    xs = torch.cat([x * size, size], dim=-1)  # (B, N, D+1): size-weighted tokens and sizes
-    src, dst = xs[:, ::2], xs[:, 1::2]
-    n_unm, r = m.unm_idx.shape[1], m.src_idx.shape[1]
-    unm = src.gather(1, m.unm_idx.expand(B, n_unm, D + 1))
-    s = src.gather(1, m.src_idx.expand(B, r, D + 1))
-    if modulator is not None:
-        t = dst.gather(1, m.dst_idx.expand(B, r, D + 1))
-        s = torch.cat([modulator(s[..., :D], t[..., :D]), s[..., D:]], dim=-1)
-    dst = dst.scatter_reduce(1, m.dst_idx.expand(B, r, D + 1), s, reduce="sum")
-    if distill_token:
-        out = torch.cat([unm[:, :1], dst[:, :1], unm[:, 1:], dst[:, 1:]], dim=1)
+    xa, xb = x[:, ::2], x[:, 1::2]
+    sa, sb = size[:, ::2], size[:, 1::2]
+    src_idx, dst_idx = m.src_idx.expand(B, r, D), m.dst_idx.expand(B, r, D)
+    s_src = sa.gather(1, m.src_idx)
+    s = xa.gather(1, src_idx) * s_src  # size-weighted sources, by descending similarity
+    s_unm, s_dst = sa.gather(1, m.unm_idx), sb.scatter_add(1, m.dst_idx, s_src)
+    inplace = not torch.is_grad_enabled() and not distill_token
+    if inplace:
+        out = x.new_empty(B, n_unm + xb.shape[1], D)
+        torch.gather(xa, 1, m.unm_idx.expand(B, n_unm, D), out=out[:, :n_unm])
+        dst = torch.mul(xb, sb, out=out[:, n_unm:])
     else:
-        out = torch.cat([unm, dst], dim=1)
-    size = out[..., D:]
-    return out[..., :D] / size, size
+        unm = xa.gather(1, m.unm_idx.expand(B, n_unm, D))
+        dst = xb * sb
+    if modulator is not None:
+        s = modulator(s, dst.gather(1, dst_idx))
+    if inplace:
+        dst.scatter_add_(1, dst_idx, s).div_(s_dst)
+        return out, torch.cat([s_unm, s_dst], dim=1)
+    dst = dst.scatter_add(1, dst_idx, s) / s_dst
+    if distill_token:  # class token, distillation token, then the rest of A and of B
+        return (torch.cat([unm[:, :1], dst[:, :1], unm[:, 1:], dst[:, 1:]], dim=1),
+                torch.cat([s_unm[:, :1], s_dst[:, :1], s_unm[:, 1:], s_dst[:, 1:]], dim=1))
+    return torch.cat([unm, dst], dim=1), torch.cat([s_unm, s_dst], dim=1)
 
 
 class TokenReducer(nn.Module):

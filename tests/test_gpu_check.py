@@ -1,0 +1,44 @@
+"""scripts/gpu_check.sh --quick: the GPU check's steps, end to end on the CPU with the tiny test ViT."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_check_quick_runs_every_step(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable}
+    p = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--quick", "--work-dir", str(tmp_path)],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    (js,) = tmp_path.glob("cpu-*.json")
+    rep = json.loads(js.read_text())
+    assert rep["status"] == {"throughput": "ok", "training": "ok", "data": "ok", "runs": "ok"}
+    assert js.with_suffix(".md").read_text().startswith("# GPU check:")
+    # every method x schedule x dtype, with the derived ratios
+    rows = rep["throughput"]["rows"]
+    assert {(r["method"], r["schedule"], r["dtype"]) for r in rows} == {
+        (m, s, d) for m, s in [("peft", "none"), ("tome", "low"), ("pyra", "low"), ("tome", "high"), ("pyra", "high")]
+        for d in ("float32", "bfloat16")}
+    assert all(r["img_per_s"] > 0 and 0 < r["macs_ratio"] <= 1 for r in rows)
+    assert all((r["pyra_vs_tome"] is not None) == (r["method"] == "pyra") for r in rows)
+    assert len(rep["training"]["rows"]) == 10
+    assert rep["data"]["device_normalise_bit_identical"] and rep["data"]["table_bit_identical"]
+    runs = rep["runs"]
+    assert runs["deterministic"] and runs["weights_identical"] and runs["tensors_compared"] > 0
+    assert "trainer.deterministic=true" in runs["command"] and runs["test_images"] == 40
+
+
+def test_gpu_check_refuses_without_cuda(tmp_path, monkeypatch):
+    import pytest
+    import torch
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import gpu_check
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="CUDA is not available.*--quick"):
+        gpu_check.main(["--work-dir", str(tmp_path)])
