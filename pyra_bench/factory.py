@@ -162,7 +162,7 @@ def make_datamodule(cfg: DictConfig, task: str | None = None):
     from .data import VTABDataModule, get_task
     from .data.tasks import task_spec_from_config
 
-    t = cfg.trainer
+    t, data = cfg.trainer, cfg.get("data") or {}
     train_split, eval_split = PROTOCOLS[cfg.get("protocol", "final")]
     if task in (None, cfg.task.name):  # the run's own task, as its config describes it
         task, source = task_spec_from_config(OmegaConf.to_container(cfg.task, resolve=True)), cfg.task.source
@@ -172,6 +172,7 @@ def make_datamodule(cfg: DictConfig, task: str | None = None):
         task=task, data_root=cfg.data_root, batch_size=t.batch_size, eval_batch_size=t.eval_batch_size,
         num_workers=t.num_workers, image_size=cfg.backbone.image_size, normalization=cfg.backbone.normalization,
         source=source, seed=cfg.seed, train_split=train_split, eval_split=eval_split,
+        cache=data.get("cache"), cache_dir=data.get("cache_dir"), cache_max_gb=data.get("cache_max_gb"),
     )
 
 

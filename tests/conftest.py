@@ -19,3 +19,15 @@ def _seed_and_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_input_cache(tmp_path_factory):
+    """Folder-data tests cache their images in a session folder, not in the user's cache."""
+    old = os.environ.get("PYRA_INPUT_CACHE")
+    os.environ["PYRA_INPUT_CACHE"] = str(tmp_path_factory.mktemp("input_cache"))
+    yield
+    if old is None:
+        os.environ.pop("PYRA_INPUT_CACHE", None)
+    else:
+        os.environ["PYRA_INPUT_CACHE"] = old

@@ -494,5 +494,6 @@ def _fixed_batches(data: Any, n: int, seed: int) -> list[tuple[torch.Tensor, tor
         for i, batch in enumerate(dl):
             if i >= n:
                 break
-            out.append((batch[0], batch[1]))
+            x = data.normalize(batch[0]) if hasattr(data, "normalize") else batch[0]  # cached uint8 -> input
+            out.append((x, batch[1]))
     return out
