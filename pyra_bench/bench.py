@@ -13,7 +13,6 @@ For the paper's speedup table over every method and both schedules, use ``script
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -221,5 +220,13 @@ def main(cfg: DictConfig) -> float | None:
     return t.get("img_per_s")
 
 
+def cli() -> None:
+    """The console entry point: unknown group choices exit with status 2 before Hydra starts."""
+    from .cli import precheck
+
+    precheck("pyra_bench.bench", ("backbone", "method"))
+    main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

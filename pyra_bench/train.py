@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import traceback
 from pathlib import Path
 from typing import Any
@@ -145,5 +144,17 @@ def main(cfg: DictConfig) -> float | None:
     return m.get("test_top1") if m.get("test_top1") is not None else m.get("val_top1")
 
 
+#: Config groups whose choices are checked before Hydra starts (:mod:`pyra_bench.cli`).
+GROUPS = ("task", "method", "backbone", "trainer", "logger", "callbacks", "experiment")
+
+
+def cli() -> None:
+    """The console entry point: unknown group choices exit with status 2 before Hydra starts."""
+    from .cli import precheck
+
+    precheck("pyra_bench.train", GROUPS)
+    main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()
