@@ -114,9 +114,13 @@ def _instantiate(name: str, entry: DictConfig) -> Any:
         raise ConfigError(f"could not build {name} ({entry.get('_target_')}): {e}") from e
 
 
-def make_callbacks(cfg: DictConfig) -> list:
-    """The user-configured callbacks (``callbacks.<name>: {_target_: ...}``)."""
-    return [_instantiate(f"callbacks.{n}", e) for n, e in _entries(cfg.get("callbacks"))]
+def make_callbacks(cfg: DictConfig, with_loggers: bool = True) -> list:
+    """The user-configured callbacks (``callbacks.<name>: {_target_: ...}``); without loggers, a
+    learning-rate monitor (which needs one) is left out."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    out = [_instantiate(f"callbacks.{n}", e) for n, e in _entries(cfg.get("callbacks"))]
+    return out if with_loggers else [c for c in out if not isinstance(c, LearningRateMonitor)]
 
 
 def make_loggers(cfg: DictConfig) -> list:

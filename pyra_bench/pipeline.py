@@ -235,7 +235,11 @@ def build(plan: Plan):
     import lightning as L
 
     L.seed_everything(int(plan.cfg.seed), workers=True, verbose=False)
-    return factory.make_model(plan.cfg, plan.datamodule.num_classes, plan.pretrained, plan.checkpoint)
+    model = factory.make_model(plan.cfg, plan.datamodule.num_classes, plan.pretrained, plan.checkpoint)
+    compile_with = plan.cfg.trainer.get("compile") or False
+    if compile_with:  # in place (nn.Module.compile): parameter names, checkpoints and stage files unchanged
+        model.compile(backend="inductor" if compile_with is True else str(compile_with), dynamic=False)
+    return model
 
 
 def open_run_folder(plan: Plan) -> None:
@@ -375,7 +379,7 @@ def _fit_stage(plan: Plan, model, stage, index: int, n_epochs: int, offset: int,
     ckpt = plan.run_dir / "ckpt" / stage.name / "last.ckpt"
     cost = cost_cls()
     callbacks = [cost, ScheduledEvaluation(), EpochCheckpoint(ckpt, int(t.get("checkpoint_every") or 1)),
-                 *factory.make_callbacks(cfg)]
+                 *factory.make_callbacks(cfg, with_loggers=bool(loggers))]
     trainer = factory.make_trainer(cfg, max_epochs=n_epochs, callbacks=callbacks, loggers=loggers,
                                    run_dir=plan.run_dir)
     resume = ckpt if ckpt.exists() else None

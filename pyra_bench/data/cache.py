@@ -49,7 +49,7 @@ _DISK_MARGIN = 2**30  # leave at least 1 GiB free on the cache's disk
 def default_cache_dir() -> Path:
     """``$PYRA_INPUT_CACHE``, else ``<user cache>/inputs`` (``$PYRA_BENCH_CACHE/inputs`` or
     ``~/.cache/pyra_bench/inputs``)."""
-    from ..demo_pretrain import cache_dir
+    from ..paths import user_cache_dir as cache_dir
 
     env = os.environ.get("PYRA_INPUT_CACHE")
     return Path(env).expanduser() if env else cache_dir() / "inputs"

@@ -361,7 +361,7 @@ def _stamp_paths(dataset: VTABFolderDataset) -> list[Path]:
     in the user cache, keyed by the split list's absolute path."""
     import hashlib
 
-    from ..demo_pretrain import cache_dir
+    from ..paths import user_cache_dir as cache_dir
 
     key = hashlib.sha1(str(dataset.list_file.resolve()).encode()).hexdigest()[:20]
     return [dataset.task_dir / f".verified_{dataset.split}.json", cache_dir() / "verified" / f"{key}.json"]
