@@ -1,0 +1,193 @@
+"""pyra_bench.console: each Lightning line once, no adverts, no unactionable warnings, one line per epoch."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from pyra_bench import console
+
+ROOT = Path(__file__).resolve().parent.parent
+
+class _Tiny(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 2)
+
+    def training_step(self, batch, i):
+        x, y = batch
+        loss = torch.nn.functional.cross_entropy(self.lin(x), y)
+        self.log("train/loss", loss, on_step=True, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch, i):
+        x, y = batch
+        self.log("test/top1", (self.lin(x).argmax(1) == y).float().mean() * 100)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.25)
+
+
+def _fit(save_dir: Path, fixed: bool) -> None:
+    """2 epochs of 3 batches; ``fixed``: with the console helpers, as train wires them."""
+    from lightning.pytorch.loggers import CSVLogger
+    from torch.utils.data import DataLoader, TensorDataset
+
+    ds = TensorDataset(torch.randn(24, 4), torch.randint(0, 2, (24,)))
+    loader = DataLoader(ds, batch_size=8)
+    kw = {"log_every_n_steps": console.log_every_n_steps_for(len(loader)),
+          "callbacks": [console.EpochLogger(enabled=True)]} if fixed else {}
+    trainer = L.Trainer(max_epochs=2, logger=CSVLogger(str(save_dir)), enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        accelerator="cpu", **kw)
+    trainer.fit(_Tiny(), loader, loader)
+
+
+@pytest.fixture(scope="module")
+def fit_outputs(tmp_path_factory):
+    """stderr and warnings of a fit before and after ``setup_logging``, with logging configured as Hydra's
+    default job_logging does (a root handler) and Lightning's import-time handler really there (its
+    ``lightning/__init__.py`` re-run: it adds a stream handler to the ``lightning`` logger)."""
+    import importlib
+
+    import lightning
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    out = []
+    try:
+        for fixed in (False, True):
+            stream = io.StringIO()
+            handler = logging.StreamHandler(stream)
+            handler.setFormatter(logging.Formatter("[%(name)s][%(levelname)s] - %(message)s"))
+            root.handlers, root.level = [handler], logging.INFO
+            with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stderr(stream):
+                warnings.simplefilter("always")
+                if fixed:
+                    console.setup_logging()
+                else:
+                    importlib.reload(lightning)  # its handler now writes to the redirected stderr
+                _fit(tmp_path_factory.mktemp("fit"), fixed)
+            out.append((stream.getvalue(), [str(w.message) for w in caught]))
+    finally:
+        root.handlers, root.level = saved
+        console.setup_logging()  # leave no Lightning handler behind for the other tests
+    return out
+
+
+def test_lightning_status_lines_appear_once_without_adverts(fit_outputs):
+    (raw, _), (fixed, _) = fit_outputs
+    status = "GPU available:"
+    # the problem is real: without setup_logging Lightning's own handler and the root's both print it
+    assert raw.count(status) == 2 and "💡 Tip" in raw
+    assert fixed.count(status) == 1, fixed
+    assert fixed.count("`Trainer.fit` stopped") == 1
+    assert "💡" not in fixed and "litlogger" not in fixed
+    # ... and the one copy went through the root handler (Hydra's format, so also into train.log)
+    assert "[lightning.pytorch.utilities.rank_zero][INFO] - GPU available" in fixed
+    assert not any(logging.getLogger(n).handlers for n in console.LIGHTNING_LOGGERS)
+
+
+def test_unactionable_warnings_are_silenced_at_their_source(fit_outputs):
+    (_, raw), (_, fixed) = fit_outputs
+    interval = "smaller than the logging interval"
+    assert any(interval in w for w in raw)  # 3 batches < log_every_n_steps=50
+    assert not any(interval in w for w in fixed)  # log_every_n_steps_for(3) fits the epoch
+    leaf = "isinstance(treespec, LeafSpec)` is deprecated"
+    if any(leaf in w for w in raw):  # Lightning's _pytree.py on torch >= 2.10
+        assert not any(leaf in w for w in fixed)
+
+
+def test_epoch_logger_writes_one_line_per_epoch(fit_outputs):
+    _, (fixed, _) = fit_outputs
+    lines = [ln for ln in fixed.splitlines() if "] - epoch " in ln]
+    assert len(lines) == 2, fixed
+    assert lines[0].startswith("[pyra_bench][INFO] - epoch 1/2 | loss ")
+    assert "| lr 0.25 |" in lines[0] and "% (epoch 1)" in lines[0]
+    assert "epoch 2/2" in lines[1] and "% (epoch 2)" in lines[1]
+
+
+def test_log_every_n_steps_for():
+    assert console.log_every_n_steps_for(31) == 31     # VTAB-1k: 1,000 images / batch 32, drop_last
+    assert console.log_every_n_steps_for(500) == 50    # long epochs keep Lightning's default
+    assert console.log_every_n_steps_for(1) == 1
+    with pytest.raises(ValueError, match="num_batches"):
+        console.log_every_n_steps_for(0)
+
+
+class _Stream:
+    def __init__(self, tty: bool):
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch):
+    monkeypatch.delenv("PYRA_PROGRESS", raising=False)
+    assert console.progress_bar_enabled(_Stream(True)) is True
+    assert console.progress_bar_enabled(_Stream(False)) is False
+    assert console.progress_bar_enabled(object()) is False  # no isatty at all
+    monkeypatch.setenv("PYRA_PROGRESS", "1")
+    assert console.progress_bar_enabled(_Stream(False)) is True
+    assert console.EpochLogger().enabled is False  # a bar is shown instead
+    monkeypatch.setenv("PYRA_PROGRESS", "0")
+    assert console.progress_bar_enabled(_Stream(True)) is False
+    assert console.EpochLogger().enabled is True
+
+
+def test_epoch_line_format():
+    cb = console.EpochLogger(enabled=True, prefix="train: ")
+    assert cb.format_line(1, 30, {}, None) == "train: epoch 1/30 | loss - | lr - | top-1 -"
+    cb.top1 = (10, 71.234)
+    line = cb.format_line(12, 30, {"train/loss_epoch": 0.51234, "train/loss": 9.0}, 9.98e-4)
+    assert line == "train: epoch 12/30 | loss 0.5123 | lr 0.000998 | top-1 71.23% (epoch 10)"
+
+
+def test_attach_run_log(tmp_path):
+    root = logging.getLogger()
+    before = list(root.handlers)
+    h1 = console.attach_run_log(tmp_path / "a")
+    try:
+        logging.getLogger("pyra_bench.train").info("first run line")
+        h2 = console.attach_run_log(tmp_path / "b")  # the next run of a multirun: its own file only
+        assert h1 not in root.handlers and h2 in root.handlers
+        logging.getLogger("lightning.pytorch").info("second run line")
+        console.detach_run_log(h2)
+        assert root.handlers == before
+        a, b = (tmp_path / "a" / "train.log").read_text(), (tmp_path / "b" / "train.log").read_text()
+        assert "[pyra_bench.train][INFO] - first run line" in a and "second" not in a
+        assert "[lightning.pytorch][INFO] - second run line" in b and "first" not in b
+        console.attach_run_log(tmp_path / "a").close()  # appends: a resumed run continues its log
+        assert (tmp_path / "a" / "train.log").read_text().startswith(a)
+    finally:
+        for h in list(root.handlers):
+            if h not in before:
+                console.detach_run_log(h)
+
+
+@pytest.mark.skip(reason="needs lead wiring: train.main calls console.setup_logging() and the Trainer gets "
+                         "log_every_n_steps_for(...), enable_progress_bar=progress_bar_enabled() and EpochLogger")
+def test_make_demo_output_has_each_lightning_line_once_and_no_advert(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYRA_RUNS": str(tmp_path / "runs"),
+           "PYRA_RESULTS": str(tmp_path / "results")}
+    p = subprocess.run([sys.executable, "-m", "pyra_bench.train", "trainer=smoke"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=600)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-3000:]
+    for line in ("GPU available:", "TPU available:", "`Trainer.fit` stopped", "Seed set to 0"):
+        assert out.count(line) == 1, (line, out)
+    assert "💡" not in out and "litlogger" not in out and "litmodels" not in out
+    assert "smaller than the logging interval" not in out and "LeafSpec" not in out
+    assert "epoch 2/2 | loss " in out  # not a terminal: one line per epoch
+    assert "top-1" in (tmp_path / "runs").glob("*/train.log").__next__().read_text()
