@@ -9,7 +9,7 @@ line (``backbone=<name>``); a registered name without one is marked. ``options``
 ``recipe`` the paper's training recipe (``conf/trainer/paper.yaml``).
 
 :func:`help_text` gives the same text for ``--help`` (the Hydra resolver ``${pyra_help:<section>}``,
-registered by :func:`register_help_resolver`).
+registered by :func:`register_help_resolver`; ``${pyra_help:config,<name>}``: a config's options).
 """
 
 from __future__ import annotations
@@ -109,25 +109,28 @@ _ENTRY = re.compile(r"^(?P<indent>\s*)(?P<key>[A-Za-z_]\w*):\s*(?P<value>[^#]*?)
 
 def yaml_entries(path: Path, block: str | None = None) -> list[tuple[str, str, str]]:
     """``(key, value as written, comment)`` of the scalar entries of a config file: the top-level ones, or
-    those inside the top-level mapping ``block``. The comment is the line's own, else (inside ``block``)
-    the comment lines just above the entry."""
+    those inside the top-level mapping ``block``. The comment is the line's own, else the comment lines
+    just above the entry (not the comment block that heads the file)."""
     rows: list[tuple[str, str, str]] = []
-    inside, pending = block is None, []
+    inside, pending, started = block is None, [], False
     for line in Path(path).read_text(encoding="utf-8").splitlines():
-        top = bool(line) and not line[0].isspace() and not line.startswith("#")
+        comment = line.strip().startswith("#")
+        top = bool(line) and not line[0].isspace() and not comment
+        started = started or (bool(line.strip()) and not comment)
         if block is not None and top:
             if inside:
                 break
             inside = re.match(rf"^{block}:\s*(#.*)?$", line) is not None
             continue
-        if not inside or (block is None and not top and not line.startswith("#")):
+        if not inside or (block is None and line.strip() and not top and not comment):
             continue
-        if line.strip().startswith("#"):
-            pending.append(line.strip().lstrip("#").strip())
+        if comment:
+            if started:
+                pending.append(line.strip().lstrip("#").strip())
             continue
         m = _ENTRY.match(line)
         if m and m["value"] and m["key"] != "defaults":
-            rows.append((m["key"], m["value"], m["comment"] or (" ".join(pending) if block else "")))
+            rows.append((m["key"], m["value"], m["comment"] or " ".join(pending)))
         pending = []
     return rows
 
@@ -199,11 +202,23 @@ def help_text(section: str = "all", conf_dir: Path | None = None, indent: str = 
     return "\n".join(f"== {titles[n]} ==\n{format_rows(SECTIONS[n](conf_dir), indent)}" for n in names)
 
 
+def config_help(name: str, conf_dir: Path | None = None, indent: str = "  ") -> str:
+    """The top-level options of ``conf/<name>.yaml``, one line each: ``key=value`` and its comment."""
+    path = Path(conf_dir or CONF_DIR) / f"{name}.yaml"
+    return format_rows([(f"{k}={v}", c) for k, v, c in yaml_entries(path)], indent)
+
+
+def _resolve_help(section: str = "all", name: str | None = None) -> str:
+    text = config_help(str(name)) if section == "config" else help_text(str(section))
+    return text.replace("$", "$$")  # Hydra fills the help template with string.Template
+
+
 def register_help_resolver(name: str = "pyra_help") -> None:
-    """Register ``${pyra_help:<section>}`` (e.g. in ``hydra.help.template``) -> :func:`help_text`."""
+    """Register ``${pyra_help:<section>}`` (e.g. in ``hydra.help.template``) -> :func:`help_text`, and
+    ``${pyra_help:config,<name>}`` -> :func:`config_help` (a config's options with their comments)."""
     from omegaconf import OmegaConf
 
-    OmegaConf.register_new_resolver(name, lambda section="all": help_text(str(section)), replace=True)
+    OmegaConf.register_new_resolver(name, _resolve_help, replace=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
