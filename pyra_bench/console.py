@@ -10,8 +10,9 @@ user cannot act on at their source (one filter per message and module, never a c
 * ``isinstance(treespec, LeafSpec)`` is deprecated (``FutureWarning``): Lightning's own
   ``lightning/pytorch/utilities/_pytree.py`` still constructs torch's deprecated ``LeafSpec()`` (torch >=
   2.10); the fix belongs upstream (``torch.utils._pytree.treespec_leaf()``), nothing in a run can avoid it.
-* "The number of training batches (31) is smaller than the logging interval": not filtered; pass
-  ``Trainer(log_every_n_steps=log_every_n_steps_for(num_batches))`` instead.
+* "The number of training batches (31) is smaller than the logging interval": not filtered; the interval is
+  fitted to the epoch instead (:class:`FitLogInterval`, or ``Trainer(log_every_n_steps=
+  log_every_n_steps_for(num_batches))``).
 
 ``progress_bar_enabled()`` is True only when stderr is a terminal: in a SLURM log a progress bar leaves
 only its last frame, so there :class:`EpochLogger` logs one line per epoch instead (epoch, loss, lr, the
@@ -98,6 +99,30 @@ def log_every_n_steps_for(num_batches: int, default: int = LIGHTNING_LOG_EVERY_N
     if int(num_batches) < 1:
         raise ValueError(f"num_batches must be >= 1, got {num_batches}")
     return max(1, min(int(default), int(num_batches)))
+
+
+class FitLogInterval(Callback):
+    """Lowers ``trainer.log_every_n_steps`` to the epoch's number of training batches when it is larger
+    (:func:`log_every_n_steps_for`), before Lightning compares them: no warning, and every epoch logs its
+    training steps. A smaller configured interval is kept. Reads the datamodule's training loader (per
+    rank under DDP, ``limit_train_batches`` applied); does nothing when the fit has no datamodule."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        dm = getattr(trainer, "datamodule", None)
+        if stage != "fit" or dm is None:
+            return
+        try:
+            n = len(dm.train_dataloader())
+        except (TypeError, NotImplementedError):  # an iterable without a length
+            return
+        n = -(-n // max(1, int(getattr(trainer, "world_size", 1) or 1)))
+        limit = trainer.limit_train_batches
+        if isinstance(limit, int):
+            n = min(n, limit)
+        elif isinstance(limit, float) and limit < 1.0:
+            n = max(1, int(n * limit))
+        if n >= 1:
+            trainer.log_every_n_steps = min(trainer.log_every_n_steps, log_every_n_steps_for(n))
 
 
 def progress_bar_enabled(stream: Any = None) -> bool:

@@ -86,6 +86,16 @@ def wandb_kwargs(cfg: Any, stage: str | None = None) -> dict[str, Any]:
     return {"group": wandb_group(cfg), "job_type": wandb_job_type(cfg, stage), "tags": wandb_tags(cfg)}
 
 
+def register_resolvers() -> None:
+    """``${wandb_group:}`` (:func:`wandb_group`: the experiment) and ``${wandb_job_type:${protocol}}``
+    (:func:`wandb_job_type`) for the ``WandbLogger`` config, resolved when the logger is built."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("wandb_group", lambda: wandb_group(), replace=True)
+    OmegaConf.register_new_resolver("wandb_job_type", lambda protocol="final": wandb_job_type({"protocol": protocol}),
+                                    replace=True)
+
+
 def _numbers(d: Mapping[str, Any] | None, prefix: str) -> dict[str, Any]:
     """The scalar items (numbers, strings, bools) of ``d`` under ``prefix/``; nested dicts flattened."""
     out: dict[str, Any] = {}
@@ -122,16 +132,28 @@ def record_summary(record: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def log_record(record: Mapping[str, Any], run: Any = None) -> bool:
-    """Put :func:`record_summary` of ``record`` into the W&B run's summary (``run``, default the active
-    ``wandb.run``). Returns False, doing nothing, when there is no active run (W&B off)."""
-    if run is None:
+def _wandb_runs(target: Any) -> list[Any]:
+    """The W&B runs behind ``target``: a run (anything with a ``summary``), a Lightning ``WandbLogger``
+    (its ``experiment``), a list of loggers (the W&B ones), or None (the active ``wandb.run``)."""
+    if target is None:
         try:
             import wandb
         except ImportError:
-            return False
-        run = wandb.run
-    if run is None:
-        return False
-    run.summary.update(record_summary(record))
-    return True
+            return []
+        return [wandb.run] if wandb.run is not None else []
+    if isinstance(target, (list, tuple)):
+        return [r for t in target for r in _wandb_runs(t)]
+    if type(target).__name__ == "WandbLogger":
+        return [target.experiment]
+    return [target] if hasattr(target, "summary") else []
+
+
+def log_record(record: Mapping[str, Any], target: Any = None) -> bool:
+    """Put :func:`record_summary` of ``record`` into the W&B run summary of ``target`` (a run, a
+    ``WandbLogger``, the run's list of loggers; default: the active ``wandb.run``). Returns False, doing
+    nothing, when there is no W&B run (W&B not configured, or other loggers only)."""
+    runs = _wandb_runs(target)
+    summary = record_summary(record)
+    for run in runs:
+        run.summary.update(summary)
+    return bool(runs)

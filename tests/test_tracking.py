@@ -60,9 +60,15 @@ def test_offline_run_summary_holds_the_record(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     assert tracking.log_record(RECORD) is False  # no active run: nothing to do
-    run = wandb.init(project="pyra_bench_test", dir=str(tmp_path), mode="offline", **tracking.wandb_kwargs(CFG))
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    wandb_logger = WandbLogger(project="pyra_bench_test", save_dir=str(tmp_path), offline=True,
+                               **tracking.wandb_kwargs(CFG))
+    loggers = [CSVLogger(str(tmp_path / "csv")), wandb_logger]  # as a run holds them
     try:
-        assert tracking.log_record(RECORD) is True
+        assert tracking.log_record(RECORD, loggers[:1]) is False  # no W&B logger among them
+        assert tracking.log_record(RECORD, loggers) is True
+        run = wandb_logger.experiment
         assert run.summary["top1"] == 71.25  # read back through the W&B service
     finally:
         wandb.finish()
@@ -89,6 +95,14 @@ def test_offline_run_summary_holds_the_record(tmp_path, monkeypatch):
     assert summary["training_cost/train/peak_mem_gib"] == pytest.approx(9.1)
     assert summary["method_label"] == "PYRA"
     assert runs and runs[0].job_type == "train" and list(runs[0].tags) == ["table3", "mine"]
+
+
+def test_resolvers_for_the_logger_config(monkeypatch):
+    tracking.register_resolvers()
+    cfg = OmegaConf.create({"protocol": "tuning", "group": "${wandb_group:}", "job_type": "${wandb_job_type:${protocol}}"})
+    assert cfg.group is None and cfg.job_type == "tune"
+    monkeypatch.setattr(tracking, "_hydra_choice", lambda group: "table2_vit_b" if group == "experiment" else None)
+    assert cfg.group == "table2_vit_b"
 
 
 def test_tuning_runs_report_val200_and_are_tune_jobs():
