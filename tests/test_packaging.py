@@ -101,17 +101,22 @@ def test_wheel_holds_every_module_config_and_the_papers_numbers(install):
 def test_installed_package_finds_its_files_and_scripts(install):
     code = ("import importlib.metadata as md, pyra_bench, pyra_bench.paths as p\n"
             "print(pyra_bench.__file__); print(p.CONF_DIR); print(p.PAPER_CSV)\n"
-            "eps = {e.name: e for e in md.distribution('pyra-bench').entry_points if e.group == 'console_scripts'}\n"
-            "print(sorted((n, e.value) for n, e in eps.items()))\n"
-            "[e.load() for e in eps.values()]\n")
+            "eps = [e for e in md.distribution('pyra-bench').entry_points if e.group == 'console_scripts']\n"
+            "for e in sorted(eps, key=lambda e: e.name):\n"
+            "    print(e.name, e.value, md.distribution('pyra-bench').locate_file(e.module.replace('.', '/') + '.py'))\n")
     p = _run(install, sys.executable, "-c", code)
     assert p.returncode == 0, p.stderr
-    module, conf, paper, scripts = p.stdout.splitlines()[:4]
+    module, conf, paper, *scripts = p.stdout.splitlines()
     site = install["site"].resolve()
     assert Path(module).resolve() == site / "pyra_bench" / "__init__.py"  # the installed copy, not the checkout
     assert Path(conf) == site / "pyra_bench" / "conf" and (Path(conf) / "train.yaml").is_file()
     assert Path(paper) == site / "pyra_bench" / "paper" / "paper_tables.csv"
-    assert eval(scripts) == sorted(SCRIPTS.items())  # noqa: S307 - our own repr of a list of str pairs
+    assert [s.split()[:2] for s in scripts] == [[n, v] for n, v in sorted(SCRIPTS.items())]
+    for line in scripts:  # each script's module is the installed one and defines its function
+        _, value, origin = line.split()
+        assert Path(origin).resolve().is_relative_to(site)
+        assert re.search(rf"^def {value.split(':')[1]}\(", Path(origin).read_text(), re.M)
+        assert (site / "bin" / line.split()[0]).is_file()
 
 
 def test_installed_info_script_and_prepare_app(install):
