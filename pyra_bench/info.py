@@ -125,11 +125,14 @@ def yaml_entries(path: Path, block: str | None = None) -> list[tuple[str, str, s
         if not inside or (block is None and line.strip() and not top and not comment):
             continue
         if comment:
-            if started:
-                pending.append(line.strip().lstrip("#").strip())
+            text = line.strip().lstrip("#").strip()
+            if text.startswith("--"):  # a section rule ("# -- recipe ----"): not an entry's comment
+                pending = []
+            elif started:
+                pending.append(text)
             continue
         m = _ENTRY.match(line)
-        if m and m["value"] and m["key"] != "defaults":
+        if m and m["value"] and m["key"] != "defaults" and not m["key"].startswith("_"):
             rows.append((m["key"], m["value"], m["comment"] or " ".join(pending)))
         pending = []
     return rows

@@ -67,8 +67,16 @@ def test_method_options_come_from_the_config_then_the_signature(tmp_path):
 
 def test_recipe_is_the_paper_trainer_config():
     rows = dict(info.recipe())
-    assert rows["trainer.epochs=100"] == "" and "trainer.lr=1.0e-3" in rows and "trainer.batch_size=32" in rows
-    assert "AdamW" in rows["trainer=paper"]
+    assert "trainer.epochs=100" in rows and "trainer.lr=1.0e-3" in rows and "trainer.batch_size=32" in rows
+    assert "AdamW" in rows["trainer=paper"] and "AdamW" not in rows["trainer.epochs=100"]  # the heading once
+    assert not any(k.startswith("trainer._") for k in rows)  # no _target_
+
+
+def test_section_rules_and_private_keys_are_not_options(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("# heading\n_target_: a.B\n# -- recipe ----\nepochs: 3\n# the lr\nlr: 0.1  # inline wins\n"
+                    "# above\nwd: 0.0\n")
+    assert info.yaml_entries(path) == [("epochs", "3", ""), ("lr", "0.1", "inline wins"), ("wd", "0.0", "above")]
 
 
 def test_cli(capsys):

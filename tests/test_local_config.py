@@ -33,8 +33,11 @@ def test_local_settings_are_git_ignored_but_the_example_is_not():
     assert not ignored("conf/local/example.yaml")
 
 
+WIRED = re.search(r"^\s*-\s*optional local:\s*default", (CONF_DIR / "train.yaml").read_text(), re.M) is not None
+
+
 def test_the_example_sets_the_slurm_launcher():
-    cfg = _compose(["+local=example"])
+    cfg = _compose(["local=example" if WIRED else "+local=example"])
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.partition, launcher.account) == ("gpu", "my_account")
@@ -42,7 +45,7 @@ def test_the_example_sets_the_slurm_launcher():
     assert cfg.data_root == _compose([]).data_root  # the commented-out paths change nothing
 
 
-@pytest.mark.skipif(not re.search(r"^\s*-\s*optional local:\s*default", (CONF_DIR / "train.yaml").read_text(), re.M),
+@pytest.mark.skipif(not WIRED,
                     reason="needs lead wiring: `- optional local: default` as the last entry of conf/train.yaml's defaults")
 def test_local_default_is_loaded_last_and_the_command_line_wins(tmp_path):
     conf = tmp_path / "conf"
