@@ -149,10 +149,14 @@ def _scalar(v: Any) -> float | None:
 class EpochLogger(Callback):
     """Logs one line per training epoch through ``logging`` when stderr is not a terminal (``enabled=None``;
     a progress bar is shown there instead), e.g.
-    ``train: epoch 3/30 | loss 0.5123 | lr 0.000998 | top-1 71.20% (epoch 3)``.
+    ``train: epoch 12/100 | loss 0.5123 | lr 0.000998 | top-1 71.23% (epoch 10)``.
 
     The loss is the epoch's mean training loss, the lr the first parameter group's during the epoch, the
-    top-1 the latest evaluation's (``test/top1``, or ``val/top1``) with the epoch it was measured after."""
+    top-1 the latest evaluation's with the epoch it was measured after (the module's ``eval_history`` when
+    it keeps one, else ``test/top1`` / ``val/top1``). Epochs count across a method's stages (the module's
+    ``epoch_offset``). The line is written once the epoch's evaluation is known -- a module may evaluate in
+    its own ``on_train_epoch_end``, which Lightning calls after the callbacks' -- i.e. when the next epoch
+    starts or training ends; the lr is the one the epoch trained at (read when it started)."""
 
     LOSS_KEYS = ("train/loss_epoch", "train/loss")
     TOP1_KEYS = ("test/top1", "val/top1")
@@ -163,25 +167,52 @@ class EpochLogger(Callback):
         self.enabled = (not progress_bar_enabled()) if enabled is None else bool(enabled)
         self.prefix = prefix
         self.top1: tuple[int, float] | None = None  # (epoch, value) of the latest evaluation
+        self._pending: tuple[int, int | None, float | None, float | None] | None = None
+        self._epoch_lr: float | None = None
 
-    def on_validation_end(self, trainer, pl_module) -> None:
+    @staticmethod
+    def _offset(pl_module) -> int:
+        return int(getattr(pl_module, "epoch_offset", 0) or 0)
+
+    def on_validation_end(self, trainer, pl_module) -> None:  # modules evaluated by Lightning's loop
         if trainer.sanity_checking:
             return
         metrics = trainer.callback_metrics
         v = next((_scalar(metrics[k]) for k in self.TOP1_KEYS if k in metrics), None)
         if v is not None:
-            self.top1 = (trainer.current_epoch + 1, v)
+            self.top1 = (self._offset(pl_module) + trainer.current_epoch + 1, v)
 
-    def on_train_epoch_end(self, trainer, pl_module) -> None:  # after the epoch's evaluation, before the lr step
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
         if not self.enabled or not trainer.is_global_zero:
             return
-        lr = _scalar(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else None
-        self.logger.info(self.format_line(trainer.current_epoch + 1, trainer.max_epochs,
-                                          dict(trainer.callback_metrics), lr))
-
-    def format_line(self, epoch: int, max_epochs: int | None, metrics: dict[str, Any], lr: float | None) -> str:
+        offset = self._offset(pl_module)
+        lr = self._epoch_lr
+        metrics = trainer.callback_metrics
         loss = next((_scalar(metrics[k]) for k in self.LOSS_KEYS if k in metrics), None)
-        parts = [f"epoch {epoch}" + (f"/{max_epochs}" if max_epochs and max_epochs > 0 else ""),
+        total = offset + trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
+        self._pending = (offset + trainer.current_epoch + 1, total, loss, lr)
+
+    def _flush(self, pl_module) -> None:
+        if self._pending is None:
+            return
+        history = getattr(pl_module, "eval_history", None)
+        if isinstance(history, dict) and history:
+            last = max(history)
+            self.top1 = (int(last), float(history[last]))
+        epoch, total, loss, lr = self._pending
+        self._pending = None
+        self.logger.info(self.format_line(epoch, total, loss, lr))
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._flush(pl_module)  # the previous epoch's line
+        # the lr this epoch trains at (an epoch-interval scheduler steps before on_train_epoch_end)
+        self._epoch_lr = _scalar(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else None
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._flush(pl_module)
+
+    def format_line(self, epoch: int, max_epochs: int | None, loss: float | None, lr: float | None) -> str:
+        parts = [f"epoch {epoch}" + (f"/{max_epochs}" if max_epochs else ""),
                  f"loss {loss:.4f}" if loss is not None else "loss -",
                  f"lr {lr:.3g}" if lr is not None else "lr -",
                  f"top-1 {self.top1[1]:.2f}% (epoch {self.top1[0]})" if self.top1 else "top-1 -"]

@@ -165,10 +165,50 @@ def test_progress_bar_only_on_a_terminal(monkeypatch):
 
 def test_epoch_line_format():
     cb = console.EpochLogger(enabled=True, prefix="train: ")
-    assert cb.format_line(1, 30, {}, None) == "train: epoch 1/30 | loss - | lr - | top-1 -"
+    assert cb.format_line(1, 30, None, None) == "train: epoch 1/30 | loss - | lr - | top-1 -"
     cb.top1 = (10, 71.234)
-    line = cb.format_line(12, 30, {"train/loss_epoch": 0.51234, "train/loss": 9.0}, 9.98e-4)
+    line = cb.format_line(12, 30, 0.51234, 9.98e-4)
     assert line == "train: epoch 12/30 | loss 0.5123 | lr 0.000998 | top-1 71.23% (epoch 10)"
+
+
+class _SelfEvaluating(_Tiny):
+    """Evaluates in its own on_train_epoch_end (after the callbacks' hook), keeping an eval_history with
+    global epochs, as pyra_bench's AdaptationModule does; its lr halves each epoch."""
+
+    epoch_offset = 10
+
+    def __init__(self):
+        super().__init__()
+        self.eval_history = {}
+
+    def on_train_epoch_end(self):
+        if self.current_epoch % 2 == 1:  # evaluated after epochs 12 and 14 only
+            self.eval_history[self.epoch_offset + self.current_epoch + 1] = 50.0 + self.current_epoch
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.4)
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)}
+
+
+def test_epoch_logger_waits_for_the_modules_own_evaluation():
+    from torch.utils.data import TensorDataset
+
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("test_epoch_logger")
+    logger.addHandler(handler)
+    logger.propagate, logger.level = False, logging.INFO
+    ds = TensorDataset(torch.randn(16, 4), torch.randint(0, 2, (16,)))
+    dm = L.LightningDataModule.from_datasets(train_dataset=ds, batch_size=8)
+    trainer = L.Trainer(max_epochs=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", limit_val_batches=0,
+                        callbacks=[console.EpochLogger(logger=logger, enabled=True)])
+    trainer.fit(_SelfEvaluating(), datamodule=dm)
+    assert [ln.split(" | ")[0] for ln in lines] == ["epoch 11/14", "epoch 12/14", "epoch 13/14", "epoch 14/14"]
+    assert [ln.split(" | ")[2] for ln in lines] == ["lr 0.4", "lr 0.2", "lr 0.1", "lr 0.05"]  # the epoch's own
+    assert [ln.split(" | ")[3] for ln in lines] == ["top-1 -", "top-1 51.00% (epoch 12)", "top-1 51.00% (epoch 12)",
+                                                    "top-1 53.00% (epoch 14)"]
 
 
 def test_attach_run_log(tmp_path):
@@ -202,8 +242,9 @@ def test_make_demo_output_has_each_lightning_line_once_and_no_advert(tmp_path):
                        capture_output=True, text=True, timeout=600)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-3000:]
-    for line in ("GPU available:", "TPU available:", "`Trainer.fit` stopped", "Seed set to 0"):
+    for line in ("GPU available:", "TPU available:", "`Trainer.fit` stopped"):
         assert out.count(line) == 1, (line, out)
+    assert out.count("Seed set to") <= 1
     assert "💡" not in out and "litlogger" not in out and "litmodels" not in out
     assert "smaller than the logging interval" not in out and "LeafSpec" not in out
     assert "epoch 2/2 | loss " in out  # not a terminal: one line per epoch
