@@ -50,9 +50,15 @@ def first_doc_line(obj: object) -> str:
     return doc.strip().splitlines()[0].strip() if doc.strip() else ""
 
 
-def _merge(configs: list[str], registered: list[str], describe: Callable[[str], str]) -> list[Row]:
-    """Config names (what the command line accepts) first, then registered names without a config."""
-    rows = [(n, describe(n) if n in registered else "(config only: not in the registry)") for n in configs]
+def _merge(group: str, configs: list[str], registered: list[str], describe: Callable[[str], str],
+           conf_dir: Path | None = None) -> list[Row]:
+    """Config names (what the command line accepts) first, then registered names without a config. A
+    config that defines its choice itself (not in the registry) is described by its first comment line."""
+    def config_only(name: str) -> str:
+        text = first_comment_line(Path(conf_dir or CONF_DIR) / group / f"{name}.yaml")
+        return f"{text} (defined by its config)" if text else "(defined by its config: not in the registry)"
+
+    rows = [(n, describe(n) if n in registered else config_only(n)) for n in configs]
     rows += [(n, f"{describe(n)} (no conf/ file: Python API only)") for n in registered if n not in configs]
     return rows
 
@@ -64,7 +70,7 @@ def backbones(conf_dir: Path | None = None) -> list[Row]:
         spec = BACKBONES.get(name)
         return spec.description + (f" [timm {spec.timm_name}]" if spec.timm_name else "")
 
-    return _merge(_config_names("backbone", conf_dir), BACKBONES.names(), describe)
+    return _merge("backbone", _config_names("backbone", conf_dir), BACKBONES.names(), describe, conf_dir)
 
 
 def method_class(name: str) -> type:
@@ -84,7 +90,7 @@ def method_description(name: str) -> str:
 def methods(conf_dir: Path | None = None) -> list[Row]:
     from .methods import METHODS
 
-    return _merge(_config_names("method", conf_dir), METHODS.names(), method_description)
+    return _merge("method", _config_names("method", conf_dir), METHODS.names(), method_description, conf_dir)
 
 
 def tasks(conf_dir: Path | None = None) -> list[Row]:
@@ -96,7 +102,7 @@ def tasks(conf_dir: Path | None = None) -> list[Row]:
 
     order = task_names()  # the paper's column order, then the demo task
     configs = sorted(_config_names("task", conf_dir), key=lambda n: order.index(n) if n in order else len(order))
-    return _merge(configs, order, describe)
+    return _merge("task", configs, order, describe, conf_dir)
 
 
 def experiments(conf_dir: Path | None = None) -> list[Row]:

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_tasks_in_the_papers_column_order_with_their_titles():
     rows = dict(info.tasks())
     names = list(rows)
-    assert len(names) == 20 and names[0] == "cifar100" and names[18] == "smallnorb_ele" and names[-1] == "digits"
+    assert names[0] == "cifar100" and names[18] == "smallnorb_ele" and names[19] == "digits"  # then configs only
     assert rows["cifar100"] == "Cifar100 (natural, 100 classes)"  # the paper's Table 2 column title
     assert rows["patch_camelyon"] == "Camelyon (specialized, 2 classes)"
     assert rows["smallnorb_ele"] == "sNORB-Ele (structured, 9 classes)"
@@ -43,9 +43,11 @@ def test_config_and_registry_mismatches_are_marked(tmp_path):
     conf = tmp_path / "conf"
     (conf / "backbone").mkdir(parents=True)
     shutil.copy(CONF_DIR / "backbone" / "vit_tiny_test.yaml", conf / "backbone")
-    (conf / "backbone" / "my_vit.yaml").write_text("name: my_vit\n")
+    (conf / "backbone" / "my_vit.yaml").write_text("# My own ViT, from a checkpoint of mine\nname: my_vit\n")
+    (conf / "backbone" / "bare.yaml").write_text("name: bare\n")
     rows = dict(info.backbones(conf))
-    assert rows["my_vit"] == "(config only: not in the registry)"
+    assert rows["my_vit"] == "My own ViT, from a checkpoint of mine (defined by its config)"
+    assert rows["bare"] == "(defined by its config: not in the registry)"
     assert rows["vit_b16_in21k"].endswith("(no conf/ file: Python API only)")
     assert "(" not in rows["vit_tiny_test"].split("for tests")[-1]
 
@@ -61,8 +63,10 @@ def test_method_options_come_from_the_config_then_the_signature(tmp_path):
     assert opts["variant"] == ("gated", "mine")
     assert opts["ln_eps"] == ("1e-05", "")  # not in this config: PYRAMethod's own default
     assert "lr" not in opts  # outside kwargs
-    lines = dict(info.options())
-    assert "method=tome" in lines and lines["method=tome"] == "(no options)"
+    (conf / "method" / "peft.yaml").write_text("name: peft\nkwargs: {}\n")
+    lines = dict(info.options(conf))
+    assert lines["method=peft"] == "(no options)"  # PEFT takes no options of its own
+    assert "method=pyra method.kwargs.variant=gated" in lines
 
 
 def test_recipe_is_the_paper_trainer_config():
@@ -82,7 +86,7 @@ def test_section_rules_and_private_keys_are_not_options(tmp_path):
 def test_cli(capsys):
     assert info.main(["tasks"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert len(out) == 20 and out[0].split()[0] == "cifar100"
+    assert len(out) >= 20 and out[0].split()[0] == "cifar100" and out[19].split()[0] == "digits"
     with pytest.raises(SystemExit) as e:
         info.main(["gpus"])
     assert e.value.code == 2 and "invalid choice: 'gpus'" in capsys.readouterr().err
