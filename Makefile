@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Extra pip arguments, e.g. PIP_ARGS="--index-url https://download.pytorch.org/whl/cu124" for a CUDA build.
 PIP_ARGS ?=
 
-.PHONY: venv demo test test-fast bench bench-train tables lint prepare-vtab clean help
+.PHONY: venv demo test test-fast bench bench-train tables lint prepare-vtab info clean help
 
 help:
 	@echo "make demo       - create .venv if needed and run the offline demo (python -m pyra_bench.train)"
@@ -14,7 +14,8 @@ help:
 	@echo "make bench      - CPU throughput/FLOPs benchmark of every method at low/high (results/bench/)"
 	@echo "make bench-train - CPU training-step speed of PEFT vs ToMe/PYRA at low/high (results/bench/)"
 	@echo "make tables     - rebuild the paper's tables/figures from results/runs into results/tables"
-	@echo "make prepare-vtab TASKS=all DATA_ROOT=data/vtab-1k - build VTAB-1k folders from TFDS"
+	@echo "make prepare-vtab TASKS=all DATA_ROOT=data/vtab-1k - build VTAB-1k folders from TFDS (TASKS=cifar100,dtd: several)"
+	@echo "make info       - list backbones, methods, tasks and experiments (python -m pyra_bench.info)"
 	@echo "make lint       - ruff"
 
 $(STAMP): pyproject.toml
@@ -46,7 +47,10 @@ tables: $(STAMP)
 TASKS ?= all
 DATA_ROOT ?= data/vtab-1k
 prepare-vtab: $(STAMP)
-	$(PY) -m pyra_bench.data.prepare --tasks $(TASKS) --data-root $(DATA_ROOT)
+	$(PY) -m pyra_bench.data.prepare 'tasks=[$(TASKS)]' data_root=$(DATA_ROOT)
+
+info: $(STAMP)
+	$(PY) -m pyra_bench.info
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pyra_bench tests scripts

@@ -131,7 +131,7 @@ def test_stale_partial_folder_is_cleaned_and_incomplete_folder_refused(tmp_path)
     (tmp_path / ".dtd.partial-abc").mkdir(parents=True)
     (tmp_path / "dtd").mkdir()
     (tmp_path / "dtd" / "train800.txt").write_text("")
-    with pytest.raises(P.PrepareError, match="not a complete VTAB-1k task folder.*--overwrite"):
+    with pytest.raises(P.PrepareError, match="not a complete VTAB-1k task folder.*overwrite=true"):
         _prep("dtd", tmp_path)
     _prep("dtd", tmp_path, overwrite=True)
     assert P.existing_task_status(tmp_path / "dtd") == "complete"
@@ -173,7 +173,10 @@ def test_manual_download_task_gives_instructions(tmp_path):
     with pytest.raises(P.ManualDownloadError) as e:
         P.prepare_task("diabetic_retinopathy", tmp_path / "vtab", data_dir=tmp_path / "tfds", progress=False)
     msg = str(e.value)
-    assert "kaggle.com" in msg.lower() and "--manual-dir" in msg and "--tasks diabetic_retinopathy" in msg
+    from pyra_bench.data import prepare_command
+
+    assert "kaggle.com" in msg.lower() and "manual_dir=" in msg
+    assert prepare_command("diabetic_retinopathy", tmp_path / "vtab") in msg  # the command, to run once fetched
     assert not (tmp_path / "vtab" / "diabetic_retinopathy").exists()
 
 
@@ -198,23 +201,72 @@ def test_split_names_parser():
 
 
 def test_cli(tmp_path, capsys):
-    assert P.main(["--tasks", "digits", "--data-root", str(tmp_path), "--verify", "--no-progress"]) == 0
+    """The command line: Hydra key=value overrides of conf/prepare.yaml (as for train and bench)."""
+    assert P.main(["tasks=digits", f"data_root={tmp_path}", "verify=true", "progress=false"]) == 0
     assert P.existing_task_status(tmp_path / "digits") == "complete"
-    assert P.main(["--tasks", "cifar1000", "--data-root", str(tmp_path)]) == 2
-    assert "valid choices" in capsys.readouterr().err
-    assert P.main(["--tasks", "patch_camelyon", "--data-root", str(tmp_path), "--mock-examples", "1000",
-                   "--no-progress", "--workers", "2"]) == 0
+    assert P.main(["tasks=cifar1000", f"data_root={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown task 'cifar1000'" in err and "valid choices" in err
+    assert P.main(["tasks=digits", f"data_root={tmp_path}", "reader=tfrecord"]) == 2
+    assert "valid choices: auto, tf.data, data_source" in capsys.readouterr().err
+    assert P.main(["tasks=patch_camelyon", f"data_root={tmp_path}", "mock_examples=1000", "progress=false",
+                   "workers=2"]) == 0
     meta = json.loads((tmp_path / "patch_camelyon" / "meta.json").read_text())
     assert meta["mock_data"] is True and meta["counts"]["test"] == 1000
     with pytest.warns(UserWarning, match="FAKE data"):
         from pyra_bench.data import VTABDataModule
 
         VTABDataModule("patch_camelyon", tmp_path, num_workers=0, image_size=32)
-    # a folder made elsewhere (no meta.json) is left alone
+    # a folder made elsewhere (no meta.json) is left alone; several tasks as a list
     (tmp_path / "patch_camelyon" / "meta.json").unlink()
     assert P.existing_task_status(tmp_path / "patch_camelyon") == "foreign"
-    assert P.main(["--tasks", "patch_camelyon", "--data-root", str(tmp_path), "--mock-examples", "1000"]) == 0
-    assert "not made by pyra_bench" in capsys.readouterr().out
+    assert P.main(["tasks=[patch_camelyon,digits]", f"data_root={tmp_path}", "mock_examples=1000"]) == 0
+    out = capsys.readouterr().out
+    assert "not made by pyra_bench" in out and "done: 2/2 task(s) ready" in out
+
+
+# The console entry point as `python -m pyra_bench.data.prepare ARGS` calls it (Hydra parses sys.argv), three
+# times in one interpreter (one start-up): a run, bad input, --help.
+CLI_SCRIPT = """
+import sys
+from pyra_bench.data import prepare as P
+for argv in (["tasks=digits", "data_root=out", "progress=false"], ["tasks=cifar1000", "data_root=out"], ["--help"]):
+    sys.argv = ["python -m pyra_bench.data.prepare", *argv]
+    try:
+        P.main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    print("EXIT", code, flush=True)
+    print("EXIT", code, file=sys.stderr, flush=True)
+"""
+
+
+def test_cli_is_a_hydra_app_that_writes_only_the_data(tmp_path):
+    """A run leaves no Hydra folders or logs, bad input exits with status 2 and one message, --help lists
+    the options with their comments."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    env.pop("HYDRA_FULL_ERROR", None)
+    p = subprocess.run([sys.executable, "-c", CLI_SCRIPT], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    # each call's output, then "EXIT <status>" (which starts the next chunk)
+    out, err = p.stdout.split("EXIT "), p.stderr.split("EXIT ")
+    assert [chunk[:2] for chunk in out[1:]] == ["0\n", "2\n", "0\n"]  # run, bad input, --help
+    run, helped, err_bad = out[0], out[2], err[1][2:]
+    assert "[prepare] done: 1/1 task(s) ready in out" in run
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["out"]  # no outputs/, .hydra/ or *.log
+    assert sorted(x.name for x in (tmp_path / "out").iterdir()) == ["digits"]
+    assert err_bad.strip().startswith("python -m pyra_bench.data.prepare: error: unknown task 'cifar1000'; "
+                                      "valid choices: all, caltech101, cifar100,")
+    assert "Traceback" not in p.stderr
+    assert "  mock_examples=null" in helped and "false: fail instead of downloading TFDS data" in helped
 
 
 def test_images_are_jpeg_at_the_requested_quality(tmp_path):

@@ -1,8 +1,12 @@
 """Build the VTAB-1k folder format from TensorFlow Datasets, with the official VTAB-1k splits and labels.
 
-    python -m pyra_bench.data.prepare --tasks all --data-root data/vtab-1k [--data-dir ~/tensorflow_datasets]
-    python -m pyra_bench.data.prepare --tasks diabetic_retinopathy --data-root data/vtab-1k --manual-dir DIR
-    python -m pyra_bench.data.prepare --tasks cifar100 --data-root /tmp/smoke --mock-examples 2000   # fake data
+    python -m pyra_bench.data.prepare tasks=all data_root=data/vtab-1k [data_dir=~/tensorflow_datasets]
+    python -m pyra_bench.data.prepare tasks=diabetic_retinopathy data_root=data/vtab-1k manual_dir=DIR
+    python -m pyra_bench.data.prepare tasks=cifar100 data_root=/tmp/smoke mock_examples=2000   # fake data
+    python -m pyra_bench.data.prepare tasks=[cifar100,dtd] verify=true      # several tasks: a list
+
+Options (``conf/prepare.yaml``, Hydra ``key=value`` overrides as for train and bench; ``--help`` lists them).
+Nothing is written but the task folders (no Hydra output folder or log).
 
 For each task (see :mod:`pyra_bench.data.tasks`) this writes, like NOAH's / PYRA's ``get_vtab1k.py``::
 
@@ -20,12 +24,11 @@ this script then asks ``download_and_prepare`` for). Slices are resolved to abso
 TFDS's own ``ReadInstruction`` against the builder's split sizes, so both readers select the same examples.
 
 Each task is written into a hidden temporary folder and renamed at the end: an interrupted run leaves no
-half-written task folder. A finished task is skipped unless ``--overwrite``.
+half-written task folder. A finished task is skipped unless ``overwrite=true``.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.util
 import json
@@ -279,10 +282,12 @@ def ensure_tfds_prepared(spec: TaskSpec, builder: Any, data_root: Path, manual_d
         prepared = False
     if prepared:
         return
-    cmd = f"python -m pyra_bench.data.prepare --tasks {spec.name} --data-root {data_root}"
+    from .folder import prepare_command
+
+    cmd = prepare_command(spec.name, data_root)
     if not download:
         raise PrepareError(f"TFDS data {builder.info.full_name} not found in {builder.data_dir_root} and "
-                           f"--no-download was given; drop it (or pass --data-dir where the data is)")
+                           f"download=false was given; drop it (or pass data_dir= where the data is)")
     instructions = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
     mdir = _manual_dir_for(builder, manual_dir)
     if instructions and not (mdir.is_dir() and any(mdir.iterdir())):
@@ -291,7 +296,7 @@ def ensure_tfds_prepared(spec: TaskSpec, builder: Any, data_root: Path, manual_d
             f"  {' '.join(str(instructions).split())}\n"
             + (f"  Note: {spec.notes}\n" if spec.notes else "") +
             f"  Put the files in a folder (e.g. {mdir}), then run:\n"
-            f"    {cmd} --manual-dir {mdir}" + (f" --data-dir {builder.data_dir_root}" if manual_dir is None else ""))
+            f"    {cmd} manual_dir={mdir}" + (f" data_dir={builder.data_dir_root}" if manual_dir is None else ""))
     import tensorflow_datasets as tfds
 
     file_format = None if _has_tensorflow() else "array_record"
@@ -380,13 +385,13 @@ def prepare_task(
     if status in ("complete", "foreign") and not overwrite:
         print(f"[prepare] {spec.name}: already prepared at {root / spec.name}"
               + (" (no meta.json: not made by pyra_bench)" if status == "foreign" else "")
-              + "; skipping (--overwrite to rebuild)")
+              + "; skipping (overwrite=true to rebuild)")
         if verify:
             verify_task(root, spec.name, progress=progress)
         return root / spec.name
     if status == "incomplete" and not overwrite:
         raise PrepareError(f"{root / spec.name} exists but is not a complete VTAB-1k task folder; "
-                           f"pass --overwrite to rebuild it")
+                           f"pass overwrite=true to rebuild it")
     if spec.source == "embedded":
         from .embedded import write_digits_folder
 
@@ -536,65 +541,93 @@ def mock_tfds(sizes: int | Mapping[str, int], max_value: int | Mapping[str, int]
 
 
 # ---------------------------------------------------------------------------------------------------------
-# CLI
+# CLI: a Hydra app (conf/prepare.yaml), key=value overrides as for train and bench
 # ---------------------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m pyra_bench.data.prepare",
-        description="Build VTAB-1k task folders (JPEG images + train800/val200/train800val200/test lists) "
-                    "from TensorFlow Datasets with the official VTAB-1k splits and label definitions.")
-    p.add_argument("--tasks", default="all",
-                   help="'all' (the 19 VTAB-1k tasks), a group (natural, specialized, structured), or a comma "
-                        "list of task names; 'digits' writes the embedded demo task")
-    p.add_argument("--data-root", required=True, help="output folder, one sub-folder per task")
-    p.add_argument("--data-dir", default=None, help="TFDS data dir (default: TFDS's, ~/tensorflow_datasets)")
-    p.add_argument("--manual-dir", default=None,
-                   help="folder with manually downloaded files (diabetic_retinopathy, resisc45); "
-                        "default <data-dir>/downloads/manual")
-    p.add_argument("--overwrite", action="store_true", help="rebuild tasks that are already prepared")
-    p.add_argument("--verify", action="store_true",
-                   help="decode every image and check counts and train800val200 afterwards (also for "
-                        "already prepared tasks)")
-    p.add_argument("--jpeg-quality", type=int, default=DEFAULT_JPEG_QUALITY,
-                   help="PIL JPEG quality (default 75, as the reference export)")
-    p.add_argument("--workers", type=int, default=None, help="JPEG encoding threads (default min(4, CPUs))")
-    p.add_argument("--no-download", action="store_true", help="fail instead of downloading TFDS data")
-    p.add_argument("--reader", choices=("auto", "tf.data", "data_source"), default="auto",
-                   help="how to read TFDS (auto: tf.data when TensorFlow is installed, else tfds.data_source)")
-    p.add_argument("--fail-fast", action="store_true", help="stop at the first task that fails")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--mock-examples", type=int, default=None, metavar="N",
-                   help="SMOKE TEST: no download, N random examples per TFDS split with the real features "
-                        "(tfds.testing.mock_data); the folders are marked mock_data in meta.json")
-    return p
+READERS = ("auto", "tf.data", "data_source")
+PROG = "python -m pyra_bench.data.prepare"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _task_spec(tasks: Any) -> str:
+    """``tasks`` as given: a string (``all``, a group, ``cifar100``) or a list (``tasks=[cifar100,dtd]``)."""
+    if isinstance(tasks, (list, tuple)) or (hasattr(tasks, "__iter__") and not isinstance(tasks, str)):
+        return ",".join(str(t) for t in tasks)
+    return str(tasks)
+
+
+def run(cfg: Any) -> int:
+    """Prepare the configured tasks (``cfg``: the composed ``conf/prepare.yaml``); the exit status: 0, 1 when
+    a task failed (the others are still prepared unless ``fail_fast``), 2 for bad input."""
     try:
-        tasks = resolve_tasks(args.tasks)
+        tasks = resolve_tasks(_task_spec(cfg.tasks))
+        if cfg.reader not in READERS:
+            raise ValueError(f"unknown reader {cfg.reader!r}; valid choices: {', '.join(READERS)}")
+        if cfg.get("mock_examples") is not None and int(cfg.mock_examples) < 1:
+            raise ValueError(f"mock_examples must be a positive number of examples, got {cfg.mock_examples}")
     except (KeyError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    mock_ctx = (mock_tfds(args.mock_examples, max_value={"dsprites": 2}) if args.mock_examples
-                else contextlib.nullcontext())
+    mock = cfg.get("mock_examples")
+    mock_ctx = mock_tfds(int(mock), max_value={"dsprites": 2}) if mock else contextlib.nullcontext()
     failed: dict[str, str] = {}
     with mock_ctx:
         for task in tasks:
             try:
-                prepare_task(task, args.data_root, data_dir=args.data_dir, manual_dir=args.manual_dir,
-                             overwrite=args.overwrite, verify=args.verify, jpeg_quality=args.jpeg_quality,
-                             download=not args.no_download, reader=args.reader, workers=args.workers,
-                             progress=not args.no_progress, mock=bool(args.mock_examples))
+                prepare_task(task, cfg.data_root, data_dir=cfg.data_dir, manual_dir=cfg.manual_dir,
+                             overwrite=bool(cfg.overwrite), verify=bool(cfg.verify), jpeg_quality=int(cfg.jpeg_quality),
+                             download=bool(cfg.download), reader=str(cfg.reader), workers=cfg.workers,
+                             progress=bool(cfg.progress), mock=bool(mock))
             except (PrepareError, OSError, ValueError) as e:
                 failed[task] = str(e)
                 print(f"[prepare] FAILED {task}: {e}", file=sys.stderr)
-                if args.fail_fast:
+                if cfg.fail_fast:
                     break
     done = [t for t in tasks if t not in failed]
-    print(f"[prepare] done: {len(done)}/{len(tasks)} task(s) ready in {args.data_root}"
+    print(f"[prepare] done: {len(done)}/{len(tasks)} task(s) ready in {cfg.data_root}"
           + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
+
+
+def _hydra_app():
+    import hydra
+
+    from ..info import register_help_resolver
+    from ..paths import CONF_DIR
+
+    register_help_resolver()  # --help lists the options with their comments
+
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="prepare")
+    def app(cfg) -> None:
+        code = run(cfg)
+        if code:
+            sys.exit(code)
+
+    return app
+
+
+def compose_config(overrides: Sequence[str] = ()) -> Any:
+    """``conf/prepare.yaml`` with Hydra overrides, composed without Hydra's command line (scripts, tests)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+
+    from ..paths import CONF_DIR
+
+    backup = get_gh_backup()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3", job_name="prepare"):
+            return compose("prepare", overrides=list(overrides))
+    finally:
+        restore_gh_from_backup(backup)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pyra_bench.data.prepare [key=value ...]`` (``--help`` lists the options). ``argv``: the
+    overrides as a list, run without Hydra's command line, returning the exit status."""
+    if argv is None:
+        _hydra_app()()  # parses sys.argv; a non-zero status exits through SystemExit
+        return 0
+    return run(compose_config(argv))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,107 @@
+"""pyra_bench.info: one line per backbone / method / task / experiment, each method's options, the recipe."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pyra_bench import info
+from pyra_bench.errors import ConfigError
+from pyra_bench.paths import CONF_DIR
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_tasks_in_the_papers_column_order_with_their_titles():
+    rows = dict(info.tasks())
+    names = list(rows)
+    assert names[0] == "cifar100" and names[18] == "smallnorb_ele" and names[19] == "digits"  # then configs only
+    assert rows["cifar100"] == "Cifar100 (natural, 100 classes)"  # the paper's Table 2 column title
+    assert rows["patch_camelyon"] == "Camelyon (specialized, 2 classes)"
+    assert rows["smallnorb_ele"] == "sNORB-Ele (structured, 9 classes)"
+
+
+def test_methods_backbones_experiments_have_a_description():
+    methods = dict(info.methods())
+    assert set(methods) == {"peft", "tome", "pyra", "diffrate", "spvit", "rap"}
+    assert methods["pyra"].startswith("PYRA + LoRA") and methods["rap"].startswith("RaP + LoRA")
+    backbones = dict(info.backbones())
+    assert "ViT-B/16" in backbones["vit_b16_in21k"] and "vit_base_patch16_224.orig_in21k" in backbones["vit_b16_in21k"]
+    experiments = dict(info.experiments())
+    assert set(experiments) == {p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")}
+    assert experiments["table2_vit_b"].startswith("Table 2")
+    assert not any(d.startswith("@") for d in experiments.values())  # the "# @package" directive is skipped
+    assert all(d for rows in (methods, backbones) for d in rows.values())
+
+
+def test_config_and_registry_mismatches_are_marked(tmp_path):
+    conf = tmp_path / "conf"
+    (conf / "backbone").mkdir(parents=True)
+    shutil.copy(CONF_DIR / "backbone" / "vit_tiny_test.yaml", conf / "backbone")
+    (conf / "backbone" / "my_vit.yaml").write_text("# My own ViT, from a checkpoint of mine\nname: my_vit\n")
+    (conf / "backbone" / "bare.yaml").write_text("name: bare\n")
+    rows = dict(info.backbones(conf))
+    assert rows["my_vit"] == "My own ViT, from a checkpoint of mine (defined by its config)"
+    assert rows["bare"] == "(defined by its config: not in the registry)"
+    assert rows["vit_b16_in21k"].endswith("(no conf/ file: Python API only)")
+    assert "(" not in rows["vit_tiny_test"].split("for tests")[-1]
+
+
+def test_method_options_come_from_the_config_then_the_signature(tmp_path):
+    opts = {k: (v, c) for k, v, c in info.method_options("pyra")}
+    assert opts["variant"][0] == "full" and "gated (Table 8)" in opts["variant"][1]  # comment above the key
+    assert opts["wr_init"] == ("uniform", "uniform (the authors' code, U(-1,1)) | normal (the paper's text) | zeros")
+    conf = tmp_path / "conf"
+    (conf / "method").mkdir(parents=True)
+    (conf / "method" / "pyra.yaml").write_text("name: pyra\nkwargs:\n  variant: gated  # mine\nlr: null\n")
+    opts = {k: (v, c) for k, v, c in info.method_options("pyra", conf)}
+    assert opts["variant"] == ("gated", "mine")
+    assert opts["ln_eps"] == ("1e-05", "")  # not in this config: PYRAMethod's own default
+    assert "lr" not in opts  # outside kwargs
+    (conf / "method" / "peft.yaml").write_text("name: peft\nkwargs: {}\n")
+    lines = dict(info.options(conf))
+    assert lines["method=peft"] == "(no options)"  # PEFT takes no options of its own
+    assert "method=pyra method.kwargs.variant=gated" in lines
+
+
+def test_recipe_is_the_paper_trainer_config():
+    rows = dict(info.recipe())
+    assert "trainer.epochs=100" in rows and "trainer.lr=1.0e-3" in rows and "trainer.batch_size=32" in rows
+    assert "AdamW" in rows["trainer=paper"] and "AdamW" not in rows["trainer.epochs=100"]  # the heading once
+    assert not any(k.startswith("trainer._") for k in rows)  # no _target_
+
+
+def test_section_rules_and_private_keys_are_not_options(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("# heading\n_target_: a.B\n# -- recipe ----\nepochs: 3\n# the lr\nlr: 0.1  # inline wins\n"
+                    "# above\nwd: 0.0\n")
+    assert info.yaml_entries(path) == [("epochs", "3", ""), ("lr", "0.1", "inline wins"), ("wd", "0.0", "above")]
+
+
+def test_cli(capsys):
+    assert info.main(["tasks"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) >= 20 and out[0].split()[0] == "cifar100" and out[19].split()[0] == "digits"
+    with pytest.raises(SystemExit) as e:
+        info.main(["gpus"])
+    assert e.value.code == 2 and "invalid choice: 'gpus'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="valid choices: all, backbones"):
+        info.help_text("gpus")
+
+
+def test_help_resolver_in_a_hydra_help(tmp_path):
+    (tmp_path / "app.yaml").write_text("x: 1\nhydra:\n  help:\n    template: |\n      ${pyra_help:experiments}\n")
+    script = ("import sys, hydra\nfrom pyra_bench.info import register_help_resolver\nregister_help_resolver()\n"
+              f"@hydra.main(version_base='1.3', config_path={str(tmp_path)!r}, config_name='app')\n"
+              "def main(cfg): pass\nmain()\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.run([sys.executable, "-c", script, "--help"], capture_output=True, text=True, env=env,
+                       cwd=tmp_path, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "== Experiments (experiment=; sweep with -m) ==" in p.stdout
+    assert "\n  table2_vit_b             Table 2 (vit_b): 19 tasks" in p.stdout

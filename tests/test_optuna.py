@@ -1,0 +1,58 @@
+"""conf/hparams_search/optuna.yaml: Hydra's Optuna sweeper over the tuning protocol (train800 -> val200).
+
+Two trials on the offline demo (tiny ViT, trainer=smoke): both finish as tuning runs with their own records,
+and the sweeper's optimization_results.yaml names the trial with the best val200 top-1, checked against the
+records the runs wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _search_override() -> str:
+    """``hparams_search=optuna`` once conf/train.yaml has the group in its defaults, else appended."""
+    from pyra_bench.paths import CONF_DIR
+
+    wired = re.search(r"^\s*-\s*(optional\s+)?hparams_search:", (CONF_DIR / "train.yaml").read_text(), re.M)
+    return ("" if wired else "+") + "hparams_search=optuna"
+
+
+def test_two_optuna_trials_on_the_demo_report_the_best_setting(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "PYRA_RUNS": str(tmp_path / "runs"), "PYRA_RESULTS": str(tmp_path / "results"), "WANDB_MODE": "disabled"}
+    sweep = tmp_path / "sweep"
+    p = subprocess.run([sys.executable, "-m", "pyra_bench.train", _search_override(), "trainer=smoke",
+                        "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2",
+                        f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert result["name"] == "optuna" and set(result["best_params"]) == {"trainer.lr", "trainer.weight_decay"}
+
+    records = [json.loads(f.read_text()) for f in sorted((tmp_path / "results").glob("*.json"))]
+    assert len(records) == 2  # one run (and record) per trial
+    assert all(r["protocol"] == "tuning" and r["run_id"].endswith(f"-wd{r['config']['trainer']['weight_decay']}")
+               for r in records)
+    assert all(r["metrics"]["test_top1"] is None and r["metrics"]["val_images"] == 200 for r in records)
+    settings = {(r["config"]["trainer"]["lr"], r["config"]["trainer"]["weight_decay"]) for r in records}
+    assert len(settings) == 2 and all(1e-4 <= lr <= 1e-2 and 1e-5 <= wd <= 1e-2 for lr, wd in settings)
+    best = max(r["metrics"]["val_top1"] for r in records)
+    assert result["best_value"] == pytest.approx(best)
+    winners = [r for r in records if r["metrics"]["val_top1"] == pytest.approx(best)]
+    assert any(result["best_params"] == {"trainer.lr": r["config"]["trainer"]["lr"],
+                                         "trainer.weight_decay": r["config"]["trainer"]["weight_decay"]}
+               for r in winners)
+    assert "Best parameters:" in p.stdout + p.stderr
