@@ -62,6 +62,15 @@ OmegaConf.register_new_resolver("gpu_count", _gpu_count, replace=True)
 OmegaConf.register_new_resolver("wandb_id", wandb_id, replace=True)
 
 
+def _register_tracking_resolvers() -> None:
+    from .tracking import register_resolvers
+
+    register_resolvers()
+
+
+_register_tracking_resolvers()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Trainer
 # ---------------------------------------------------------------------------------------------------------
@@ -136,6 +145,7 @@ def make_trainer(cfg: DictConfig, *, max_epochs: int, callbacks: list, loggers: 
     import lightning as L
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
+    from .console import progress_bar_enabled
     from .lifecycle import disable_lightning_signals
 
     opts = trainer_options(cfg)
@@ -143,6 +153,7 @@ def make_trainer(cfg: DictConfig, *, max_epochs: int, callbacks: list, loggers: 
     if SLURMEnvironment.detect() and not any(isinstance(p, SLURMEnvironment) for p in plugins):
         plugins.append(SLURMEnvironment(auto_requeue=False))  # submitit requeues; one mechanism, not two
     opts.setdefault("enable_model_summary", False)
+    opts.setdefault("enable_progress_bar", progress_bar_enabled())
     # The module evaluates itself (AdaptationModule.evaluate); Lightning's validation loop is off by design.
     warnings.filterwarnings("ignore", message=".*val_dataloader.* but have no `validation_step`")
     try:

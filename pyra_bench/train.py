@@ -140,6 +140,10 @@ def main(cfg: DictConfig) -> float | None:
             return None
         raise
     _write_outcome(job_dir, cfg, rec.get("status", "completed"), result=rec)
+    if rec.get("status") == "skipped":  # a finished run still answers with its result (e.g. to Optuna)
+        from .records import read_record
+
+        rec = read_record(rec["path"])
     m = rec.get("metrics") or {}
     return m.get("test_top1") if m.get("test_top1") is not None else m.get("val_top1")
 

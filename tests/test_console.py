@@ -233,8 +233,6 @@ def test_attach_run_log(tmp_path):
                 console.detach_run_log(h)
 
 
-@pytest.mark.skip(reason="needs lead wiring: the run's Trainer gets enable_progress_bar=progress_bar_enabled() "
-                         "and the callbacks FitLogInterval and EpochLogger (train.main already calls setup_logging)")
 def test_make_demo_output_has_each_lightning_line_once_and_no_advert(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYRA_RUNS": str(tmp_path / "runs"),
            "PYRA_RESULTS": str(tmp_path / "results")}

@@ -88,12 +88,12 @@ def test_missing_root_names_the_prepare_command(tmp_path):
     root = tmp_path / "nowhere"
     with pytest.raises(DataNotFoundError) as e:
         VTABFolderDataset(root, "cifar100", "test")
-    assert f"python -m pyra_bench.data.prepare --tasks cifar100 --data-root {root}" in str(e.value)
+    assert f"python -m pyra_bench.data.prepare tasks=cifar100 data_root={root}" in str(e.value)
     assert isinstance(e.value, FileNotFoundError)
 
 
 def test_missing_task_folder_names_the_prepare_command(jpg_root):
-    with pytest.raises(DataNotFoundError, match=r"task folder not found.*\n.*--tasks dtd --data-root"):
+    with pytest.raises(DataNotFoundError, match=r"task folder not found.*\n.*tasks=dtd data_root="):
         VTABFolderDataset(jpg_root, "dtd", "train800")
 
 
@@ -270,7 +270,7 @@ def test_datamodule_embedded_needs_no_root():
 
 
 def test_datamodule_validates_before_any_model_work(tmp_path):
-    with pytest.raises(DataNotFoundError, match="pyra_bench.data.prepare --tasks cifar100"):
+    with pytest.raises(DataNotFoundError, match="pyra_bench.data.prepare tasks=cifar100"):
         VTABDataModule("cifar100", tmp_path / "missing")
     with pytest.raises(UnknownChoiceError):
         VTABDataModule("cifar1000", tmp_path)

@@ -52,7 +52,7 @@ def test_a_folder_named_oxford_iiit_pet_is_found_for_oxford_pet(tmp_path):
 
 def test_missing_folder_error_names_the_aliases_it_looked_for(tmp_path):
     with pytest.raises(DataNotFoundError, match=r"task folder not found: .*cifar100 \(also looked for .*/cifar: "
-                                                r"the name the NOAH/SSF/VPT VTAB-1k archives use\)\n.*--tasks cifar100"):
+                                                r"the name the NOAH/SSF/VPT VTAB-1k archives use\)\n.*tasks=cifar100"):
         VTABFolderDataset(tmp_path, "cifar100", "test")
     with pytest.raises(DataNotFoundError, match=r"task folder not found: \S*dtd\n"):  # no alias: no "also"
         VTABFolderDataset(tmp_path, "dtd", "test")

@@ -138,7 +138,7 @@ def test_command_line_prints_bad_input_without_a_traceback(tmp_path):
                        env={**os.environ, "HYDRA_FULL_ERROR": "0"})
     assert p.returncode == 2, p.stderr[-2000:]
     assert "pyra_bench.train: error: VTAB-1k data root not found" in p.stderr
-    assert "python -m pyra_bench.data.prepare --tasks cifar100" in p.stderr
+    assert "python -m pyra_bench.data.prepare tasks=cifar100" in p.stderr
     assert "Traceback" not in p.stderr
     assert not list(tmp_path.iterdir()), "nothing is written (no run folder, no Hydra folder, no failure record)"
 

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError
-from .folder import VTABFolderDataset, find_task_dir, verify_once
+from .folder import VTABFolderDataset, find_task_dir, prepare_command, verify_once
 from .tasks import SPLITS, TaskSpec, get_task
 from .transforms import Uint8Normalizer, build_transform, get_normalization
 
@@ -90,8 +90,7 @@ class VTABDataModule(L.LightningDataModule):
             raise ConfigError(f"unknown data source {source!r}; valid choices: {', '.join(SOURCES)}")
         if source == "embedded" and self.spec.source != "embedded":
             raise ConfigError(f"task {self.task!r} is not embedded (only 'digits' is); use source='folder' and "
-                             f"prepare it with: python -m pyra_bench.data.prepare --tasks {self.task} "
-                             f"--data-root <dir>")
+                             f"prepare it with: {prepare_command(self.task, '<dir>')}")
         for name, split in (("train_split", train_split), ("eval_split", eval_split), ("val_split", val_split)):
             if split is not None and split not in SPLITS:
                 raise ConfigError(f"unknown {name} {split!r}; valid choices: {', '.join(SPLITS)}")
@@ -99,8 +98,7 @@ class VTABDataModule(L.LightningDataModule):
             raise ConfigError(f"batch_size must be positive, got {batch_size}")
         get_normalization(normalization)  # unknown preset -> error listing the valid ones
         if source == "folder" and data_root is None:
-            raise ConfigError(f"source='folder' needs data_root (prepare with: python -m pyra_bench.data.prepare "
-                             f"--tasks {self.task} --data-root <dir>)")
+            raise ConfigError(f"source='folder' needs data_root (prepare with: {prepare_command(self.task, '<dir>')})")
         self.source = source
         self.data_root = Path(data_root).expanduser() if data_root is not None else None
         self.batch_size = int(batch_size)

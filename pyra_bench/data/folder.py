@@ -79,7 +79,7 @@ class ImageTooLargeError(CorruptImageError):
 
 def prepare_command(task: str, root: str | os.PathLike) -> str:
     """The shell command that builds ``<root>/<task>`` from TFDS."""
-    return f"python -m pyra_bench.data.prepare --tasks {task} --data-root {root}"
+    return f"python -m pyra_bench.data.prepare tasks={task} data_root={root}"
 
 
 def _how_to_make(spec: TaskSpec, root: str | os.PathLike) -> str:
