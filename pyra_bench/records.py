@@ -8,11 +8,16 @@ Schema (``schema: 1``). Fields that a run did not measure are absent or null, ne
       "status": "completed",                 # or "failed" (with "error")
       "task": "cifar100", "group": "natural",   # natural | specialized | structured | demo
       "backbone": "vit_b16_in21k",
-      "method": "pyra", "variant": "full",     # variant: method-specific label or null
+      "method": "pyra", "method_key": "pyra-wd_sigmoid", "method_label": "PYRA",
+      "method_options": {"variant": "wd_sigmoid"},   # result-changing options that differ from the defaults
+      "backbone_label": "ViT-B/16", "run_tag": null,
       "schedule": "high",                      # schedule name / description; "none" for no compression
       "seed": 0,
       "data_format": "jpeg_folder",            # how the images were read (jpeg_folder | tfds | embedded)
       "protocol": "final",                     # final (train800val200 -> test) | tuning (train800 -> val200)
+      "eval_protocol": {"evaluation": "every_n", "eval_every": 10, "evaluated_epochs": [10, 20, ...]},
+      "weights": {"source": "file", "file": "ViT-B_16.npz", "sha256": "..."},   # or hub / none / demo
+      "settings": {"trainer.lr": 0.001, ...},  # every result-changing setting, compared before a run is skipped
       "metrics": {                             # tuning runs carry val_* instead and test_top1 null
         "test_top1": 72.1,                     # the reported number: last epoch (VTAB protocol)
         "test_top1_best": 72.9,                # max over evaluated epochs (the paper's convention, labelled)
@@ -26,7 +31,9 @@ Schema (``schema: 1``). Fields that a run did not measure are absent or null, ne
       "flops": {"gmacs": 5.07, "paper_gflops": 4.75, "tokens_per_block": [...]},
       "throughput": {"img_per_s": 1365.0, "device": "NVIDIA ...", "batch_size": 512, "dtype": "float32"},
       "config": {...resolved Hydra config...},
-      "git_rev": "abc123", "created": "2026-11-24T12:00:00Z", "versions": {"torch": ..., "timm": ...}
+      "data": {...data provenance...}, "overrides": ["task=cifar100", ...],   # the command line
+      "git_rev": "abc123+dirty", "git": {"rev": ..., "dirty": true},   # the diff: <run_id>.git.diff beside it
+      "created": "2026-11-24T12:00:00Z", "versions": {"torch": ..., "timm": ...}
     }
 """
 
