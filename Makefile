@@ -21,7 +21,7 @@ help:
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install $(PIP_ARGS) -e ".[dev]"
+	$(PY) -m pip install $(PIP_ARGS) -e ".[dev]" --config-settings editable_mode=compat
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -30,7 +30,7 @@ demo: $(STAMP)
 	$(PY) -m pyra_bench.train
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --durations=15
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

@@ -221,7 +221,8 @@ def gpu_hours(cfg: Any, records: Iterable[dict]) -> tuple[float, str]:
             if tp is None:
                 return math.nan, (f"unknown: no records of {backbone} and no published throughput for it "
                                   f"(run one job first; its record makes the estimate)")
-            stage_ips, overall, infer, devices = {}, tp / FORWARD_SHARE / cost_factor(cls), tp, set()
+            own = str(which).startswith(f"{method}/")  # the method's own published speed: no factor
+            stage_ips, overall, infer, devices = {}, tp / FORWARD_SHARE / (1.0 if own else cost_factor(cls)), tp, set()
             basis = (f"fallback (no records of {backbone}): the paper's RTX 3090 inference throughput "
                      f"({which}, {tp:.0f} img/s), training at 1/{FORWARD_SHARE:.0f} of it / cost_factor")
     if not infer:

@@ -109,6 +109,12 @@ class OptionChecker:
             self.fail(name, value, rule, key)
         return v
 
+    def boolean(self, name: str, value: Any, *, key: str | None = None) -> bool:
+        """true or false (not 0/1, not a string)."""
+        if not isinstance(value, bool):
+            self.wrong_type(name, value, "true or false", key)
+        return value
+
     def choice(self, name: str, value: Any, choices: Iterable[str], *, key: str | None = None) -> str:
         """One of the strings ``choices``."""
         choices = list(choices)

@@ -193,7 +193,9 @@ def _finish(run: dict, timeout: float) -> dict:
         raise RuntimeError(f"training run failed (exit {rc}); last lines:\n" + "\n".join(log.splitlines()[-25:]))
     (rec_path,) = (run["out"] / "results").glob("*.json")
     rec = json.loads(rec_path.read_text())
-    sd = torch.load(run["out"] / "run" / "inference_model.pt", map_location="cpu", weights_only=False)["state_dict"]
+    from safetensors.torch import load_file
+
+    sd = load_file(str(run["out"] / "run" / "inference_model.safetensors"))
     return {"wall_s": wall, "record": rec, "state_dict": sd}
 
 

@@ -31,3 +31,16 @@ def _private_input_cache(tmp_path_factory):
         os.environ.pop("PYRA_INPUT_CACHE", None)
     else:
         os.environ["PYRA_INPUT_CACHE"] = old
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """An in-process Hydra app points the root logger at the test's captured stdout; put the handlers back
+    afterwards, so a later test never logs into a closed stream."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = {"pyra-train": "pyra_bench.train:main", "pyra-bench": "pyra_bench.bench:main",
+SCRIPTS = {"pyra-train": "pyra_bench.train:cli", "pyra-bench": "pyra_bench.bench:cli",
            "pyra-tables": "pyra_bench.tables:main", "pyra-prepare-vtab": "pyra_bench.data.prepare:main",
            "pyra-sweep": "pyra_bench.sweep:main", "pyra-info": "pyra_bench.info:main"}
 

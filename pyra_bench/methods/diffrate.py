@@ -283,16 +283,23 @@ class DiffRateMethod(Method):
 
     def __init__(self, schedule: Any = "low", kept_schedule: Any = None, granularity: int = 4,
                  search_epochs: float = 0.3, search_task: str | None = None, search_objective: str = "distill",
-                 flops_weight: float = 1542.0, budget_tolerance: float = 0.02):
-        super().__init__(schedule)
-        if search_objective not in ("distill", "ce"):
-            raise ConfigError(f"unknown search_objective {search_objective!r}; valid: distill, ce")
-        if int(granularity) < 1:
-            raise ConfigError(f"granularity must be a positive number of tokens, got {granularity}")
-        self.kept_schedule_opt, self.granularity = kept_schedule, int(granularity)
-        self.search_epochs, self.search_task = float(search_epochs), search_task
-        self.search_objective, self.flops_weight = search_objective, float(flops_weight)
-        self.budget_tolerance = float(budget_tolerance)
+                 flops_weight: float = 1542.0, budget_tolerance: float = 0.02, **kwargs: Any):
+        super().__init__(schedule, **kwargs)
+        from ..option_checks import OptionChecker
+
+        o = OptionChecker(f"method {self.name!r}", prefix="method.kwargs")
+        if kept_schedule is not None and not isinstance(kept_schedule, (str, list, tuple, dict)):
+            o.wrong_type("kept_schedule", kept_schedule, "null, 'published:<name>', a record/JSON file or "
+                                                       "{prune_kept: [...], merge_kept: [...]}")
+        if search_task is not None and not isinstance(search_task, str):
+            o.wrong_type("search_task", search_task, "null or a task name")
+        self.kept_schedule_opt = kept_schedule
+        self.granularity = o.integer("granularity", granularity, low=1)
+        self.search_epochs = o.number("search_epochs", search_epochs, low=0, low_open=True)
+        self.search_task = search_task
+        self.search_objective = o.choice("search_objective", search_objective, ("distill", "ce"))
+        self.flops_weight = o.number("flops_weight", flops_weight, low=0)
+        self.budget_tolerance = o.number("budget_tolerance", budget_tolerance, low=0)
         self.stage = "train"
         self.prune_kept: list[int] | None = None
         self.merge_kept: list[int] | None = None

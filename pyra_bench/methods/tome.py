@@ -33,11 +33,14 @@ class ToMe(Method):
     def __init__(self, schedule: Any = "none", flops_tolerance: float = 0.01, speedup_warmup_s: float = 2.0,
                  speedup_duration_s: float = 3.0, speedup_cache: bool = True, **kwargs: Any):
         super().__init__(schedule, **kwargs)
-        if not 0 < float(flops_tolerance) < 1:
-            raise ConfigError(f"flops_tolerance is a MACs fraction in (0, 1), got {flops_tolerance!r}")
-        self.flops_tolerance = float(flops_tolerance)
-        self.speedup_warmup_s, self.speedup_duration_s = float(speedup_warmup_s), float(speedup_duration_s)
-        self.speedup_cache = bool(speedup_cache)
+        from ..option_checks import OptionChecker
+
+        o = OptionChecker(f"method {self.name!r}", prefix="method.kwargs")
+        self.flops_tolerance = o.number("flops_tolerance", flops_tolerance, low=0, high=1, low_open=True,
+                                        high_open=True)
+        self.speedup_warmup_s = o.number("speedup_warmup_s", speedup_warmup_s, low=0)
+        self.speedup_duration_s = o.number("speedup_duration_s", speedup_duration_s, low=0, low_open=True)
+        self.speedup_cache = o.boolean("speedup_cache", speedup_cache)
         self.target = operating_point(schedule)  # validates flops:/speedup: forms early
         self.target_info: dict[str, Any] | None = None
         self.macs_fraction: float | None = None
