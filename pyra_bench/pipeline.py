@@ -138,26 +138,20 @@ def _mismatch(what: Path, diff: list) -> SettingsMismatchError:
 def _check_existing_state(plan: Plan) -> None:
     """Finished stages and the checkpoints of this run folder must have been made with these settings;
     a corrupt one is set aside (moved to ``*.corrupt`` when the run starts) and redone."""
-    for meta_path in sorted((plan.run_dir / "stages").glob("*.json")):
-        try:
-            meta = read_stage_meta(meta_path)
-        except CheckpointFormatError as e:
-            log.warning("%s; it is set aside and the stage is trained again", e)
-            plan.set_aside.append(meta_path)
-            continue
-        diff = settings_diff(plan.settings, meta.get("settings") or {})
-        if diff:
-            raise _mismatch(meta_path, diff)
-    for ckpt in sorted((plan.run_dir / "ckpt").glob("*/last.ckpt")):
-        try:
-            meta = read_checkpoint_meta(ckpt)
-        except CheckpointFormatError as e:
-            log.warning("%s; it is set aside and its stage starts again from its first epoch", e)
-            plan.set_aside.append(ckpt)
-            continue
-        diff = settings_diff(plan.settings, meta.get("settings") or {})
-        if diff:
-            raise _mismatch(ckpt, diff)
+    kinds = ((sorted((plan.run_dir / "stages").glob("*.json")), read_stage_meta, "the stage is trained again"),
+             (sorted((plan.run_dir / "ckpt").glob("*/last.ckpt")), read_checkpoint_meta,
+              "its stage starts again from its first epoch"))
+    for paths, read, redo in kinds:
+        for path in paths:
+            try:
+                meta = read(path)
+            except CheckpointFormatError as e:
+                log.warning("%s; it is set aside and %s", e, redo)
+                plan.set_aside.append(path)
+                continue
+            diff = settings_diff(plan.settings, meta.get("settings") or {})
+            if diff:
+                raise _mismatch(path, diff)
 
 
 def _check_record(plan: Plan) -> None:

@@ -58,24 +58,25 @@ def reference(tmp_path_factory):
     return _train(_cfg(tmp))
 
 
-@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-def test_a_run_interrupted_mid_stage_resumes_at_its_last_epoch(tmp_path, reference, signum):
-    """Killed (or stopped by SIGTERM) after 2 of 4 epochs; the same command starts at epoch 2, not 0, and
-    ends with the uninterrupted run's accuracy at every evaluated epoch."""
-    stop = _interrupt("stop", tmp_path, 2, signum)
-    first = _cli(tmp_path, *stop)
-    assert first.returncode == (-signal.SIGKILL if signum == signal.SIGKILL else 128 + signal.SIGTERM), \
-        first.stderr[-3000:]
+def test_a_run_stopped_and_killed_mid_stage_resumes_at_its_last_epoch(tmp_path, reference):
+    """The same command three times: SIGTERM after 1 of 4 epochs (exit 143, nothing recorded), then SIGKILL
+    after 3 (a pre-empted node), then to the end. Each re-run starts at the last finished epoch, not at 0,
+    and the run ends with the uninterrupted run's accuracy at every evaluated epoch."""
+    cmd = [*_interrupt("term", tmp_path, 1, signal.SIGTERM), *_interrupt("kill", tmp_path, 3, signal.SIGKILL)]
+    first = _cli(tmp_path, *cmd)
+    assert first.returncode == 128 + signal.SIGTERM, first.stderr[-3000:]
+    assert "interrupted by SIGTERM" in first.stdout + first.stderr
     assert not list((tmp_path / "results").glob("*.json")), "no record for an unfinished run"
-    if signum == signal.SIGTERM:
-        assert "interrupted by SIGTERM" in first.stdout + first.stderr
-    second = _cli(tmp_path, *stop)  # the same command
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "resuming after epoch 2" in second.stdout + second.stderr
+    second = _cli(tmp_path, *cmd)
+    assert second.returncode == -signal.SIGKILL, second.stderr[-3000:]
+    assert "resuming after epoch 1" in second.stdout + second.stderr
+    third = _cli(tmp_path, *cmd)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "resuming after epoch 3" in third.stdout + third.stderr
     rec = read_record(tmp_path / "results" / f"{reference['run_id']}.json")
     assert rec["metrics"]["test_top1_by_epoch"] == reference["metrics"]["test_top1_by_epoch"]
     assert rec["metrics"]["test_top1"] == reference["metrics"]["test_top1"]
-    assert rec["training_cost"]["train"]["epochs_run"] == 2, "only the remaining epochs were trained"
+    assert rec["training_cost"]["train"]["epochs_run"] == 1, "only the remaining epoch was trained"
 
 
 def test_a_retried_transient_failure_resumes_the_same_way(tmp_path, reference, caplog):

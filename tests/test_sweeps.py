@@ -51,10 +51,6 @@ def test_a_sweep_reports_exact_ids_exits_non_zero_on_a_failure_and_launches_a_ru
     # the tables rebuild from exactly those records
     summary = tables.summarise(tables.records_frame(recs))
     assert set(summary["method"]) == {"tome", "peft"}
-    # re-running skips what exists and reports the same failure
-    code, out = _sweep(tmp_path, *args)
-    head, items = _summary(out)
-    assert code == 1 and "2 skipped" in head and "1 failed" in head, head
 
 
 def test_the_local_launcher_runs_one_job_per_gpu_slot(tmp_path, monkeypatch):
@@ -62,18 +58,18 @@ def test_the_local_launcher_runs_one_job_per_gpu_slot(tmp_path, monkeypatch):
     assert gpu_slots("auto") == ["0", "3"] and gpu_slots([1, 2], jobs_per_gpu=2) == ["1", "1", "2", "2"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert gpu_slots("auto") == [None], "no GPU: one job at a time"
-    code, out = _sweep(tmp_path, "hydra/launcher=local", "method=tome,pyra", "compression=low")
+    code, out = _sweep(tmp_path, "hydra/launcher=local", "method=tome", "compression=low")
     assert code == 0, out[-3000:]
-    assert "2 completed" in _summary(out)[0] and "1 at a time" in out
-    assert len(iter_records([tmp_path / "results"])) == 2
+    assert "1 completed" in _summary(out)[0] and "1 at a time" in out
+    assert len(iter_records([tmp_path / "results"])) == 1
     (sweep_dir,) = (tmp_path / "runs" / "multirun").iterdir()
-    assert all((sweep_dir / str(i) / "job.log").is_file() for i in (0, 1))
+    assert (sweep_dir / "0" / "job.log").is_file() and (sweep_dir / "0" / "outcome.json").is_file()
 
 
 def test_dry_run_lists_runs_duplicates_and_gpu_hours(capsys):
-    assert sweep.main(["dry-run", "experiment=table2_vit_b"]) == 0
+    assert sweep.main(["dry-run", "experiment=table2_vit_b", "task=cifar100,dtd"]) == 0
     out = capsys.readouterr().out
-    assert "114 jobs in the sweep (0 duplicate" in out  # 19 tasks x {peft, rap, spvit, diffrate, tome, pyra}
+    assert "12 jobs in the sweep (0 duplicate" in out  # 2 tasks x {peft, rap, spvit, diffrate, tome, pyra}
     assert "cifar100__vit_b16_in21k__peft__none__seed0" in out and "GPU hours" in out
     assert sweep.main(["dry-run", "experiment=fig4_deit", "task=dtd"]) == 0
     out = capsys.readouterr().out

@@ -302,7 +302,9 @@ def test_cli_writes_only_the_tables_and_bad_input_exits_2(tmp_path, monkeypatch,
     _rec(runs, "dtd", 50.0)
     monkeypatch.chdir(work)
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-    args = ["pyra_bench.tables", f"records={runs}", "out=tables", "figures=false", "tables=[3]", "formats=[md]"]
+    # (Hydra's logging set-up would close pytest's own log handlers: dictConfig shuts existing handlers down)
+    args = ["pyra_bench.tables", f"records={runs}", "out=tables", "figures=false", "tables=[3]", "formats=[md]",
+            "hydra/job_logging=none", "hydra/hydra_logging=none"]
     monkeypatch.setattr(sys, "argv", args)
     tables.main()
     assert sorted(p.name for p in work.iterdir()) == ["tables"]
