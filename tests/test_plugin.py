@@ -164,7 +164,8 @@ def test_a_plugin_trained_in_a_multirun_appears_in_table2_and_the_paired_table(t
         sys.executable, "-m", "pyra_bench.train", "-m", f"hydra.searchpath=[file://{PLUGINS / 'conf'}]",
         "task=dtd", f"data_root={data}", "backbone=vit_b16_in21k", "backbone.weights=none", "trainer=smoke", "trainer.epochs=1", "trainer.warmup_epochs=0",
         "trainer.max_steps_per_epoch=1", "method=mymethod,tome", "budget=low", "seed=0,1",
-        f"results_dir={tmp_path / 'runs'}", f"hydra.sweep.dir={tmp_path / 'multirun'}", "verify_images=false",
+        f"results_dir={tmp_path / 'runs'}", f"runs_root={tmp_path / 'rundirs'}",
+        f"hydra.sweep.dir={tmp_path / 'multirun'}", "verify_images=false",
         "export_inference_model=false", "logger=csv"], env=env, capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, run.stderr[-3000:]
     out = tmp_path / "tables"

@@ -101,12 +101,12 @@ def test_task_from_config_trains_through_the_datamodule(tmp_path):
     def test_loss():
         model.eval()
         with torch.no_grad():
-            return np.mean([torch.nn.functional.cross_entropy(model(x), y).item() for x, y in dm.test_dataloader()])
+            return np.mean([torch.nn.functional.cross_entropy(model(x), y).item() for x, y in (dm.on_after_batch_transfer(b, 0) for b in dm.test_dataloader())])
 
     before = test_loss()
     for _ in range(6):
         model.train()
-        for x, y in dm.train_dataloader():
+        for x, y in (dm.on_after_batch_transfer(b, 0) for b in dm.train_dataloader()):
             assert x.shape == (8, 3, 32, 32) and set(y.tolist()) <= {0, 1}
             loss = torch.nn.functional.cross_entropy(model(x), y)
             opt.zero_grad()

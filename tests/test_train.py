@@ -108,7 +108,7 @@ def test_bad_input_fails_before_training(tmp_path, override, match):
     cfg = _cfg(tmp_path, "method=pyra", override)
     with pytest.raises(InputError, match=match):
         _train(cfg)
-    assert not Path(cfg.run_dir).exists(), "nothing is written before the inputs are checked"
+    assert not (tmp_path / "runs").exists(), "nothing is written before the inputs are checked"
 
 
 def test_missing_data_root_names_the_prepare_command(tmp_path):
@@ -126,7 +126,7 @@ def test_corrupt_image_fails_before_training(tmp_path):
     cfg = _cfg(tmp_path, "method=tome", "task.source=folder", f"data_root={tmp_path}/vtab")
     with pytest.raises(CorruptImageError, match="000003.jpg"):
         _train(cfg)
-    assert not Path(cfg.run_dir).exists(), "nothing is written before the inputs are checked"
+    assert not (tmp_path / "runs").exists(), "nothing is written before the inputs are checked"
 
 
 def test_command_line_prints_bad_input_without_a_traceback(tmp_path):
@@ -185,7 +185,7 @@ def test_bad_chaining_options_fail_before_training(tmp_path, override, match):
     cfg = _cfg(tmp_path, "method=tome", override)
     with pytest.raises(InputError, match=match):
         _train(cfg)
-    assert not Path(cfg.run_dir).exists(), "nothing is written before the inputs are checked"
+    assert not (tmp_path / "runs").exists(), "nothing is written before the inputs are checked"
 
 
 def test_ddp_run_evaluates_every_test_image_exactly_once(tmp_path):
