@@ -67,17 +67,19 @@ def method_class(method_cfg: DictConfig | Mapping):
     return _lookup(str(method_cfg["name"]), method_cfg.get("_target_"))
 
 
+def _kwargs(method_cfg: DictConfig | Mapping) -> dict[str, Any]:
+    kwargs = method_cfg.get("kwargs") or {}
+    return OmegaConf.to_container(kwargs, resolve=True) if OmegaConf.is_config(kwargs) else dict(kwargs)
+
+
 def method_options(method_cfg: DictConfig | Mapping) -> dict[str, Any]:
     """The method config's result-changing options that differ from the method's defaults."""
-    kwargs = method_cfg.get("kwargs") or {}
-    kwargs = OmegaConf.to_container(kwargs, resolve=True) if OmegaConf.is_config(kwargs) else dict(kwargs)
-    return method_class(method_cfg).result_options(kwargs)
+    return method_class(method_cfg).result_options(_kwargs(method_cfg))
 
 
 def method_key(method_cfg: DictConfig | Mapping) -> str:
-    kwargs = method_cfg.get("kwargs") or {}
-    kwargs = OmegaConf.to_container(kwargs, resolve=True) if OmegaConf.is_config(kwargs) else dict(kwargs)
-    return method_class(method_cfg).run_key(kwargs)
+    """The method's part of the run id (:meth:`Method.run_key`)."""
+    return method_class(method_cfg).run_key(_kwargs(method_cfg))
 
 
 def run_id(cfg: DictConfig) -> str:

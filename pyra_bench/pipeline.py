@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import shutil
@@ -398,7 +397,6 @@ def _is_global_zero() -> bool:
 def measure(plan: Plan, model) -> dict[str, Any]:
     """Parameters, MACs and (``measure_throughput=true``) throughput of the LoRA-merged inference model,
     which is exported to ``<run_dir>/inference_model.*`` (``export_inference_model``)."""
-    import torch
 
     from .models import count_parameters
 
@@ -414,8 +412,7 @@ def measure(plan: Plan, model) -> dict[str, Any]:
         tp = cfg.get("throughput") or {}
         device = tp.get("device", "auto")
         if device == "auto":
-            accel = str(cfg.trainer.get("accelerator", "auto"))
-            device = "cuda" if torch.cuda.is_available() and accel in ("auto", "gpu", "cuda") else "cpu"
+            device = factory.run_device(cfg)
         batch = tp.get("batch_size") or default_batch_size(device)
         throughput = measure_throughput(copy.deepcopy(infer), batch_size=int(batch), image_size=cfg.backbone.image_size,
                                         device=device, dtype=tp.get("dtype", "float32"),
@@ -566,7 +563,3 @@ def _finish_loggers(loggers: list) -> None:
 
         if wandb.run is not None:
             wandb.finish()
-
-
-def json_of(path: Path) -> dict:
-    return json.loads(path.read_text())
