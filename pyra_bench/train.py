@@ -26,7 +26,6 @@ from omegaconf import DictConfig
 from . import factory  # noqa: F401  (registers the config resolvers)
 from .errors import InputError, exit_on_input_error
 from .identity import utc_now
-from .lifecycle import RunInterrupted, handle_signals
 from .paths import CONF_DIR
 from .records import atomic_write_json
 
@@ -35,6 +34,7 @@ log = logging.getLogger("pyra_bench")
 
 def train(cfg: DictConfig, fresh: bool | None = None) -> dict[str, Any]:
     """One run, with signals turned into :class:`RunInterrupted` (see :func:`pyra_bench.pipeline.run`)."""
+    from .lifecycle import handle_signals
     from .pipeline import run
 
     with handle_signals():
@@ -114,6 +114,8 @@ def _setup_logging() -> None:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """One run; in a sweep (``-m``) a failing run is recorded and reported and the sweep goes on."""
+    from .lifecycle import RunInterrupted  # (imported here: --help and bad group choices stay fast)
+
     _setup_logging()
     job_dir = _hydra_job_dir()
     try:

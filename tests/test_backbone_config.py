@@ -135,7 +135,8 @@ def test_dinov2_config_trains_one_epoch_and_writes_a_record(tmp_path):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[
             "backbone=dinov2_vits14", "backbone.weights=none", "backbone.image_size=56", "task=digits",
-            "method=pyra", "compression=flops:0.5", "trainer=smoke", f"results_dir={tmp_path}/results",
+            "method=pyra", "compression=flops:0.5", "trainer=smoke", "trainer.epochs=1", "trainer.warmup_epochs=0",
+            f"results_dir={tmp_path}/results",
             f"run_dir={tmp_path}/run"])
     train(cfg)
     (record,) = [json.loads(p.read_text()) for p in (tmp_path / "results").glob("*.json")]
