@@ -100,11 +100,14 @@ def test_a_crafted_stage_file_or_exported_model_runs_nothing(tmp_path):
     assert not marker.exists()
 
 
-def test_bench_run_on_a_crafted_file_runs_nothing(tmp_path):
+def test_bench_run_on_a_crafted_file_runs_nothing(tmp_path, monkeypatch, capsys):
+    from helpers.cli import run_entry_point
+
+    from pyra_bench.bench import cli
+
     marker = tmp_path / "pwned"
     bad = _crafted(tmp_path / "run" / "inference_model.pt", marker)
-    p = subprocess.run([sys.executable, "-m", "pyra_bench.bench", f"bench.run={bad}",
-                        f"bench.output_dir={tmp_path}/bench"], cwd=tmp_path, capture_output=True, text=True,
-                       timeout=300, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
-    assert p.returncode == 2 and "unpickling can run code" in p.stderr and "Traceback" not in p.stderr
+    code, _, err = run_entry_point(cli, "pyra_bench/bench.py", [f"bench.run={bad}", f"bench.output_dir={tmp_path}/bench"],
+                                   tmp_path, monkeypatch, capsys, env={"HYDRA_FULL_ERROR": "0"})
+    assert code == 2 and "unpickling can run code" in err and "Traceback" not in err
     assert not marker.exists() and not (tmp_path / "bench").exists()

@@ -1,7 +1,6 @@
 """End to end on tiny configs: every registered method trains, records appear, runs resume, bad input fails fast."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -129,17 +128,20 @@ def test_corrupt_image_fails_before_training(tmp_path):
     assert not (tmp_path / "runs").exists(), "nothing is written before the inputs are checked"
 
 
-def test_command_line_prints_bad_input_without_a_traceback(tmp_path):
+def test_command_line_prints_bad_input_without_a_traceback(tmp_path, monkeypatch, capsys):
     """The CLI turns an input error into one message and exit status 2 (no traceback to read through)."""
-    p = subprocess.run([sys.executable, "-m", "pyra_bench.train", "task=cifar100", "backbone=vit_tiny_test",
-                        "method=tome", f"data_root={tmp_path}/nowhere", f"results_dir={tmp_path}/results",
-                        f"runs_root={tmp_path}/runs"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "HYDRA_FULL_ERROR": "0"})
-    assert p.returncode == 2, p.stderr[-2000:]
-    assert "pyra_bench.train: error: VTAB-1k data root not found" in p.stderr
-    assert "python -m pyra_bench.data.prepare tasks=cifar100" in p.stderr
-    assert "Traceback" not in p.stderr
+    from helpers.cli import run_entry_point
+
+    from pyra_bench.train import cli
+
+    code, _, err = run_entry_point(cli, "pyra_bench/train.py", [
+        "task=cifar100", "backbone=vit_tiny_test", "method=tome", f"data_root={tmp_path}/nowhere",
+        f"results_dir={tmp_path}/results", f"runs_root={tmp_path}/runs"], tmp_path, monkeypatch, capsys,
+        env={"HYDRA_FULL_ERROR": "0"})
+    assert code == 2, err[-2000:]
+    assert "pyra_bench.train: error: VTAB-1k data root not found" in err
+    assert "python -m pyra_bench.data.prepare tasks=cifar100" in err
+    assert "Traceback" not in err
     assert not list(tmp_path.iterdir()), "nothing is written (no run folder, no Hydra folder, no failure record)"
 
 

