@@ -58,17 +58,23 @@ def reference(tmp_path_factory):
     return _train(_cfg(tmp))
 
 
-def test_a_run_stopped_and_killed_mid_stage_resumes_at_its_last_epoch(tmp_path, reference, caplog):
+def test_a_run_stopped_and_killed_mid_stage_resumes_at_its_last_epoch(tmp_path, reference, caplog, monkeypatch,
+                                                                       capsys):
     """The same command three times: SIGTERM after 1 of 4 epochs (exit 143, nothing recorded), then SIGKILL
-    after 3 (a pre-empted node), then to the end (in this process: the same run, one interpreter start
-    less). Each re-run starts at the last finished epoch, not at 0, and the run ends with the uninterrupted
-    run's accuracy at every evaluated epoch."""
+    after 3 (a pre-empted node: a process of its own), then to the end. The first and last run in this
+    process (the console entry point, then the run function: an interpreter start less each). Each re-run
+    starts at the last finished epoch, not at 0, and the run ends with the uninterrupted run's accuracy at
+    every evaluated epoch."""
+    from helpers.cli import run_entry_point
+
+    from pyra_bench.train import cli
+
     cmd = [*_interrupt("term", tmp_path, 1, signal.SIGTERM), *_interrupt("kill", tmp_path, 3, signal.SIGKILL)]
-    # (the first run is a process of its own too: run in-process under pytest-xdist, it broke the worker's
-    # output capture for every later test)
-    first = _cli(tmp_path, *cmd)
-    assert first.returncode == 128 + signal.SIGTERM, first.stderr[-3000:]
-    assert "interrupted by SIGTERM" in first.stdout + first.stderr
+    with caplog.at_level(logging.INFO, logger="pyra_bench"):
+        code, out, err = run_entry_point(cli, "pyra_bench/train.py", _overrides(tmp_path, *cmd), tmp_path,
+                                         monkeypatch, capsys, env={"HYDRA_FULL_ERROR": "0"})
+    assert code == 128 + signal.SIGTERM, (out + err + caplog.text)[-3000:]
+    assert "interrupted by SIGTERM" in out + err + caplog.text
     assert not list((tmp_path / "results").glob("*.json")), "no record for an unfinished run"
     second = _cli(tmp_path, *cmd)
     assert second.returncode == -signal.SIGKILL, second.stderr[-3000:]

@@ -12,8 +12,12 @@ from pathlib import Path
 
 def run_entry_point(entry: Callable[[], object], prog: str, args: Sequence[str], cwd: Path, monkeypatch,
                     capsys, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    """(exit status, stdout, stderr) of ``entry()`` with ``sys.argv = [prog, *args]`` in ``cwd``. The root
-    logger's handlers (pytest's capture among them, which Hydra's logging set-up replaces) are put back."""
+    """(exit status, stdout, stderr) of ``entry()`` with ``sys.argv = [prog, *args]`` in ``cwd``.
+
+    Hydra is told to leave logging alone (``hydra/job_logging=none``, ``hydra/hydra_logging=none``): its
+    ``dictConfig`` closes every handler ever made, and absl's (left on the root logger by an earlier test that
+    imported TensorFlow) then closes the stream pytest captures into, breaking every later test. The root
+    logger's handlers are put back all the same."""
     import logging
 
     from hydra.core.global_hydra import GlobalHydra
@@ -22,7 +26,7 @@ def run_entry_point(entry: Callable[[], object], prog: str, args: Sequence[str],
     handlers, level = list(root.handlers), root.level
 
     monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", [prog, *args])
+    monkeypatch.setattr(sys, "argv", [prog, *args, "hydra/job_logging=none", "hydra/hydra_logging=none"])
     for k, v in (env or {}).items():
         monkeypatch.setenv(k, v)
     capsys.readouterr()
