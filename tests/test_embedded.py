@@ -88,12 +88,12 @@ def test_demo_pretraining_caches_a_pretrained_backbone(demo_cache):
 
     from pyra_bench.demo_pretrain import DEMO_VIT_KWARGS, build_demo_vit, ensure_demo_backbone, evaluate
 
-    path = ensure_demo_backbone(cache_dir=demo_cache, max_steps=150, progress=False)  # tiny budget
+    path = ensure_demo_backbone(cache_dir=demo_cache, max_steps=100, progress=False)  # tiny budget
     assert path.is_file() and path.suffix == ".safetensors" and path.parent == demo_cache
     info = json.loads(path.with_suffix(".json").read_text())
-    assert info["recipe"]["max_steps"] == 150 and info["kwargs"] == DEMO_VIT_KWARGS and info["includes_head"]
-    assert info["train_steps"] == 150
-    assert info["mnist_heldout_top1"] > 25.0  # chance is 10 %; 150 steps only (the default recipe: ~75 %)
+    assert info["recipe"]["max_steps"] == 100 and info["kwargs"] == DEMO_VIT_KWARGS and info["includes_head"]
+    assert info["train_steps"] == 100
+    assert info["mnist_heldout_top1"] > 20.0  # chance is 10 %; 100 steps only: 23.2 % (the default recipe: ~75 %)
     # The file reloads into the demo ViT and reproduces the recorded held-out accuracy.
     state = load_file(str(path))
     assert {"head.weight", "pos_embed", "cls_token"} <= set(state)
@@ -105,7 +105,7 @@ def test_demo_pretraining_caches_a_pretrained_backbone(demo_cache):
     # Cached: the second call returns at once, without rewriting.
     mtime = path.stat().st_mtime_ns
     t = time.time()
-    assert ensure_demo_backbone(cache_dir=demo_cache, max_steps=150) == path
+    assert ensure_demo_backbone(cache_dir=demo_cache, max_steps=100) == path
     assert time.time() - t < 2.0 and path.stat().st_mtime_ns == mtime
     assert not [p for p in os.listdir(demo_cache) if p.endswith(".tmp")]
 

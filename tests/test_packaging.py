@@ -142,9 +142,19 @@ def test_installed_demo(install):
     out = install["base"] / "demo"
     p = _run(install, sys.executable, "-m", "pyra_bench.train", "trainer=smoke",
              env={"PYRA_RUNS": str(out / "runs"), "PYRA_RESULTS": str(out / "results"), "WANDB_MODE": "disabled"})
-    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    text = p.stdout + p.stderr
+    assert p.returncode == 0, text[-3000:]
     (record,) = (out / "results").glob("digits__vit_demo_mnist__*.json")
     assert '"status": "completed"' in record.read_text()
+    # what a user of `make demo` reads (pyra_bench.console): each Lightning line once, no adverts or
+    # unactionable warnings, one line per epoch when not on a terminal, and the run's own log
+    for line in ("GPU available:", "TPU available:", "`Trainer.fit` stopped"):
+        assert text.count(line) == 1, (line, text)
+    assert text.count("Seed set to") <= 1
+    assert "💡" not in text and "litlogger" not in text and "litmodels" not in text
+    assert "smaller than the logging interval" not in text and "LeafSpec" not in text
+    assert "epoch 2/2 | loss " in text
+    assert "top-1" in next((out / "runs").glob("*/train.log")).read_text()
 
 
 @needs_tables_wiring

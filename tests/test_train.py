@@ -195,6 +195,7 @@ def test_ddp_run_evaluates_every_test_image_exactly_once(tmp_path):
     top-1 covers the 797 test images once each (Lightning's default sampler would pad to 798 with a
     repeat); the exported model, evaluated in one process, reproduces it."""
     p = subprocess.run([sys.executable, "-m", "pyra_bench.train", "backbone=vit_tiny_test", "trainer=smoke",
+                        "trainer.epochs=1", "trainer.warmup_epochs=0",
                         "logger=csv", "method=pyra", "compression=low", "trainer.accelerator=cpu",
                         "trainer.devices=2", "trainer.strategy=ddp", f"results_dir={tmp_path}/results",
                         f"run_dir={tmp_path}/run"],
