@@ -45,3 +45,11 @@ def _restore_logging():
     root.handlers[:] = handlers
     root.setLevel(level)
 
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask (022 to start with; call the fixture's value to change it); restored after."""
+    old = os.umask(0o022)
+    yield os.umask
+    os.umask(old)

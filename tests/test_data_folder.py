@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers.files import file_mode as _mode
 from PIL import Image
 
 from pyra_bench.data import (
@@ -464,20 +465,7 @@ def test_images_past_the_decompression_bomb_limit_are_refused_by_name(jpg_root, 
 # ---------------------------------------------------------------------------------------------------------
 # Files are made with the user's umask
 # ---------------------------------------------------------------------------------------------------------
-@pytest.fixture
-def umask():
-    """Set the process umask for one test (restored afterwards)."""
-    import os
-
-    old = os.umask(0o022)
-    yield os.umask
-    os.umask(old)
-
-
-def _mode(p) -> int:
-    import stat
-
-    return stat.S_IMODE(p.stat().st_mode)
+# (the ``umask`` fixture is in conftest.py)
 
 
 def test_prepared_task_folder_follows_the_umask(tmp_path, umask):

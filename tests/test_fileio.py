@@ -4,23 +4,12 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
 
 import pytest
+from helpers.files import file_mode as _mode
 
 from pyra_bench import fileio
 from pyra_bench.errors import InputError, OutputPathError
-
-
-@pytest.fixture
-def umask():
-    old = os.umask(0o022)
-    yield os.umask
-    os.umask(old)
-
-
-def _mode(p) -> int:
-    return stat.S_IMODE(os.stat(p).st_mode)
 
 
 @pytest.mark.parametrize("mask,file_mode,dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700),
