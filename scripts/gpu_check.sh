@@ -10,7 +10,7 @@
 # a failing step does not stop the others, and steps past --budget-s (default 450 s) are skipped.
 #
 #   scripts/gpu_check.sh                 # on the GPU machine
-#   scripts/gpu_check.sh --quick         # the same steps on the CPU with the tiny test ViT (a test runs this)
+#   scripts/gpu_check.sh --quick         # the same steps on the CPU with the tiny test ViT (tests: gpu_check.py --quick)
 #
 # What the GPU machine needs. It has torch (CUDA), torchvision, timm and lightning (with torchmetrics); the
 # working tree is used in place (PYTHONPATH, no install). Carry these wheels in a folder and pass it as

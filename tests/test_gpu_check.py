@@ -1,4 +1,5 @@
-"""scripts/gpu_check.sh --quick: the GPU check's steps, end to end on the CPU with the tiny test ViT."""
+"""The GPU check on the CPU: gpu_check.py --quick (every step, end to end, with the tiny test ViT) and its
+shell wrapper scripts/gpu_check.sh."""
 
 import json
 import subprocess
