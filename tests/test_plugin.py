@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import importlib
-import subprocess
+import statistics
 import sys
 from pathlib import Path
 
@@ -146,38 +146,51 @@ def test_tables_name_the_plugin_by_its_class(plugins, tmp_path):
     assert paired.loc["MyMethod − ToMe", "Better on"] == 19
 
 
-def test_a_plugin_trained_in_a_multirun_gets_a_table_row_and_a_paired_row(tmp_path, plugins):
-    """The issue's end-to-end test: a method defined outside pyra_bench, registered through its config, trained
-    in a multirun (a subprocess: the command a user types) with two seeds beside ToMe (the tiny test ViT, random
-    weights, one smoke step on a tiny folder task), then a row of its own with mean +- std over 2 seeds and a
-    row of the paired table. The tiny ViT has no block in the paper's tables, so the row is in the table of
-    operating points no paper table has; the Table 2 placement of ViT-B/16 records is
-    test_tables_name_the_plugin_by_its_class, the tables CLI test_packaging."""
-    from pyra_bench import tables
+def test_a_plugin_trained_in_a_multirun_gets_a_table2_row_and_a_paired_row(tmp_path, plugins, monkeypatch, capsys):
+    """The issue's end-to-end test: a method defined outside pyra_bench, registered through its config (found
+    on a config search path outside the package), trained in a multirun -- the command a user types, run by
+    the console entry point in this process -- with two seeds beside ToMe on ViT-B/16 at the paper's "low"
+    operating point (random weights: ``backbone.weights=none``; one step of batch 2 on a 4-image folder task),
+    then a Table 2 row of its own with mean +- std over the 2 seeds, marked as not in the paper, and a row of
+    the paired table. The expected numbers are recomputed here from the four records."""
+    from pyra_bench import tables, train
     from pyra_bench.data import write_digits_folder
+    from pyra_bench.records import iter_records
+    from helpers.cli import run_entry_point
 
     data = tmp_path / "data"
     write_digits_folder(data)
     (data / "digits").rename(data / "dtd")
     for split in ("train800", "val200", "train800val200", "test"):  # keep the steps few
         f = data / "dtd" / f"{split}.txt"
-        f.write_text("\n".join(f.read_text().splitlines()[:8]) + "\n")
-    env = {"PYTHONPATH": f"{ROOT}:{PLUGINS}", "PATH": "/usr/bin:/bin", "WANDB_MODE": "disabled"}
-    run = subprocess.run([
-        sys.executable, "-m", "pyra_bench.train", "-m", f"hydra.searchpath=[file://{PLUGINS / 'conf'}]",
-        "task=dtd", f"data_root={data}", "backbone=vit_tiny_test", "trainer=smoke", "trainer.epochs=1",
-        "trainer.warmup_epochs=0", "trainer.max_steps_per_epoch=1", "method=mymethod,tome", "budget=low", "seed=0,1",
-        f"results_dir={tmp_path / 'runs'}", f"runs_root={tmp_path / 'rundirs'}",
-        f"hydra.sweep.dir={tmp_path / 'multirun'}", "verify_images=false",
-        "export_inference_model=false", "logger=csv"], env=env, capture_output=True, text=True, timeout=1800)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert len(list((tmp_path / "runs").glob("*.json"))) == 4
-    out = tmp_path / "tables"
+        f.write_text("\n".join(f.read_text().splitlines()[:4]) + "\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    code, out, err = run_entry_point(train.main, "pyra_bench.train", [
+        "-m", f"hydra.searchpath=[file://{PLUGINS / 'conf'}]", "task=dtd", f"data_root={data}",
+        "backbone=vit_b16_in21k", "backbone.weights=none", "trainer=smoke", "trainer.epochs=1",
+        "trainer.warmup_epochs=0", "trainer.max_steps_per_epoch=1", "trainer.batch_size=2",
+        "method=mymethod,tome", "budget=low", "seed=0,1", f"results_dir={tmp_path / 'runs'}",
+        f"runs_root={tmp_path / 'rundirs'}", f"hydra.sweep.dir={tmp_path / 'multirun'}", "verify_images=false",
+        "export_inference_model=false", "logger=csv"], work, monkeypatch, capsys, env={"WANDB_MODE": "disabled"})
+    assert code == 0, (out + err)[-3000:]
+    records = iter_records([tmp_path / "runs"])
+    assert len(records) == 4 and {(r["method"], r["seed"], r["backbone"], r["schedule"]) for r in records} == {
+        (m, s, "vit_b16_in21k", "low") for m in ("mymethod", "tome") for s in (0, 1)}
+    top1 = {(r["method"], r["seed"]): r["metrics"]["test_top1"] for r in records}
+    mine = [top1["mymethod", s] for s in (0, 1)]
+
+    out_dir = tmp_path / "tables"
     with initialize_config_dir(config_dir=str(paths.CONF_DIR), version_base="1.3"):
-        cfg = compose("tables", overrides=[f"records={tmp_path / 'runs'}", f"out={out}", "figures=false",
+        cfg = compose("tables", overrides=[f"records={tmp_path / 'runs'}", f"out={out_dir}", "figures=false",
                                            "tables=[2]", "paired.n_resamples=500"])
     tables.run(cfg)
-    row = pd.read_csv(out / "other_points.csv").set_index("Method").loc["MyMethod"]
-    assert row["DTD n"] == 2 and row["Note"] == "not in the paper" and row["Tasks"] == "1/19"
-    paired = pd.read_csv(out / "paired.csv").set_index("Comparison")
+    row = pd.read_csv(out_dir / "table2.csv").set_index("Method").loc["MyMethod"]
+    assert row["DTD n"] == 2 and row["Note"] == "not in the paper"
+    assert row["DTD"] == pytest.approx(statistics.mean(mine))
+    assert row["DTD std"] == pytest.approx(statistics.stdev(mine), nan_ok=True)
+    assert f"{statistics.mean(mine):.1f} ± {statistics.stdev(mine):.1f}" in (out_dir / "table2.md").read_text()
+    paired = pd.read_csv(out_dir / "paired.csv").set_index("Comparison")
+    diff = statistics.mean(top1["mymethod", s] - top1["tome", s] for s in (0, 1))
+    assert paired.loc["MyMethod − ToMe", "Difference"] == pytest.approx(diff, abs=0.05)
     assert paired.loc["MyMethod − ToMe", "Over"] == "mean of 1 tasks"
