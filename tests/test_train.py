@@ -262,12 +262,49 @@ def test_retries_give_up_and_bad_input_is_never_retried(tmp_path, monkeypatch):
 
 
 def test_help_lists_every_group_option_and_the_operating_points():
-    p = subprocess.run([sys.executable, "-m", "pyra_bench.train", "--help"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
-    assert p.returncode == 0, p.stderr
-    assert f"method: {', '.join(sorted(METHODS.names()))}" in p.stdout
-    assert "task: caltech101, cifar100," in p.stdout and "sun397, svhn" in p.stdout
-    assert "compression=none | low | high | r<N>" in p.stdout
+    """--help shows the groups, the paper's recipe (the values of conf/trainer/paper.yaml), every registered
+    method with each of its options and defaults (as the registry gives them), how to pick an experiment
+    and the hydra/launcher choices -- not the demo's composed config. In a process of its own, to see that
+    it imports neither Lightning nor torch nor timm (it stays fast)."""
+    import re
+
+    from omegaconf import OmegaConf
+
+    from pyra_bench import info
+
+    p = subprocess.run([sys.executable, "-X", "importtime", "-m", "pyra_bench.train", "--help"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = p.stdout
+    assert f"method: {', '.join(sorted(METHODS.names()))}" in out
+    assert "task: caltech101, cifar100," in out and "sun397, svhn" in out
+    assert "compression=none | low | high | r<N>" in out
+    imported = {line.rsplit("|", 1)[-1].strip() for line in p.stderr.splitlines() if line.startswith("import time:")}
+    assert imported and not imported & {"lightning", "torch", "timm"}, sorted(imported & {"lightning", "torch", "timm"})
+
+    recipe = OmegaConf.load(ROOT / "conf" / "trainer" / "paper.yaml")
+    for key in ("epochs", "warmup_epochs", "batch_size", "lr", "weight_decay", "warmup_lr", "min_lr", "drop_path",
+                "lora_dropout", "precision"):
+        shown = re.search(rf"^  trainer\.{key}=(\S+)", out, re.M)
+        assert shown, key
+        value = OmegaConf.create(f"v: {shown.group(1)}").v  # as YAML reads it: 1.0e-3 == 0.001
+        assert (float(value) == float(recipe[key])) if isinstance(recipe[key], float) else value == recipe[key], key
+    assert "== The paper's recipe (trainer=paper) ==" in out and "AdamW" in out.split("recipe (trainer=paper)")[1]
+    for name in METHODS.names():
+        assert re.search(rf"^  {name} +\S", out, re.M), name  # the method and its description
+        opts = info.method_options(name)  # through the registry: the config's kwargs, then the signature
+        assert opts or f"method={name} " in out
+        for key, default, _ in opts:
+            assert re.search(rf"^  method={name} method\.kwargs\.{key}={re.escape(default)}( |$)", out, re.M), (name, key)
+    for name, _ in info.experiments():
+        assert re.search(rf"^  {name} +\S", out, re.M), name
+    assert "-m experiment=table2_vit_b" in out
+    launchers = sorted(p.stem for p in (ROOT / "conf" / "hydra" / "launcher").glob("*.yaml"))
+    assert {"local", "slurm", "submitit"} <= set(launchers)
+    for name in ["basic", *launchers]:
+        assert re.search(rf"^  hydra/launcher={name} +\S", out, re.M), name  # with its description
+    assert "== Config ==" not in out and "lr: 0.003" not in out  # not the demo's composed config
+    assert "--cfg job" in out
 
 
 def test_mixed_precision_run(tmp_path):
