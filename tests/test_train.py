@@ -324,7 +324,10 @@ def test_throughput_measured_after_training_on_the_training_device(tmp_path):
 
 def test_wandb_logs_offline_one_run_per_pyra_run(tmp_path, monkeypatch):
     """logger=wandb works without the network (offline), the three stages of SPViT share one W&B run,
-    and the run is finished when train returns (so the next run of a multirun starts its own)."""
+    the run is finished when train returns (so the next run of a multirun starts its own), and its
+    summary, read back from the offline run file, holds the record's top-1, params % and MACs."""
+    from helpers.wandb_file import finished_run_file, summary_and_runs
+
     wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_MODE", raising=False)
@@ -334,6 +337,14 @@ def test_wandb_logs_offline_one_run_per_pyra_run(tmp_path, monkeypatch):
     runs = list((Path(cfg.run_dir) / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, runs
     assert list(runs[0].glob("*.wandb")), "the offline run holds its log"
+    wandb.teardown()  # stop the W&B service: it writes the run file asynchronously
+    summary, wb_runs = summary_and_runs(finished_run_file(Path(cfg.run_dir) / "wandb"))
+    record = read_record(Path(cfg.results_dir) / f"{rec['run_id']}.json")
+    assert summary["top1"] == pytest.approx(record["metrics"]["test_top1"]) and summary["eval_split"] == "test"
+    assert summary["params/paper_pct"] == pytest.approx(record["params"]["paper_pct"])
+    assert summary["params/trainable"] == record["params"]["trainable"]
+    assert summary["gmacs"] == pytest.approx(record["flops"]["gmacs"]) and record["flops"]["gmacs"] > 0
+    assert summary["run_id"] == record["run_id"] and wb_runs and wb_runs[0].job_type == "train"
 
 
 def test_tuning_protocol_trains_on_train800_and_evaluates_val200(tmp_path):
