@@ -1,4 +1,4 @@
-"""``python -m pyra_bench.info backbones|methods|tasks|experiments|options|recipe``: what can be chosen.
+"""``python -m pyra_bench.info backbones|methods|tasks|experiments|options|recipe|launchers``: the choices.
 
 One line per choice, with its description from where it is defined: a backbone's spec in the registry
 (:mod:`pyra_bench.models.backbones`), the first line of a method's docstring (its class's, else its
@@ -6,15 +6,20 @@ module's), a task's display name, group and class count (:mod:`pyra_bench.data.t
 config's first comment line. Only choices with a config in ``conf/<group>/`` can be given on the command
 line (``backbone=<name>``); a registered name without one is marked. ``options`` lists each method's
 ``method.kwargs.*`` options with their defaults and comments (from ``conf/method/<name>.yaml``),
-``recipe`` the paper's training recipe (``conf/trainer/paper.yaml``).
+``recipe`` the paper's training recipe (``conf/trainer/paper.yaml``), ``launchers`` the sweep launchers
+(``hydra/launcher=``, ``conf/hydra/launcher/``).
 
 :func:`help_text` gives the same text for ``--help`` (the Hydra resolver ``${pyra_help:<section>}``,
-registered by :func:`register_help_resolver`; ``${pyra_help:config,<name>}``: a config's options).
+registered by :func:`register_help_resolver`; ``${pyra_help:config,<name>}``: a config's options). ``--help``
+must stay fast, so the resolver reads the built-in methods from their source files (:func:`source_methods`:
+the same names, descriptions and options as the registry, without importing torch).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import functools
 import inspect
 import re
 import sys
@@ -93,6 +98,90 @@ def methods(conf_dir: Path | None = None) -> list[Row]:
     return _merge("method", _config_names("method", conf_dir), METHODS.names(), method_description, conf_dir)
 
 
+#: Where the built-in methods are defined (one module each, registered with ``@METHODS.register("<name>")``).
+METHODS_SRC = Path(__file__).resolve().parent / "methods"
+
+
+@functools.lru_cache(maxsize=4)
+def _parse_sources(src: Path) -> tuple[ast.Module, ...]:
+    return tuple(ast.parse(p.read_text(encoding="utf-8")) for p in sorted(src.glob("*.py")))
+
+
+def source_methods(src: Path | None = None) -> dict[str, tuple[ast.Module, ast.ClassDef, dict[str, ast.ClassDef]]]:
+    """The methods registered in the source files of ``src`` (the built-in ones), read without importing
+    them: name -> (its module's syntax tree, its class, every class of the package by name)."""
+    trees = _parse_sources(Path(src or METHODS_SRC))
+    classes = {n.name: n for t in trees for n in t.body if isinstance(n, ast.ClassDef)}
+    found = {}
+    for tree in trees:
+        for node in tree.body:
+            for d in getattr(node, "decorator_list", []) if isinstance(node, ast.ClassDef) else []:
+                if (isinstance(d, ast.Call) and ast.unparse(d.func).endswith("METHODS.register") and d.args
+                        and isinstance(d.args[0], ast.Constant)):
+                    found[str(d.args[0].value)] = (tree, node, classes)
+    return found
+
+
+def _class_attr(cls: ast.ClassDef, name: str) -> object:
+    for node in cls.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            try:
+                return ast.literal_eval(node.value)
+            except ValueError:
+                return None
+    return None
+
+
+def _source_description(tree: ast.Module, cls: ast.ClassDef) -> str:
+    """:func:`method_description` from the source: the module's docstring, else the class's."""
+    doc = (ast.get_docstring(tree) or "").strip() or (ast.get_docstring(cls) or "").strip()
+    text = doc.splitlines()[0].strip() if doc else ""
+    label, name = _class_attr(cls, "display_name"), _class_attr(cls, "name")
+    return f"{text} [{label}]" if label and label != name and label not in text else text
+
+
+def _source_init(cls: ast.ClassDef, classes: dict[str, ast.ClassDef]) -> ast.FunctionDef | None:
+    """The ``__init__`` a class uses: its own, else the first base's (within the package) that has one."""
+    for node in cls.body:
+        if isinstance(node, ast.FunctionDef) and node.name == "__init__":
+            return node
+    for base in cls.bases:
+        if isinstance(base, ast.Name) and base.id in classes and base.id != cls.name:
+            init = _source_init(classes[base.id], classes)
+            if init is not None:
+                return init
+    return None
+
+
+def _source_signature(cls: ast.ClassDef, classes: dict[str, ast.ClassDef]) -> list[tuple[str, str]]:
+    """``(name, default)`` of the constructor options, as :func:`method_options` reads them from
+    :func:`inspect.signature` (no ``self``, no ``*args`` / ``**kwargs``; no default: ``""``)."""
+    init = _source_init(cls, classes)
+    if init is None:
+        return []
+    a = init.args
+    positional = [*a.posonlyargs, *a.args][1:]
+    defaults = [None] * (len(positional) - len(a.defaults)) + list(a.defaults)
+    out = []
+    for arg, default in [*zip(positional, defaults), *zip(a.kwonlyargs, a.kw_defaults)]:
+        if default is None:
+            out.append((arg.arg, ""))
+            continue
+        try:
+            out.append((arg.arg, _hydra_value(ast.literal_eval(default))))
+        except ValueError:
+            out.append((arg.arg, ast.unparse(default)))
+    return out
+
+
+def methods_from_source(conf_dir: Path | None = None) -> list[Row]:
+    """:func:`methods` without importing the registry (for ``--help``): the built-in methods from their
+    source files; a method known only to the registry (a plug-in) is listed when it has a config."""
+    found = source_methods()
+    return _merge("method", _config_names("method", conf_dir), sorted(found),
+                  lambda n: _source_description(*found[n][:2]), conf_dir)
+
+
 def tasks(conf_dir: Path | None = None) -> list[Row]:
     from .data.tasks import TASKS, task_names
 
@@ -144,16 +233,21 @@ def yaml_entries(path: Path, block: str | None = None) -> list[tuple[str, str, s
     return rows
 
 
-def method_options(name: str, conf_dir: Path | None = None) -> list[tuple[str, str, str]]:
+def method_options(name: str, conf_dir: Path | None = None, from_source: bool = False) -> list[tuple[str, str, str]]:
     """``(key, default, comment)`` of each ``kwargs`` entry of ``conf/method/<name>.yaml``, then the
-    method's other constructor options (default from the signature, no comment)."""
+    method's other constructor options (default from the signature, no comment). ``from_source``: the
+    signature of a built-in method is read from its source file (no import; see :func:`source_methods`)."""
     path = Path(conf_dir or CONF_DIR) / "method" / f"{name}.yaml"
     rows = yaml_entries(path, "kwargs") if path.is_file() else []
+    known = {k for k, _, _ in rows}
+    if from_source:
+        found = source_methods().get(name)
+        params = _source_signature(*found[1:]) if found else []
+        return rows + [(k, v, "") for k, v in params if k not in known and k != "schedule"]
     try:
         sig = inspect.signature(method_class(name).__init__)
     except Exception:  # noqa: BLE001 - an unknown method: the config's options only
         return rows
-    known = {k for k, _, _ in rows}
     for p in list(sig.parameters.values())[1:]:
         if p.name in known or p.name == "schedule" or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
             continue
@@ -165,11 +259,12 @@ def _hydra_value(v: object) -> str:
     return {None: "null", True: "true", False: "false"}.get(v, str(v)) if isinstance(v, (bool, type(None))) else str(v)
 
 
-def options(conf_dir: Path | None = None) -> list[Row]:
-    """One line per method option: ``method=<name> method.kwargs.<key>=<default>`` and its comment."""
+def options(conf_dir: Path | None = None, from_source: bool = False) -> list[Row]:
+    """One line per method option: ``method=<name> method.kwargs.<key>=<default>`` and its comment
+    (``from_source``: the built-in methods read from their source files, see :func:`source_methods`)."""
     rows: list[Row] = []
-    for name, _ in methods(conf_dir):
-        opts = method_options(name, conf_dir)
+    for name, _ in (methods_from_source if from_source else methods)(conf_dir):
+        opts = method_options(name, conf_dir, from_source)
         if not opts:
             rows.append((f"method={name}", "(no options)"))
         rows += [(f"method={name} method.kwargs.{k}={v}", c) for k, v, c in opts]
@@ -187,9 +282,41 @@ def recipe(conf_dir: Path | None = None) -> list[Row]:
     return [("trainer=paper", " ".join(head)), *((f"trainer.{k}={v}", c) for k, v, c in yaml_entries(path))]
 
 
+def first_sentence(path: Path) -> str:
+    """The first sentence of a config file's heading comment (its lines joined up to a blank comment line,
+    an indented example line or the first entry)."""
+    lines: list[str] = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        text = line.lstrip("#")
+        if text.strip().startswith("@"):  # a Hydra directive (# @package ...)
+            continue
+        if not text.strip() or text.startswith("   "):  # a blank comment line, an indented example
+            if lines:
+                break
+            continue
+        lines.append(text.strip())
+    head = " ".join(lines)
+    return re.split(r"(?<=\.)\s+(?=[A-Z])", head, maxsplit=1)[0]
+
+
+def launchers(conf_dir: Path | None = None) -> list[Row]:
+    """The ``hydra/launcher=`` choices of a sweep: Hydra's default, then ``conf/hydra/launcher/*.yaml``."""
+    rows = [("hydra/launcher=basic", "Hydra's default: the sweep's jobs one after another, in this process")]
+    folder = Path(conf_dir or CONF_DIR) / "hydra" / "launcher"
+    rows += [(f"hydra/launcher={n}", first_sentence(folder / f"{n}.yaml"))
+             for n in _config_names("hydra/launcher", conf_dir)]
+    return rows
+
+
 SECTIONS: dict[str, Callable[..., list[Row]]] = {
     "backbones": backbones, "methods": methods, "tasks": tasks, "experiments": experiments,
-    "options": options, "recipe": recipe,
+    "options": options, "recipe": recipe, "launchers": launchers,
+}
+#: The sections as ``--help`` lists them: from the files alone, nothing heavy imported (see the module doc).
+FAST_SECTIONS: dict[str, Callable[..., list[Row]]] = {
+    **SECTIONS, "methods": methods_from_source, "options": lambda conf_dir=None: options(conf_dir, True),
 }
 
 
@@ -198,8 +325,10 @@ def format_rows(rows: Sequence[Row], indent: str = "") -> str:
     return "\n".join(f"{indent}{n:<{width}}  {d}".rstrip() for n, d in rows)
 
 
-def help_text(section: str = "all", conf_dir: Path | None = None, indent: str = "  ") -> str:
-    """The text of one section (or ``all``) for ``--help``: a ``== Title ==`` line and its rows."""
+def help_text(section: str = "all", conf_dir: Path | None = None, indent: str = "  ", fast: bool = False) -> str:
+    """The text of one section (or ``all``) for ``--help``: a ``== Title ==`` line and its rows. ``fast``:
+    the methods and their options from the source files (:data:`FAST_SECTIONS`; backbones and tasks
+    still import their registries)."""
     if section != "all" and section not in SECTIONS:
         from .errors import ConfigError
 
@@ -207,8 +336,9 @@ def help_text(section: str = "all", conf_dir: Path | None = None, indent: str = 
     names = list(SECTIONS) if section == "all" else [section]
     titles = {"backbones": "Backbones (backbone=)", "methods": "Methods (method=)", "tasks": "Tasks (task=)",
               "experiments": "Experiments (experiment=; sweep with -m)", "options": "Method options",
-              "recipe": "The paper's recipe (trainer=paper)"}
-    return "\n".join(f"== {titles[n]} ==\n{format_rows(SECTIONS[n](conf_dir), indent)}" for n in names)
+              "recipe": "The paper's recipe (trainer=paper)", "launchers": "Launchers (hydra/launcher=; with -m)"}
+    sections = FAST_SECTIONS if fast else SECTIONS
+    return "\n".join(f"== {titles[n]} ==\n{format_rows(sections[n](conf_dir), indent)}" for n in names)
 
 
 def config_help(name: str, conf_dir: Path | None = None, indent: str = "  ") -> str:
@@ -218,7 +348,7 @@ def config_help(name: str, conf_dir: Path | None = None, indent: str = "  ") -> 
 
 
 def _resolve_help(section: str = "all", name: str | None = None) -> str:
-    text = config_help(str(name)) if section == "config" else help_text(str(section))
+    text = config_help(str(name)) if section == "config" else help_text(str(section), fast=True)
     return text.replace("$", "$$")  # Hydra fills the help template with string.Template
 
 
@@ -235,7 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  description="List what can be chosen, one line each with a description.")
     ap.add_argument("what", nargs="?", default="all", choices=["all", *SECTIONS],
                     help="backbones | methods | tasks | experiments | options (each method's options) | "
-                         "recipe (the paper's training recipe); default: all")
+                         "recipe (the paper's training recipe) | launchers (hydra/launcher= of a sweep); "
+                         "default: all")
     a = ap.parse_args(argv)
     if a.what == "all":
         print(help_text("all", indent="  "))

@@ -1,4 +1,4 @@
-"""``python -m pyra_bench.list backbones|methods|tasks|experiments``: the same as :mod:`pyra_bench.info`."""
+"""``python -m pyra_bench.list backbones|methods|tasks|experiments|options|recipe|launchers``: as :mod:`pyra_bench.info`."""
 
 import sys
 

@@ -1,6 +1,7 @@
 """``python -m pyra_bench.train``: train and evaluate one run, write its run record.
 
-The config is composed by Hydra from ``conf/train.yaml`` (``--help`` lists the groups); the run itself is
+The config is composed by Hydra from ``conf/train.yaml`` (``--help`` lists the groups, each method's options,
+the paper's recipe, the experiments and the sweep launchers: :mod:`pyra_bench.info`); the run itself is
 :func:`pyra_bench.pipeline.run` (check -> build -> stages -> measure -> record). This entry point adds:
 
 - retries: a failure that is not bad input is retried in place ``retries`` times, resuming from the run's
@@ -26,10 +27,13 @@ from omegaconf import DictConfig
 from . import factory  # noqa: F401  (registers the config resolvers)
 from .errors import InputError, exit_on_input_error
 from .identity import utc_now
+from .info import register_help_resolver
 from .paths import CONF_DIR
 from .records import atomic_write_json
 
 log = logging.getLogger("pyra_bench")
+
+register_help_resolver()  # --help: ${pyra_help:...} lists the methods, their options, the recipe, the launchers
 
 
 def train(cfg: DictConfig, fresh: bool | None = None) -> dict[str, Any]:

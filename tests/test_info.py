@@ -105,3 +105,48 @@ def test_help_resolver_in_a_hydra_help(tmp_path):
     assert p.returncode == 0, p.stderr
     assert "== Experiments (experiment=; sweep with -m) ==" in p.stdout
     assert "\n  table2_vit_b             Table 2 (vit_b): 19 tasks" in p.stdout
+
+
+def test_help_reads_the_methods_from_their_source_as_the_registry_has_them(tmp_path):
+    """--help's fast sections (no torch import) list what the registry does: names, descriptions, options
+    with their defaults (a signature-only option included: ToMe's flops_tolerance)."""
+    assert info.methods_from_source() == info.methods()
+    assert info.options(from_source=True) == info.options()
+    assert ("flops_tolerance", "0.01", "") in info.method_options("tome", from_source=True)
+    (tmp_path / "method").mkdir()
+    (tmp_path / "method" / "mine.yaml").write_text("# My method, from a plug-in\nname: mine\nkwargs:\n  k: 3\n")
+    rows = dict(info.methods_from_source(tmp_path))
+    assert rows == {"mine": "My method, from a plug-in (defined by its config)",
+                    **{n: f"{d} (no conf/ file: Python API only)" for n, d in info.methods()}}
+    assert info.method_options("mine", tmp_path, from_source=True) == [("k", "3", "")]
+
+
+def test_launchers_are_hydras_default_and_the_launcher_configs():
+    rows = dict(info.launchers())
+    assert list(rows) == ["hydra/launcher=basic", "hydra/launcher=local", "hydra/launcher=slurm",
+                          "hydra/launcher=submitit"]
+    assert rows["hydra/launcher=slurm"] == "SLURM through hydra-submitit-launcher: one array job per sweep, one task per run."
+    assert rows["hydra/launcher=local"].endswith("one job at a time).")  # the whole first sentence, no example line
+    assert "== Launchers (hydra/launcher=; with -m) ==" in info.help_text("launchers")
+
+
+@pytest.mark.parametrize("section,group", [("backbones", "backbone"), ("methods", "method"), ("tasks", "task"),
+                                           ("experiments", "experiment")])
+def test_list_module_prints_one_line_per_choice(section, group, monkeypatch, capsys):
+    """``python -m pyra_bench.list <section>`` (run as __main__ in this process): one line per choice, each
+    a name and a description, every config of the group listed once."""
+    import runpy
+    import warnings
+
+    monkeypatch.setattr(sys, "argv", ["pyra_bench.list", section])
+    sys.modules.pop("pyra_bench.list", None)  # run as __main__ without runpy's "already imported" warning
+    with warnings.catch_warnings(), pytest.raises(SystemExit) as e:
+        warnings.simplefilter("error", RuntimeWarning)
+        runpy.run_module("pyra_bench.list", run_name="__main__")
+    assert e.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = [line.split()[0] for line in lines]
+    assert all(len(line.split(maxsplit=1)) == 2 for line in lines), lines  # a description on every line
+    assert len(names) == len(set(names))
+    assert {p.stem for p in (CONF_DIR / group).glob("*.yaml")} <= set(names)
+    assert names == [n for n, _ in info.SECTIONS[section]()]

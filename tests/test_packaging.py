@@ -1,7 +1,8 @@
 """The wheel: built from this checkout, installed into a temporary folder and run from outside the checkout.
 
 Configs (``conf/``) and the paper's numbers (``results/paper/paper_tables.csv``) must ship inside the
-package (``pyra_bench/conf``, ``pyra_bench/paper``) and every console script must work from the install.
+package (``pyra_bench/conf``, ``pyra_bench/paper``) and every console script must work from the install
+(each of :data:`SCRIPTS` is run once, as its installed script; the demo as ``python -m pyra_bench.train``).
 One wheel build and install per session (module-scoped fixture); the demo reuses the demo backbone cached
 in ``~/.cache/pyra_bench`` (or ``$PYRA_BENCH_CACHE``).
 """
@@ -80,6 +81,12 @@ def _run(install, *args: str, timeout: int = 600, env: dict | None = None) -> su
     return subprocess.run(list(args), cwd=install["cwd"], env=e, capture_output=True, text=True, timeout=timeout)
 
 
+def _script(install, name: str) -> str:
+    """An installed console script (``<site>/bin/<name>``), one of :data:`SCRIPTS`."""
+    assert name in SCRIPTS
+    return str(install["site"] / "bin" / name)
+
+
 def test_wheel_holds_every_module_config_and_the_papers_numbers(install):
     names = set(zipfile.ZipFile(install["wheel"]).namelist())
     files = _checkout_files()
@@ -120,21 +127,34 @@ def test_installed_package_finds_its_files_and_scripts(install):
 
 
 def test_installed_info_script_and_prepare_app(install):
-    p = _run(install, str(install["site"] / "bin" / "pyra-info"), "experiments")
+    p = _run(install, _script(install, "pyra-info"), "experiments")
     assert p.returncode == 0, p.stderr
     assert p.stdout.splitlines()[0].startswith("fig2_vit_b ") and "table2_vit_b" in p.stdout
-    p = _run(install, sys.executable, "-m", "pyra_bench.data.prepare", "tasks=digits", "data_root=data",
-             "progress=false")
+    p = _run(install, _script(install, "pyra-prepare-vtab"), "tasks=digits", "data_root=data", "progress=false")
     assert p.returncode == 0, p.stderr
     assert (install["cwd"] / "data" / "digits" / "meta.json").is_file()
 
 
 @needs_train_wiring
 def test_installed_train_help(install):
-    p = _run(install, sys.executable, "-m", "pyra_bench.train", "--help")
+    p = _run(install, _script(install, "pyra-train"), "--help")
     assert p.returncode == 0, p.stderr
     assert "task: " in p.stdout or "task=" in p.stdout
     assert "cifar100" in p.stdout and "Primary config directory not found" not in p.stderr
+    # read from the installed configs and method sources: the recipe, each method's options, the launchers
+    assert "trainer.epochs=100" in p.stdout and "method=pyra method.kwargs.variant=full" in p.stdout
+    assert "hydra/launcher=slurm" in p.stdout and "experiment=table2_vit_b" in p.stdout
+
+
+def test_installed_bench_and_sweep_scripts(install):
+    """pyra-bench's Hydra help (its configs from the install) and pyra-sweep's. (A sweep's dry-run imports
+    torch and timm for the run ids: ~15 s more; tests/test_sweeps.py runs it in-process.)"""
+    p = _run(install, _script(install, "pyra-bench"), "--help")
+    assert p.returncode == 0, p.stderr
+    assert "backbone:" in p.stdout and "vit_b16_in21k" in p.stdout and "bench:" in p.stdout
+    p = _run(install, _script(install, "pyra-sweep"), "--help")
+    assert p.returncode == 0, p.stderr
+    assert "{dry-run,summary}" in p.stdout and "experiment=table2_vit_b" in p.stdout
 
 
 @needs_train_wiring
@@ -165,7 +185,7 @@ def test_installed_tables(install):
         args = [f"records={records}", f"out={out}", "figures=false"]
     else:
         args = ["--records", str(records), "--out", str(out), "--no-figures"]
-    p = _run(install, sys.executable, "-m", "pyra_bench.tables", *args)
+    p = _run(install, _script(install, "pyra-tables"), *args)
     assert p.returncode == 0, p.stderr
     assert "paper's numbers are missing" not in p.stdout + p.stderr
     assert (out / "table2.md").is_file() and "PYRA" in (out / "table2.md").read_text()

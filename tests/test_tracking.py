@@ -1,16 +1,14 @@
 """pyra_bench.tracking: a run's results reach its W&B summary (offline), with group, job type and tags.
 
-The offline run is read back from the file ``wandb sync`` uploads (``run-<id>.wandb``: LevelDB-log
-framing of W&B's own protobuf records), not from the SDK objects the code wrote to.
+The offline run is read back from the file ``wandb sync`` uploads (``run-<id>.wandb``, read by
+``tests/helpers/wandb_file.py``), not from the SDK objects the code wrote to. A real training run's summary
+is checked in ``tests/test_train.py::test_wandb_logs_offline_one_run_per_pyra_run``.
 """
 
 from __future__ import annotations
 
-import json
-import time
-from pathlib import Path
-
 import pytest
+from helpers.wandb_file import finished_run_file, summary_and_runs
 from omegaconf import OmegaConf
 
 from pyra_bench import tracking
@@ -33,28 +31,6 @@ RECORD = {
 CFG = OmegaConf.create({"protocol": "final", "tags": ["table3"], "logger": {"wandb": {"tags": ["mine", "table3"]}}})
 
 
-def _records(path: Path):
-    """The protobuf records of a ``.wandb`` file (7-byte header, 32 KiB blocks, 7-byte chunk headers:
-    crc32, little-endian length, type 1 full / 2 first / 3 middle / 4 last)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B"
-    pos, buf = 7, b""
-    while pos + 7 <= len(data):
-        if 32768 - pos % 32768 < 7:  # block trailer
-            pos += 32768 - pos % 32768
-            continue
-        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
-        buf += data[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):
-            rec = pb.Record()
-            rec.ParseFromString(buf)
-            yield rec
-            buf = b""
-
-
 def test_offline_run_summary_holds_the_record(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -73,20 +49,7 @@ def test_offline_run_summary_holds_the_record(tmp_path, monkeypatch):
     finally:
         wandb.finish()
         wandb.teardown()  # stop the W&B service: it writes the run file asynchronously
-    for _ in range(100):  # until the run file is complete (its exit record is there), at most 10 s
-        files = list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
-        if files and any(r.WhichOneof("record_type") == "exit" for r in _records(files[0])):
-            break
-        time.sleep(0.1)
-    (path,) = files
-    summary, runs = {}, []
-    for rec in _records(path):
-        kind = rec.WhichOneof("record_type")
-        if kind == "summary":
-            summary.update({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                            for item in rec.summary.update})
-        elif kind == "run":
-            runs.append(rec.run)
+    summary, runs = summary_and_runs(finished_run_file(tmp_path / "wandb"))
     assert summary["top1"] == 71.25 and summary["top1_best"] == 72.5 and summary["eval_split"] == "test"
     assert summary["params/paper_pct"] == pytest.approx(0.3547)
     assert summary["params/trainable"] == 399652

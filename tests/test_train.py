@@ -262,12 +262,49 @@ def test_retries_give_up_and_bad_input_is_never_retried(tmp_path, monkeypatch):
 
 
 def test_help_lists_every_group_option_and_the_operating_points():
-    p = subprocess.run([sys.executable, "-m", "pyra_bench.train", "--help"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
-    assert p.returncode == 0, p.stderr
-    assert f"method: {', '.join(sorted(METHODS.names()))}" in p.stdout
-    assert "task: caltech101, cifar100," in p.stdout and "sun397, svhn" in p.stdout
-    assert "compression=none | low | high | r<N>" in p.stdout
+    """--help shows the groups, the paper's recipe (the values of conf/trainer/paper.yaml), every registered
+    method with each of its options and defaults (as the registry gives them), how to pick an experiment
+    and the hydra/launcher choices -- not the demo's composed config. In a process of its own, to see that
+    it imports neither Lightning nor torch nor timm (it stays fast)."""
+    import re
+
+    from omegaconf import OmegaConf
+
+    from pyra_bench import info
+
+    p = subprocess.run([sys.executable, "-X", "importtime", "-m", "pyra_bench.train", "--help"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = p.stdout
+    assert f"method: {', '.join(sorted(METHODS.names()))}" in out
+    assert "task: caltech101, cifar100," in out and "sun397, svhn" in out
+    assert "compression=none | low | high | r<N>" in out
+    imported = {line.rsplit("|", 1)[-1].strip() for line in p.stderr.splitlines() if line.startswith("import time:")}
+    assert imported and not imported & {"lightning", "torch", "timm"}, sorted(imported & {"lightning", "torch", "timm"})
+
+    recipe = OmegaConf.load(ROOT / "conf" / "trainer" / "paper.yaml")
+    for key in ("epochs", "warmup_epochs", "batch_size", "lr", "weight_decay", "warmup_lr", "min_lr", "drop_path",
+                "lora_dropout", "precision"):
+        shown = re.search(rf"^  trainer\.{key}=(\S+)", out, re.M)
+        assert shown, key
+        value = OmegaConf.create(f"v: {shown.group(1)}").v  # as YAML reads it: 1.0e-3 == 0.001
+        assert (float(value) == float(recipe[key])) if isinstance(recipe[key], float) else value == recipe[key], key
+    assert "== The paper's recipe (trainer=paper) ==" in out and "AdamW" in out.split("recipe (trainer=paper)")[1]
+    for name in METHODS.names():
+        assert re.search(rf"^  {name} +\S", out, re.M), name  # the method and its description
+        opts = info.method_options(name)  # through the registry: the config's kwargs, then the signature
+        assert opts or f"method={name} " in out
+        for key, default, _ in opts:
+            assert re.search(rf"^  method={name} method\.kwargs\.{key}={re.escape(default)}( |$)", out, re.M), (name, key)
+    for name, _ in info.experiments():
+        assert re.search(rf"^  {name} +\S", out, re.M), name
+    assert "-m experiment=table2_vit_b" in out
+    launchers = sorted(p.stem for p in (ROOT / "conf" / "hydra" / "launcher").glob("*.yaml"))
+    assert {"local", "slurm", "submitit"} <= set(launchers)
+    for name in ["basic", *launchers]:
+        assert re.search(rf"^  hydra/launcher={name} +\S", out, re.M), name  # with its description
+    assert "== Config ==" not in out and "lr: 0.003" not in out  # not the demo's composed config
+    assert "--cfg job" in out
 
 
 def test_mixed_precision_run(tmp_path):
@@ -287,7 +324,10 @@ def test_throughput_measured_after_training_on_the_training_device(tmp_path):
 
 def test_wandb_logs_offline_one_run_per_pyra_run(tmp_path, monkeypatch):
     """logger=wandb works without the network (offline), the three stages of SPViT share one W&B run,
-    and the run is finished when train returns (so the next run of a multirun starts its own)."""
+    the run is finished when train returns (so the next run of a multirun starts its own), and its
+    summary, read back from the offline run file, holds the record's top-1, params % and MACs."""
+    from helpers.wandb_file import finished_run_file, summary_and_runs
+
     wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_MODE", raising=False)
@@ -297,6 +337,14 @@ def test_wandb_logs_offline_one_run_per_pyra_run(tmp_path, monkeypatch):
     runs = list((Path(cfg.run_dir) / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, runs
     assert list(runs[0].glob("*.wandb")), "the offline run holds its log"
+    wandb.teardown()  # stop the W&B service: it writes the run file asynchronously
+    summary, wb_runs = summary_and_runs(finished_run_file(Path(cfg.run_dir) / "wandb"))
+    record = read_record(Path(cfg.results_dir) / f"{rec['run_id']}.json")
+    assert summary["top1"] == pytest.approx(record["metrics"]["test_top1"]) and summary["eval_split"] == "test"
+    assert summary["params/paper_pct"] == pytest.approx(record["params"]["paper_pct"])
+    assert summary["params/trainable"] == record["params"]["trainable"]
+    assert summary["gmacs"] == pytest.approx(record["flops"]["gmacs"]) and record["flops"]["gmacs"] > 0
+    assert summary["run_id"] == record["run_id"] and wb_runs and wb_runs[0].job_type == "train"
 
 
 def test_tuning_protocol_trains_on_train800_and_evaluates_val200(tmp_path):
