@@ -8,9 +8,9 @@ published numbers, plus every method and setting the records hold, and paired co
 (``method_options``; its ``method_key``), operating point, ``run_tag``). The paper's rows come first, in the
 paper's layout (``results/paper/paper_tables.csv``), each matched to the group with the same backbone,
 method, options and operating point and no run tag (the paper's ablation variants of Tables 6-8 are the
-option ``variant``; where groups differ only in their method key, the one with today's key, the others
-being rows of their own, labelled with their key). A group the paper does not have is a row of its own, marked "not in the paper", in
-the block of its backbone and operating point of Tables 2-5; a group at an operating point no paper table
+option ``variant``; of groups that differ only in their method key, the one with today's key, the others
+being rows of their own, labelled with their key). A group the paper does not have is a row of its own,
+marked "not in the paper", in the block of its backbone and operating point of Tables 2-5; a group at an operating point no paper table
 has goes to ``other_points``; records of tasks outside the 19 VTAB tasks to ``other_tasks`` (one section
 per task set, a block per backbone). Records differing in a result-changing option are never averaged.
 
@@ -304,15 +304,17 @@ def _group_rows(rows: Iterable[dict[str, Any]]) -> tuple[dict[tuple, Group], lis
     return groups, problems
 
 
-def _canonical_method_key(method: str, options: dict[str, Any]) -> str:
-    """The method key today's runs record for these options (:meth:`Method.run_key`; an unregistered method:
-    the key :func:`record_key` gives records without one)."""
+@functools.cache
+def _canonical_method_key(method: str, options: str) -> str:
+    """The method key today's runs record for these options (a :attr:`Group.options` string;
+    :meth:`Method.run_key`; an unregistered method: the key :func:`record_key` gives records without one)."""
     from .methods import method_class
 
+    opts = json.loads(options)
     try:
-        return method_class(method).run_key(options)
+        return method_class(method).run_key(opts)
     except (InputError, TypeError, ValueError):
-        return "-".join([method, *(str(v) for _, v in sorted(options.items()))])
+        return "-".join([method, *(str(v) for _, v in sorted(opts.items()))])
 
 
 def by_paper_key(groups: Iterable[Group]) -> dict[tuple, Group]:
@@ -321,7 +323,7 @@ def by_paper_key(groups: Iterable[Group]) -> dict[tuple, Group]:
     or two method classes under one name): the one with today's key for its options wins, else the first by
     key; the others are rows of their own (:func:`shared_paper_keys`), never dropped."""
     out: dict[tuple, Group] = {}
-    for g in sorted(groups, key=lambda g: (g.method_key != _canonical_method_key(g.method, g.option_dict), g.key)):
+    for g in sorted(groups, key=lambda g: (g.method_key != _canonical_method_key(g.method, g.options), g.key)):
         out.setdefault(g.paper_key, g)
     return out
 
