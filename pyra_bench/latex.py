@@ -20,7 +20,7 @@ PREAMBLE = r"\usepackage{booktabs,graphicx,amsmath,longtable}"
 _SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
             "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
             "−": "$-$", "—": "--", "±": r"$\pm$", "σ": r"$\sigma$", "·": r"$\cdot$", "×": r"$\times$",
-            "†": r"$^\dagger$", "→": r"$\rightarrow$"}
+            "†": r"$^\dagger$", "‡": r"$^\ddagger$", "→": r"$\rightarrow$"}
 _SPECIAL_RE = re.compile("|".join(re.escape(k) for k in _SPECIAL))
 # Fit the width: shrink to the line width when wider, keep the natural size otherwise.
 _FIT = r"\resizebox{\ifdim\width>\linewidth\linewidth\else\width\fi}{!}{%"
@@ -31,7 +31,7 @@ def escape(s: object) -> str:
     return _SPECIAL_RE.sub(lambda m: _SPECIAL[m.group(0)], str(s))
 
 
-def _cell(mean: float, std: float, n: int, dec: int, usual_n: int, mark: str | None) -> str:
+def _cell(mean: float, std: float, n: int, dec: int, usual_n: int, mark: str | None, off_budget: bool = False) -> str:
     if math.isnan(mean):
         return "--"
     s = f"{mean:.{dec}f}"
@@ -39,7 +39,8 @@ def _cell(mean: float, std: float, n: int, dec: int, usual_n: int, mark: str | N
         s += rf"{{\scriptsize$\pm${std:.{dec}f}}}"
     if n != usual_n:
         s += rf"$^{{n={n}}}$"
-    return {"best": rf"\textbf{{{s}}}", "second": rf"\underline{{{s}}}"}.get(mark or "", s)
+    s = {"best": rf"\textbf{{{s}}}", "second": rf"\underline{{{s}}}"}.get(mark or "", s)
+    return s + (r"$^\ddagger$" if off_budget else "")  # the searched schedule missed its budget (tables.OFF_BUDGET)
 
 
 def _caption(title: str) -> str:
@@ -73,10 +74,11 @@ def table_to_latex(t: Table) -> str:
             body.append(rf"\multicolumn{{{ncol}}}{{l}}{{\textit{{{escape(block)}}}}} \\")
         for r in (r for r in t.rows if r.block == block):
             cells = [r.label_tex, *(escape(r.text.get(c, "")) for c in t.text_cols),
-                     *(_cell(r.cells[k].mean, r.cells[k].std, r.cells[k].n, dec, usual, r.marks.get(k))
-                       for k, _, dec in t.value_cols)]
+                     *(_cell(r.cells[k].mean, r.cells[k].std, r.cells[k].n, dec, usual, r.marks.get(k),
+                             r.cells[k].off_budget) for k, _, dec in t.value_cols)]
             body.append(" & ".join(cells) + r" \\")
-    notes = [x for x in [t.seed_note(), "bold: best, underlined: second best within a block", *t.notes] if x]
+    notes = [x for x in [t.seed_note(), "bold: best, underlined: second best within a block", *t.notes,
+                         t.budget_note()] if x]
     return _float("table*" if t.wide else "table", t.title, t.name, "l" + "r" * (ncol - 1), body, notes)
 
 

@@ -8,8 +8,9 @@ published numbers, plus every method and setting the records hold, and paired co
 (``method_options``; its ``method_key``), operating point, ``run_tag``). The paper's rows come first, in the
 paper's layout (``results/paper/paper_tables.csv``), each matched to the group with the same backbone,
 method, options and operating point and no run tag (the paper's ablation variants of Tables 6-8 are the
-option ``variant``). A group the paper does not have is a row of its own, marked "not in the paper", in
-the block of its backbone and operating point of Tables 2-5; a group at an operating point no paper table
+option ``variant``; of groups that differ only in their method key, the one with today's key, the others
+being rows of their own, labelled with their key). A group the paper does not have is a row of its own,
+marked "not in the paper", in the block of its backbone and operating point of Tables 2-5; a group at an operating point no paper table
 has goes to ``other_points``; records of tasks outside the 19 VTAB tasks to ``other_tasks`` (one section
 per task set, a block per backbone). Records differing in a result-changing option are never averaged.
 
@@ -19,6 +20,8 @@ Specialized 4, Structured 8); its spread (and the groups') is the std of the per
 seeds that ran on every task. A group (and so the Average) is missing unless every task has a record:
 missing runs show as missing, never as zeros. Accuracy is the records' ``test_top1`` (last epoch, the VTAB
 protocol) unless ``metric=best`` (best evaluated epoch, the paper's convention; labelled everywhere).
+An entry with a record whose searched schedule missed its FLOPs budget by more than the method's tolerance
+(``method_state.budget_miss``, DiffRate) carries "‡", explained below the table (CSV: "Off budget").
 
 **Outputs** (``out``): ``table<N>.md|tex|csv`` and ``table<N>_vs_paper.md|tex|csv`` (measured, paper,
 difference, "# params" and throughput included), ``other_points.*``, ``other_tasks.*``, ``paired.*`` and
@@ -134,15 +137,22 @@ def record_key(r: dict) -> dict[str, Any]:
 
 KEY = ["backbone", "method", "method_key", "options", "schedule", "run_tag"]
 PAPER_KEY = ["backbone", "method", "options", "schedule", "run_tag"]  # what a paper row is matched on
+#: Marks an entry with a record whose searched schedule missed its FLOPs budget by more than the method's
+#: tolerance (``method_state.budget_miss``, DiffRate); explained below the table.
+OFF_BUDGET = "‡"
+OFF_BUDGET_NOTE = (f"{OFF_BUDGET}: the searched schedule of at least one seed is further than the method's "
+                   "tolerance from its FLOPs budget (budget_miss in the run record)")
 
 
 @dataclass
 class Cell:
-    """One table entry: mean, sample std and number of seeds (NaN / 0 when missing)."""
+    """One table entry: mean, sample std and number of seeds (NaN / 0 when missing); ``off_budget``: a record
+    behind it missed its FLOPs budget (:data:`OFF_BUDGET`)."""
 
     mean: float = math.nan
     std: float = math.nan
     n: int = 0
+    off_budget: bool = False
 
     @property
     def missing(self) -> bool:
@@ -169,6 +179,7 @@ class Group:
     gmacs: list[float] = field(default_factory=list)
     weights: set[str] = field(default_factory=set)
     devices: set[str] = field(default_factory=set)
+    off_budget: dict[str, set[int]] = field(default_factory=dict)  # task -> seeds whose record missed its budget
 
     @property
     def key(self) -> tuple[str, ...]:
@@ -190,14 +201,15 @@ class Group:
         return {t: v for t, v in self.values.items() if t in TASKS}
 
     def cell(self, task: str) -> Cell:
-        return Cell(*mean_std(list(self.values.get(task, {}).values())))
+        return Cell(*mean_std(list(self.values.get(task, {}).values())), off_budget=task in self.off_budget)
 
     def mean_cell(self, strata: Sequence[Sequence[str]]) -> Cell:
         """The mean of stratum means (a VTAB group mean, the Average); spread over per-seed values."""
         per_task = {t: self.cell(t).mean for s in strata for t in s}
         seeds = per_seed_means(self.values, strata)
         _, std, n = mean_std(list(seeds.values()))
-        return Cell(stratified_mean(per_task, strata), std, n)
+        return Cell(stratified_mean(per_task, strata), std, n,
+                    off_budget=any(t in self.off_budget for s in strata for t in s))
 
     def _mean(self, xs: list[float]) -> float:
         return float(sum(xs) / len(xs)) if xs else math.nan
@@ -228,7 +240,7 @@ def _num(v: Any) -> float | None:
 
 
 FRAME_COLUMNS = [*KEY, "task", "seed", "acc", "group", "method_label", "backbone_label", "params_pct",
-                 "method_params", "throughput", "gmacs", "weights", "device", "path"]
+                 "method_params", "throughput", "gmacs", "weights", "device", "off_budget", "path"]
 
 
 def _record_rows(records: Iterable[dict], metric: str) -> tuple[list[dict[str, Any]], list[str]]:
@@ -253,7 +265,8 @@ def _record_rows(records: Iterable[dict], metric: str) -> tuple[list[dict[str, A
                      "method_params": _num(params.get("method_paper")), "throughput": _num(tp.get("img_per_s")),
                      "gmacs": _num((r.get("flops") or {}).get("gmacs")),
                      "weights": None if w is None else json.dumps(w, sort_keys=True, default=str),
-                     "device": tp.get("device"), "path": name})
+                     "device": tp.get("device"),
+                     "off_budget": bool((r.get("method_state") or {}).get("budget_miss")), "path": name})
     return rows, problems
 
 
@@ -286,7 +299,41 @@ def _group_rows(rows: Iterable[dict[str, Any]]) -> tuple[dict[tuple, Group], lis
             g.weights.add(row["weights"])
         if row["device"]:
             g.devices.add(str(row["device"]))
+        if row.get("off_budget") in (True, 1):
+            g.off_budget.setdefault(task, set()).add(seed)
     return groups, problems
+
+
+@functools.cache
+def _canonical_method_key(method: str, options: str) -> str:
+    """The method key today's runs record for these options (a :attr:`Group.options` string;
+    :meth:`Method.run_key`; an unregistered method: the key :func:`record_key` gives records without one)."""
+    from .methods import method_class
+
+    opts = json.loads(options)
+    try:
+        return method_class(method).run_key(opts)
+    except (InputError, TypeError, ValueError):
+        return "-".join([method, *(str(v) for _, v in sorted(opts.items()))])
+
+
+def by_paper_key(groups: Iterable[Group]) -> dict[tuple, Group]:
+    """One group per :attr:`Group.paper_key`: the one a paper row (or a reference of the paired tables) stands
+    for. Groups that share a paper key differ only in their method key (old and new records of one setting,
+    or two method classes under one name): the one with today's key for its options wins, else the first by
+    key; the others are rows of their own (:func:`shared_paper_keys`), never dropped."""
+    out: dict[tuple, Group] = {}
+    for g in sorted(groups, key=lambda g: (g.method_key != _canonical_method_key(g.method, g.options), g.key)):
+        out.setdefault(g.paper_key, g)
+    return out
+
+
+def shared_paper_keys(groups: Iterable[Group]) -> set[tuple]:
+    """The keys of the groups that share their paper key with the group :func:`by_paper_key` takes for it
+    (and are not that group): their labels name their method key, so that the rows tell apart."""
+    groups = list(groups)
+    first = by_paper_key(groups)
+    return {g.key for g in groups if first[g.paper_key] is not g}
 
 
 def group_records(records: Iterable[dict], metric: str = "last") -> tuple[dict[tuple, Group], list[str]]:
@@ -336,9 +383,10 @@ def backbone_display(name: str, record_label: str | None = None) -> str:
     return record_label if record_label and record_label != name else BACKBONE_LABELS.get(name, name)
 
 
-def setting_suffix(g: Group) -> str:
-    opts = ", ".join(f"{k}={v}" for k, v in sorted(g.option_dict.items()))
-    return (f" ({opts})" if opts else "") + (f" [{g.run_tag}]" if g.run_tag else "")
+def setting_suffix(g: Group, show_key: bool = False) -> str:
+    """`` (options) [run tag]`` of a row's label; ``show_key`` adds the method key (rows that differ only in it)."""
+    opts = [f"{k}={v}" for k, v in sorted(g.option_dict.items())] + ([f"method key {g.method_key}"] if show_key else [])
+    return (f" ({', '.join(opts)})" if opts else "") + (f" [{g.run_tag}]" if g.run_tag else "")
 
 
 # =============================================================================================================
@@ -401,6 +449,10 @@ class Table:
         base = "one seed per entry (no spread)" if n == 1 else f"mean ± std over {n} seeds"
         return base + ("; (n=k): an entry over k seeds" if len(ns) > 1 else "") + \
             "; group means and Average: spread of the per-seed values"
+
+    def budget_note(self) -> str:
+        """The legend of :data:`OFF_BUDGET` when an entry carries it."""
+        return OFF_BUDGET_NOTE if any(c.off_budget for r in self.rows for c in r.cells.values()) else ""
 
 
 def _value_cols(kind: str) -> list[tuple[str, str, int]]:
@@ -491,16 +543,16 @@ def _blocks(rows: list[PaperRow]) -> list[tuple[str, str]]:
             for i, r in enumerate(rows)]
 
 
-def _extra_label(g: Group, main: str, label_of: dict[str, str]) -> str:
-    name = method_display(g) + setting_suffix(g)
+def _extra_label(g: Group, main: str, label_of: dict[str, str], show_key: bool = False) -> str:
+    name = method_display(g) + setting_suffix(g, show_key)
     if g.backbone != main:
         name += f"* ({backbone_display(g.backbone, label_of.get(g.backbone))})"
     return name
 
 
 def _extra_row(g: Group, block: str, main: str, cols, kind: str, label_of: dict[str, str],
-               in_paper: bool = False) -> Row:
-    name = _extra_label(g, main, label_of)
+               in_paper: bool = False, show_key: bool = False) -> Row:
+    name = _extra_label(g, main, label_of, show_key)
     return make_row(name, escape(name) + ("" if in_paper else r"$^\dagger$"), g, cols, kind, block=block,
                     backbone=backbone_display(g.backbone, g.backbone_label), schedule=g.schedule,
                     ranked=g.compressed, in_paper=in_paper)
@@ -511,7 +563,8 @@ def build_paper_table(table: str, rows: list[PaperRow], groups: dict[tuple, Grou
     """Table ``table`` in the paper's layout, each extra group at the end of its block."""
     kind = TABLE_KIND[table]
     cols = _value_cols(kind)
-    by_paper = {g.paper_key: g for g in groups.values()}
+    by_paper = by_paper_key(groups.values())
+    shared = shared_paper_keys(groups.values())
     label_of = {g.backbone: g.backbone_label for g in groups.values() if g.backbone_label}
     blocks = _blocks(rows)
     out: list[Row] = []
@@ -533,7 +586,8 @@ def build_paper_table(table: str, rows: list[PaperRow], groups: dict[tuple, Grou
                             backbone=backbone_display(pr.backbone, label_of.get(pr.backbone)),
                             schedule=pr.schedule, ranked=pr.schedule != "none" or kind == "groups", paper=pr.values))
         if kind != "groups" and (i + 1 == len(rows) or blocks[i + 1] != (main, sched)):
-            out += [_extra_row(eg, block, main, cols, kind, label_of) for eg in extras.get((main, sched), [])]
+            out += [_extra_row(eg, block, main, cols, kind, label_of, show_key=eg.key in shared)
+                    for eg in extras.get((main, sched), [])]
     text_cols = ["# params", "# params (paper)"] if kind == "groups" else ["# params", "Throughput"]
     t = Table(f"table{table}", f"Table {table} ({label})", cols, text_cols, out, kind=kind, wide=kind == "tasks")
     if kind == "groups":
@@ -546,15 +600,17 @@ def build_paper_table(table: str, rows: list[PaperRow], groups: dict[tuple, Grou
 
 def place_extras(groups: dict[tuple, Group], prows: dict[str, list[PaperRow]]
                  ) -> tuple[dict[str, dict[tuple[str, str], list[Group]]], list[Group]]:
-    """Groups the paper does not have -> ({table: {block: [groups]}} for Tables 2-5, the rest).
+    """Groups the paper does not have (or whose paper row shows another group of their paper key, see
+    :func:`by_paper_key`) -> ({table: {block: [groups]}} for Tables 2-5, the rest).
 
     A compressed group goes to the blocks of its (backbone, operating point); an uncompressed one to the
     first block of its backbone in each table."""
     in_paper = {pr.key for rows in prows.values() for pr in rows}
+    matched = by_paper_key(groups.values())
     placed: dict[str, dict[tuple[str, str], list[Group]]] = {}
     rest = []
     for g in sorted(groups.values(), key=lambda g: (not g.compressed, g.key)):
-        if g.paper_key in in_paper or not g.vtab():
+        if (g.paper_key in in_paper and matched[g.paper_key] is g) or not g.vtab():
             continue
         homes = []
         for table, rows in prows.items():
@@ -579,6 +635,7 @@ def other_points_table(rest: list[Group], groups: dict[tuple, Group], label: str
     cols = _value_cols("tasks")
     label_of = {g.backbone: g.backbone_label for g in groups.values() if g.backbone_label}
     in_rest = {g.key for g in rest}
+    shared = shared_paper_keys(groups.values())
     rows: list[Row] = []
     for bb in sorted({g.backbone for g in rest}):
         refs = sorted((g for g in groups.values() if g.backbone == bb and not g.compressed and g.vtab()),
@@ -588,8 +645,8 @@ def other_points_table(rest: list[Group], groups: dict[tuple, Group], label: str
             block = f"{backbone_display(bb, label_of.get(bb))}, {p}"
             members = refs + sorted((g for g in rest if g.backbone == bb and g.schedule == p and g.compressed),
                                     key=lambda g: g.key)
-            rows += [_extra_row(g, block, bb, cols, "tasks", label_of, in_paper=g.key not in in_rest)
-                     for g in members]
+            rows += [_extra_row(g, block, bb, cols, "tasks", label_of, in_paper=g.key not in in_rest,
+                                show_key=g.key in shared) for g in members]
     t = Table("other_points", f"Operating points no paper table has ({label})", cols, ["# params", "Throughput"],
               rows, kind="tasks", wide=True)
     t.notes.append(f"† / Note: {NOT_IN_PAPER}")
@@ -605,6 +662,7 @@ def other_tasks_tables(groups: dict[tuple, Group], label: str) -> list[Table]:
             if t not in TASKS:
                 sets.setdefault(s, set()).add(t)
     out = []
+    shared = shared_paper_keys(groups.values())
     for s in sorted(sets):
         tasks = sorted(sets[s])
         cols = [(t, TASK_REGISTRY.get(t).display if t in TASK_REGISTRY else t, 1) for t in tasks] + [("mean", "Mean", 2)]
@@ -612,7 +670,7 @@ def other_tasks_tables(groups: dict[tuple, Group], label: str) -> list[Table]:
                          key=lambda g: (g.backbone, g.compressed, g.schedule, g.key))
         rows = []
         for g in members:
-            name = method_display(g) + setting_suffix(g)
+            name = method_display(g) + setting_suffix(g, g.key in shared)
             bb = backbone_display(g.backbone, g.backbone_label)
             rows.append(make_row(name, escape(name), g, cols, "other", block=bb, backbone=bb, schedule=g.schedule,
                                  ranked=g.compressed))
@@ -665,7 +723,9 @@ def paired_comparisons(groups: dict[tuple, Group], reference: str | None, also: 
     a reference without records there is taken uncompressed (PEFT). Only VTAB tasks take part."""
     from .stats import compare
 
-    by_paper = {g.paper_key: g for g in groups.values() if g.vtab()}
+    vtab = [g for g in groups.values() if g.vtab()]
+    by_paper = by_paper_key(vtab)  # the references
+    shared = shared_paper_keys(vtab)
 
     def find(g: Group, method: str) -> Group | None:
         for sched in dict.fromkeys((g.schedule, "none")):
@@ -676,7 +736,7 @@ def paired_comparisons(groups: dict[tuple, Group], reference: str | None, also: 
         return None
 
     summary, per_task = [], []
-    for g in sorted(by_paper.values(), key=lambda g: g.key):
+    for g in sorted(vtab, key=lambda g: g.key):
         for ref_method in dict.fromkeys(([reference] if reference else []) + list(also.get(g.method, []))):
             ref = find(g, ref_method)
             if ref is None or ref is g or (ref.compressed and not g.compressed):
@@ -684,7 +744,8 @@ def paired_comparisons(groups: dict[tuple, Group], reference: str | None, also: 
             res = compare(g.vtab(), ref.vtab(), STRATA, resample, n_resamples, confidence, seed)
             if res.n_tasks == 0:
                 continue
-            a, b = method_display(g) + setting_suffix(g), method_display(ref) + setting_suffix(ref)
+            a = method_display(g) + setting_suffix(g, g.key in shared)
+            b = method_display(ref) + setting_suffix(ref, ref.key in shared)
             what = "Average" if res.n_tasks == len(TASKS) else f"mean of {res.n_tasks} tasks"
             lo, hi = res.ci
             bb = backbone_display(g.backbone, g.backbone_label)
@@ -753,7 +814,8 @@ def _fmt_cell(c: Cell, dec: int, usual_n: int) -> str:
 
 def table_frame(t: Table) -> pd.DataFrame:
     """The machine-readable table: numbers as numbers (the mean, then "<column> std" and "<column> n"; "# params"
-    in % of the backbone, or in K for Tables 6-8)."""
+    in % of the backbone, or in K for Tables 6-8); "Off budget": the columns whose entry carries
+    :data:`OFF_BUDGET`."""
     out = []
     for r in t.rows:
         g = r.group
@@ -764,12 +826,14 @@ def table_frame(t: Table) -> pd.DataFrame:
             c = r.cells[key]
             row[lab], row[f"{lab} std"], row[f"{lab} n"] = c.mean, c.std, c.n
         row["Tasks"], row["Note"] = r.text.get("Tasks", ""), r.text.get("Note", "")
+        row["Off budget"] = "; ".join(lab for key, lab, _ in t.value_cols if r.cells[key].off_budget)
         out.append(row)
     return pd.DataFrame(out)
 
 
 def to_markdown(t: Table) -> str:
-    """Markdown: mean ± std per entry, **best** and _second best_ per block, notes below."""
+    """Markdown: mean ± std per entry, **best** and _second best_ per block, :data:`OFF_BUDGET` marks, notes
+    below."""
     n = t.usual_n()
     rows = []
     for r in t.rows:
@@ -777,13 +841,15 @@ def to_markdown(t: Table) -> str:
         for key, lab, dec in t.value_cols:
             s = _fmt_cell(r.cells[key], dec, n)
             mark = r.marks.get(key)
-            row[lab] = f"**{s}**" if mark == "best" else (f"_{s}_" if mark == "second" else s)
+            row[lab] = (f"**{s}**" if mark == "best" else (f"_{s}_" if mark == "second" else s)) + \
+                (f" {OFF_BUDGET}" if r.cells[key].off_budget else "")
         row["Tasks"], row["Note"] = r.text.get("Tasks", ""), r.text.get("Note", "")
         rows.append(row)
     df = pd.DataFrame(rows)
     if len(df) and not (df["Block"] != "").any():
         df = df.drop(columns="Block")
-    notes = [x for x in [t.seed_note(), "**best** and _second best_ within each block (compressed rows)", *t.notes] if x]
+    notes = [x for x in [t.seed_note(), "**best** and _second best_ within each block (compressed rows)", *t.notes,
+                         t.budget_note()] if x]
     body = df.to_markdown(index=False) if len(df) else "(no rows)"
     return f"## {t.title}\n\n{body}\n\n" + "\n".join(f"- {x}" for x in notes) + "\n"
 

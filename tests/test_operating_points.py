@@ -8,6 +8,7 @@ import re
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -23,6 +24,7 @@ from pyra_bench.models import (
 )
 from pyra_bench.models.macs import model_macs
 from pyra_bench.models.schedules import clamp_schedule, schedule_for_macs
+from pyra_bench.paths import CONF_DIR
 
 # A timm ViT the registry does not name (DeiT-3: LayerScale, no positional embedding on the class token).
 DEIT3 = {"name": "deit3_s16", "timm_name": "deit3_small_patch16_224", "lora_rank": 4, "weights": "none"}
@@ -122,6 +124,50 @@ def test_unreachable_flops_targets_are_refused_by_name():
         resolve_schedule("flops:0.5", 12, "vit_b")
 
 
+# -- the figure sweeps: operating points from 1.3x to 4x fewer MACs ------------------------------------
+FIG_EXPERIMENTS = sorted((CONF_DIR / "experiment").glob("fig*.yaml"))
+
+
+def test_figure_experiments_span_1_3x_to_4x_mac_reduction():
+    """Every operating point of every figure sweep, resolved for ToMe and PYRA as a run resolves it (the
+    method's schedule for the sweep's backbone, built on the meta device: no weights), counted by the
+    analytic MAC counter. Backbones of one geometry and schedule family (ViT-L in21k / MAE) are counted once."""
+    from hydra import compose, initialize_config_dir
+
+    import pyra_bench.train  # noqa: F401  (registers the config resolvers)
+    from pyra_bench.methods import get_method
+
+    assert [p.stem for p in FIG_EXPERIMENTS] == ["fig2_vit_b", "fig2_vit_l", "fig4_deit", "fig4_mae"]
+    sweeps = {}
+    for path in FIG_EXPERIMENTS:
+        exp = OmegaConf.load(path)
+        (backbone,) = [d["override /backbone"] for d in exp.defaults if "override /backbone" in d]
+        params = exp.hydra.sweeper.params
+        assert {"tome", "pyra", "peft"} <= set(str(params.method).split(","))
+        sweeps[path.stem] = (backbone, str(params.budget).split(","))
+    first, (backbone, budgets) = next(iter(sweeps.items()))
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={first}", "method=tome", f"budget={budgets[0]}"])
+    assert cfg.backbone.name == backbone and cfg.compression == budgets[0]  # a sweep's budget: the compression
+    counted: dict[tuple, dict[str, float]] = {}
+    for name, (backbone, budgets) in sweeps.items():
+        ctx = _meta_build(backbone, "peft", "none").pyra_context
+        for method in ("tome", "pyra"):
+            m = get_method(method, schedule="none")
+            key = (ctx.geometry, ctx.num_protected, ctx.backbone.schedule_family, type(m).resolve_schedule,
+                   tuple(budgets))
+            if key not in counted:
+                counted[key] = {b: ctx.geometry.fraction(get_method(method, schedule=b).resolve_schedule(ctx))
+                                for b in budgets}
+            fraction = counted[key]
+            for b, f in fraction.items():
+                if b.startswith("flops:"):
+                    assert abs(f - float(b[6:])) <= 0.01, (name, method, b, f)  # the targets' tolerance
+            steps = sorted(1 / f for f in fraction.values())
+            assert steps[0] <= 1.3 * 1.01 and steps[-1] >= 4 / 1.01, (name, method, steps)
+            assert max(b / a for a, b in zip(steps, steps[1:])) < 1.4, (name, method, steps)  # no gap (was 2x-3.46x)
+
+
 # -- speedup: the search logic with a deterministic timer ----------------------------------------------
 def _fake_timer(calls):
     """measure_throughput stand-in: a forward costs its analytic MACs (1 ns per MAC, no overhead)."""
@@ -152,10 +198,50 @@ def test_speedup_search_picks_the_least_merging_that_reaches_the_target(monkeypa
     again = build_model("vit_demo_mnist", 10, "pyra", "speedup:2")
     assert again.pyra_method.schedule == model.pyra_method.schedule
     assert again.pyra_method.state()["target"]["from_cache"]
-    # another batch size is another cache entry; an unreachable target is refused with what was measured
+    # another batch size is another cache entry: timed afresh, kept beside the first
     monkeypatch.setattr("pyra_bench.measure.measure_throughput", _fake_timer(calls))
+    n_calls = len(calls)
+    other = build_model("vit_demo_mnist", 10, "pyra", "speedup:2", bench_batch_size=4)
+    other_state = other.pyra_method.state()["target"]
+    assert len(calls) > n_calls and not other_state["from_cache"] and other_state["batch_size"] == 4
+    (cache_path,) = (tmp_path / "speedup").glob("*.json")
+    cache = json.loads(cache_path.read_text())
+    assert sorted(json.loads(k)["batch_size"] for k in cache) == [4, 8]
+    assert all(repr(2.0) in e["choices"] for e in cache.values())
+    # the choice and its timings are the run record's (pipeline.make_record: the method state)
+    _record_has_the_choice(model, state, cache, tmp_path)
+    # an unreachable target is refused with what was measured
     with pytest.raises(BudgetError, match=r"speedup:100 is out of reach .* measured \d+\.\d\dx"):
         build_model("vit_demo_mnist", 10, "pyra", "speedup:100", bench_batch_size=4)
+
+
+def _record_has_the_choice(model, state, cache, tmp_path):
+    """The run record (:func:`pyra_bench.pipeline.make_record`, written and read back as a run writes it)
+    carries the chosen schedule and the timings the search measured and cached."""
+    from types import SimpleNamespace
+
+    from hydra import compose, initialize_config_dir
+
+    import pyra_bench.train  # noqa: F401  (registers the config resolvers)
+    from pyra_bench.pipeline import StageResults, make_record
+    from pyra_bench.records import read_record, write_record
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["backbone=vit_demo_mnist", "task=digits", "method=pyra",
+                                          "compression=speedup:2"])
+    plan = SimpleNamespace(cfg=cfg, run_id="digits__speedup", weights=None, settings={}, git={}, started=0.0,
+                           run_dir=tmp_path / "run", datamodule=SimpleNamespace(
+                               spec=SimpleNamespace(group="demo"), data_format="sklearn", describe=dict))
+    rec = read_record(write_record(tmp_path / "records", make_record(plan, model, StageResults({1: 90.0}), {})))
+    target = rec["method_state"]["target"]
+    assert rec["method_state"]["schedule"] == model.pyra_method.schedule == target["schedule"] == state["schedule"]
+    assert target["speedup"] == pytest.approx(state["speedup"]) and target["batch_size"] == 8
+    (entry,) = [e for k, e in cache.items() if json.loads(k)["batch_size"] == 8]
+    assert target["img_per_s"] == pytest.approx(entry["timings"][json.dumps(state["schedule"])])
+    assert target["baseline_img_per_s"] == pytest.approx(entry["timings"][json.dumps([0] * 4)])
+    assert {json.dumps(c["schedule"]): c["img_per_s"] for c in target["candidates"]} == \
+        pytest.approx(entry["timings"])
+    assert rec["schedule"] == "speedup-2"
 
 
 # -- speedup: real timing on the CPU -------------------------------------------------------------------

@@ -87,6 +87,39 @@ def _script(install, name: str) -> str:
     return str(install["site"] / "bin" / name)
 
 
+#: Modules whose distribution is named otherwise.
+DISTRIBUTIONS = {"hydra": "hydra-core", "sklearn": "scikit-learn", "PIL": "pillow"}
+#: Imported by the package, installed by a declared dependency that requires it: module -> that dependency.
+PROVIDED = {"numpy": "pandas", "PIL": "torchvision", "huggingface_hub": "timm"}
+
+
+def _dist(name: str) -> str:
+    return re.split(r"[<>=!~ ;\[(]", name.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_every_third_party_import_is_a_declared_dependency():
+    """pip installs what pyproject.toml declares: a module the package imports and no dependency brings
+    (scipy, for the paired tables' Wilcoxon test, once) fails on a fresh install."""
+    import ast
+    from importlib import metadata
+
+    tomllib = pytest.importorskip("tomllib")
+    declared = {_dist(d) for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    imported = set()
+    for f in [*(ROOT / "pyra_bench").rglob("*.py"), *(ROOT / "hydra_plugins").rglob("*.py")]:
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    third_party = sorted(m for m in imported - {"pyra_bench", "hydra_plugins"} if m not in sys.stdlib_module_names)
+    dist = {m: _dist(DISTRIBUTIONS.get(m, m)) for m in third_party}
+    assert [m for m in third_party if m not in PROVIDED and dist[m] not in declared] == []
+    for module, by in PROVIDED.items():
+        assert by in declared and dist.get(module, _dist(module)) in {_dist(r) for r in metadata.requires(by) or []}, \
+            (module, by)
+
+
 def test_wheel_holds_every_module_config_and_the_papers_numbers(install):
     names = set(zipfile.ZipFile(install["wheel"]).namelist())
     files = _checkout_files()
