@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib
 import statistics
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -153,10 +152,11 @@ def test_a_plugin_trained_in_a_multirun_gets_a_table2_row_and_a_paired_row(tmp_p
     operating point (random weights: ``backbone.weights=none``; one step of batch 2 on a 4-image folder task),
     then a Table 2 row of its own with mean +- std over the 2 seeds, marked as not in the paper, and a row of
     the paired table. The expected numbers are recomputed here from the four records."""
+    from helpers.cli import run_entry_point
+
     from pyra_bench import tables, train
     from pyra_bench.data import write_digits_folder
     from pyra_bench.records import iter_records
-    from helpers.cli import run_entry_point
 
     data = tmp_path / "data"
     write_digits_folder(data)
