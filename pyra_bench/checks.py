@@ -88,8 +88,9 @@ class _Checker:
     """Collects the problems of one config (one per key); each helper returns the checked value, or ``_BAD``
     (already reported) / ``_ABSENT`` (no such key), so that cross-checks only see good values."""
 
-    def __init__(self, cfg: DictConfig) -> None:
+    def __init__(self, cfg: DictConfig, machine: bool = True) -> None:
         self.cfg, self.problems = cfg, []
+        self.machine = machine  # also what depends on this machine (its devices, the hub's reachability)
 
     def add(self, key: str, value: Any, message: str) -> object:
         if all(p.key != key for p in self.problems):  # a key read twice (an unresolvable value) is one line
@@ -432,7 +433,7 @@ def _check_hardware(ch: _Checker) -> None:
         ch.add(t + "devices", devices, f"{parsed}; valid: a count >= 1, -1 (all visible), auto, or a list of device "
                                        f"indices such as [0,1] (e.g. {t}devices=1)")
         parsed = None
-    if not isinstance(acc, str):
+    if not isinstance(acc, str) or not ch.machine:
         return
     concrete = _concrete_accelerator(acc)
     visible = visible_devices(concrete) if concrete else 0
@@ -647,6 +648,8 @@ def _check_weights(ch: _Checker, needed: bool = True) -> None:
         ch.add("backbone.weights", w, f"backbone {name} has no weights on the hub (it is built from scratch); set "
                                       f"backbone.weights=none (random init) or a local file")
         return
+    if not ch.machine:
+        return
     why = _hub_problem(name if name in BACKBONES else None)
     if why is not None:
         ch.add("backbone.weights", w, why)
@@ -684,10 +687,12 @@ def _hub_problem(backbone: str | None) -> str | None:
 # ---------------------------------------------------------------------------------------------------------
 # The two configs
 # ---------------------------------------------------------------------------------------------------------
-def check_run_config(cfg: DictConfig) -> None:
+def check_run_config(cfg: DictConfig, machine: bool = True) -> None:
     """Check a composed ``conf/train.yaml`` config before anything is built or written; raise one
-    :class:`~pyra_bench.errors.ConfigCheckError` listing every problem found."""
-    ch = _Checker(cfg)
+    :class:`~pyra_bench.errors.ConfigCheckError` listing every problem found. ``machine=False``: not what
+    depends on this machine (the devices it has, whether the hub is reachable), e.g. to plan a sweep on
+    another one."""
+    ch = _Checker(cfg, machine)
     choice = _hydra_choice(cfg, "experiment")
     if choice is not _ABSENT and (why := _experiment_problem(choice)) is not None:
         ch.add("experiment", choice, why)

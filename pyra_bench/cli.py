@@ -75,8 +75,8 @@ def precheck_runs(prog: str, argv: Sequence[str] | None = None) -> None:
     from .sweep import check_jobs, command_jobs
 
     try:
-        jobs = command_jobs(list(args.overrides), bool(args.multirun))
+        jobs, here = command_jobs(list(args.overrides), bool(args.multirun))
         if jobs is not None:
-            check_jobs(jobs)
+            check_jobs(jobs, machine=here)  # jobs on other machines: their devices, data, network are not ours
     except InputError as e:
         exit_on_input_error(e, prog)

@@ -60,24 +60,32 @@ def _compose(overrides: list[str], hydra_cfg: bool = False) -> DictConfig:
                           "\n  (python -m pyra_bench.train --help lists the groups and settings)") from None
 
 
-def check_job(cfg: DictConfig) -> None:
-    """What ``train`` checks first (:func:`pyra_bench.pipeline.check`), as far as it needs neither Lightning
-    nor a model: every config value (:func:`pyra_bench.checks.check_run_config`) and the task's data folder.
-    The method's operating point and the split lists are checked by the run itself."""
-    from .checks import check_run_config
+def check_data(cfg: DictConfig) -> None:
+    """The task's data folder exists (:class:`~pyra_bench.data.folder.DataNotFoundError` naming how to make it)."""
     from .data.folder import find_task_dir
     from .data.tasks import task_spec_from_config
 
-    check_run_config(cfg)
     if cfg.task.get("source") == "folder":
         find_task_dir(cfg.data_root, task_spec_from_config(cfg.task))
+
+
+def check_job(cfg: DictConfig, machine: bool = True) -> None:
+    """What ``train`` checks first (:func:`pyra_bench.pipeline.check`), as far as it needs neither Lightning
+    nor a model: every config value (:func:`pyra_bench.checks.check_run_config`) and the task's data folder.
+    ``machine=False`` (planning a sweep elsewhere): not the data folder, devices and hub of this machine.
+    The method's operating point and the split lists are checked by the run itself."""
+    from .checks import check_run_config
+
+    check_run_config(cfg, machine)
+    if machine:
+        check_data(cfg)
 
 
 #: A sweep with bad jobs names at most this many of them (with their problems) and counts the rest.
 SHOW_JOBS = 10
 
 
-def check_jobs(combos: list[list[str]]) -> list[DictConfig]:
+def check_jobs(combos: list[list[str]], machine: bool = True) -> list[DictConfig]:
     """Compose and check (:func:`check_job`) every job of a sweep before anything is launched or written;
     return their configs. One job: its own error. Several: one :class:`SweepCheckError` naming each bad
     job by its overrides."""
@@ -89,7 +97,7 @@ def check_jobs(combos: list[list[str]]) -> list[DictConfig]:
         for combo in combos:
             try:
                 cfg = _compose(combo)
-                check_job(cfg)
+                check_job(cfg, machine)
                 cfgs.append(cfg)
             except InputError as e:
                 if len(combos) == 1:
@@ -136,15 +144,21 @@ def expand_sweep(overrides: list[str], base: DictConfig | None = None) -> list[l
 GRID_SWEEPERS = ("DedupSweeper", "BasicSweeper")
 
 
-def command_jobs(overrides: list[str], multirun: bool) -> list[list[str]] | None:
-    """The overrides of every run a ``train`` command line makes: itself for a single run, each job for a
-    grid sweep (``-m``, or ``hydra.mode=MULTIRUN`` from a config); None when a search picks them as it goes."""
+#: Launchers that run the jobs on this machine: only then are its devices, data and network the jobs'.
+LOCAL_LAUNCHERS = ("BasicLauncher", "LocalGPULauncher")
+
+
+def command_jobs(overrides: list[str], multirun: bool) -> tuple[list[list[str]] | None, bool]:
+    """The overrides of every run a ``train`` command line makes -- itself for a single run, each job for a
+    grid sweep (``-m``, or ``hydra.mode=MULTIRUN`` from a config), None when a search picks them as it goes
+    -- and whether they run on this machine (a single run, a local launcher; not SLURM)."""
     base = _base(overrides)
     if not multirun and not str(base.hydra.get("mode") or "").endswith("MULTIRUN"):
-        return [list(overrides)]
+        return [list(overrides)], True
+    here = str(base.hydra.launcher.get("_target_", "")).endswith(LOCAL_LAUNCHERS)
     if not str(base.hydra.sweeper.get("_target_", "")).endswith(GRID_SWEEPERS):
-        return None
-    return expand_sweep(overrides, base)
+        return None, here
+    return expand_sweep(overrides, base), here
 
 
 def record_conflict(cfg: DictConfig, record: Path) -> str:
@@ -167,15 +181,22 @@ def plan(overrides: list[str], check: bool = True) -> list[dict[str, Any]]:
     """Every job of the sweep with its run id, record status and estimated GPU hours; jobs with the same
     run id as an earlier one are marked ``duplicate_of`` (the sweep launches them once). Each job is checked
     first as ``train`` checks it (:func:`check_jobs`; ``check=False``: only composed): a bad one is an input
-    error, nothing is listed."""
+    error, nothing is listed. What depends on this machine is not (a sweep may be planned where it does not
+    run): a missing data folder is the job's ``no_data`` (why ``train`` would refuse it here)."""
+    from .errors import InputError
     from .estimate import gpu_hours
     from .identity import run_id
     from .records import iter_records
 
     jobs, seen, records = [], {}, {}
     combos = expand_sweep(overrides)
-    for combo, cfg in zip(combos, check_jobs(combos) if check else [_compose(c) for c in combos]):
+    for combo, cfg in zip(combos, check_jobs(combos, machine=False) if check else [_compose(c) for c in combos]):
         rid = run_id(cfg)
+        try:
+            check_data(cfg)
+            no_data = ""
+        except InputError as e:
+            no_data = str(e).splitlines()[0]
         results = Path(cfg.results_dir)
         if str(results) not in records:
             records[str(results)] = iter_records([results]) if results.is_dir() else []
@@ -185,7 +206,7 @@ def plan(overrides: list[str], check: bool = True) -> list[dict[str, Any]]:
         jobs.append({"run_id": rid, "overrides": combo, "record": record,
                      "failed": results / "failed" / f"{rid}.json", "gpu_hours": hours, "basis": basis,
                      "force": bool(cfg.force),
-                     "conflict": conflict, "duplicate_of": seen.get(rid)})
+                     "conflict": conflict, "duplicate_of": seen.get(rid), "no_data": no_data})
         seen.setdefault(rid, len(jobs) - 1)
     return jobs
 
@@ -340,6 +361,10 @@ def main(argv: list[str] | None = None) -> int:
               f"about {hours:.1f} GPU hours (estimated from: {'; '.join(bases) or 'nothing'}; pyra_bench/estimate.py)"
               + (f"; {len(stop)} would STOP: their records were made with other settings (set run_tag or "
                  f"force=true)" if stop else ""))
+        no_data = [j for j in todo if j["no_data"]]
+        if no_data:
+            print(f"note: {len(no_data)} of the runs to do have no data folder on this machine, so train would refuse "
+                  f"them here; e.g. {no_data[0]['no_data']} (python -m pyra_bench.data.prepare makes them)")
     else:
         unique = [j for j in jobs if j["duplicate_of"] is None]
         groups: dict[str, list] = {"completed": [], "failed": [], "missing": []}
