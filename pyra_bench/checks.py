@@ -1,6 +1,7 @@
 """Checks of a composed config before any work: the first step of every run and every bench.
 
-:func:`check_run_config` (``conf/train.yaml``) and :func:`check_bench_config` (``conf/bench.yaml``) look at
+:func:`check_run_config` (``conf/train.yaml``), :func:`check_bench_config` (``conf/bench.yaml``) and
+:func:`check_prepare_config` (``conf/prepare.yaml``) look at
 every setting they know, collect *all* the problems and raise one
 :class:`~pyra_bench.errors.ConfigCheckError` that lists them, one line each: the key, the bad value, what is
 allowed and how to fix it. They build nothing, write nothing and create no folder (an output folder is
@@ -14,13 +15,17 @@ default would drop without a word), :func:`check_hub_reachable`, :func:`check_ou
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import math
 import os
+import platform
 import re
 import socket
+import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,8 +88,9 @@ class _Checker:
     """Collects the problems of one config (one per key); each helper returns the checked value, or ``_BAD``
     (already reported) / ``_ABSENT`` (no such key), so that cross-checks only see good values."""
 
-    def __init__(self, cfg: DictConfig) -> None:
+    def __init__(self, cfg: DictConfig, machine: bool = True) -> None:
         self.cfg, self.problems = cfg, []
+        self.machine = machine  # also what depends on this machine (its devices, the hub's reachability)
 
     def add(self, key: str, value: Any, message: str) -> object:
         if all(p.key != key for p in self.problems):  # a key read twice (an unresolvable value) is one line
@@ -210,9 +216,33 @@ def check_output_dir(path: str | os.PathLike, key: str = "results_dir") -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Lightning names and this machine's devices
 # ---------------------------------------------------------------------------------------------------------
+#: Lightning's names, copied so that checking a config needs no Lightning import (seconds; a sweep checks
+#: every job before it starts): the ``precision`` values its Trainer accepts, their aliases, the accelerators
+#: and strategies it registers itself. Tests keep each copy equal to what the installed Lightning has.
+PRECISIONS: tuple[Any, ...] = ("transformer-engine", "transformer-engine-float16", "16-true", "16-mixed", "bf16-true",
+                               "bf16-mixed", "32-true", "64-true", 64, 32, 16, "64", "32", "16", "bf16")
+PRECISION_ALIASES = {"64": "64-true", "32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}
+ACCELERATORS = ("cpu", "cuda", "mps", "tpu")
+STRATEGIES = ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "ddp_find_unused_parameters_false",
+              "ddp_find_unused_parameters_true", "ddp_spawn_find_unused_parameters_false",
+              "ddp_spawn_find_unused_parameters_true", "ddp_fork_find_unused_parameters_false",
+              "ddp_fork_find_unused_parameters_true", "ddp_notebook_find_unused_parameters_false",
+              "ddp_notebook_find_unused_parameters_true", "deepspeed", "deepspeed_stage_1", "deepspeed_stage_2",
+              "deepspeed_stage_2_offload", "deepspeed_stage_3", "deepspeed_stage_3_offload",
+              "deepspeed_stage_3_offload_nvme", "fsdp", "fsdp_cpu_offload", "single_device", "single_xla",
+              "xla_debug", "xla", "single_tpu")
+
+
+def _lightning_loaded() -> bool:
+    """Whether Lightning's trainer package is imported: only then can code have registered accelerators or
+    strategies of its own, so before that the copies above are exactly its registries."""
+    return "lightning.pytorch" in sys.modules
+
+
 @functools.cache
 def lightning_precisions() -> tuple[Any, ...]:
-    """Every ``precision`` value Lightning's Trainer accepts (its own list: names, ints and aliases)."""
+    """Every ``precision`` value Lightning's Trainer accepts, from Lightning itself (names, ints, aliases);
+    the checks use the copy :data:`PRECISIONS`."""
     from typing import get_args
 
     from lightning.fabric.plugins.precision import precision as p
@@ -222,13 +252,13 @@ def lightning_precisions() -> tuple[Any, ...]:
 
 
 def _canonical_precision(v: Any) -> str:
-    from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT_STR_ALIAS_CONVERSION
-
-    return _PRECISION_INPUT_STR_ALIAS_CONVERSION.get(str(v), str(v))
+    return PRECISION_ALIASES.get(str(v), str(v))
 
 
 def lightning_accelerators() -> tuple[str, ...]:
     """``auto``, ``gpu`` and every accelerator registered with Lightning (cpu, cuda, mps, tpu ...)."""
+    if not _lightning_loaded():
+        return ("auto", "gpu", *sorted(ACCELERATORS))
     from lightning.pytorch.accelerators import AcceleratorRegistry
 
     return ("auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators()))
@@ -236,13 +266,32 @@ def lightning_accelerators() -> tuple[str, ...]:
 
 def lightning_strategies() -> tuple[str, ...]:
     """``auto`` and every strategy registered with Lightning (ddp, ddp_spawn, fsdp, deepspeed ...)."""
+    if not _lightning_loaded():
+        return ("auto", *STRATEGIES)
     from lightning.pytorch.strategies import StrategyRegistry
 
     return ("auto", *StrategyRegistry.available_strategies())
 
 
 def visible_devices(accelerator: str) -> int:
-    """How many devices of a concrete Lightning accelerator (cpu, cuda, mps, tpu) this process sees."""
+    """How many devices of a concrete Lightning accelerator (cpu, cuda, mps, tpu) this process sees: as
+    Lightning's accelerator classes count them (cpu: 1, cuda: torch's count, mps: 1 when available), without
+    importing Lightning unless it is loaded already or XLA (tpu) is installed."""
+    import importlib.util
+
+    if not _lightning_loaded() and accelerator in ACCELERATORS and (
+            accelerator != "tpu" or importlib.util.find_spec("torch_xla") is None):
+        import torch
+
+        if accelerator == "cpu":
+            return 1
+        if accelerator == "cuda":
+            os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # as Lightning: count without a CUDA context
+            return int(torch.cuda.device_count())
+        if accelerator == "mps":
+            return int(os.getenv("DISABLE_MPS", "0") != "1" and torch.backends.mps.is_available()
+                       and platform.processor() in ("arm", "arm64"))
+        return 0  # tpu without torch_xla
     from lightning.pytorch.accelerators import AcceleratorRegistry
 
     cls = AcceleratorRegistry[accelerator]["accelerator"]
@@ -369,7 +418,7 @@ def _check_hardware(ch: _Checker) -> None:
     t = "trainer."
     prec = ch.get(t + "precision")
     if prec is not _ABSENT and prec is not _BAD:
-        allowed = lightning_precisions()
+        allowed = PRECISIONS
         if isinstance(prec, float) or prec not in allowed:
             prec = ch.add(t + "precision", prec, "not a precision Lightning accepts; valid choices: "
                           + ", ".join(str(p) for p in allowed) + f" (e.g. {t}precision=32-true)")
@@ -384,7 +433,7 @@ def _check_hardware(ch: _Checker) -> None:
         ch.add(t + "devices", devices, f"{parsed}; valid: a count >= 1, -1 (all visible), auto, or a list of device "
                                        f"indices such as [0,1] (e.g. {t}devices=1)")
         parsed = None
-    if not isinstance(acc, str):
+    if not isinstance(acc, str) or not ch.machine:
         return
     concrete = _concrete_accelerator(acc)
     visible = visible_devices(concrete) if concrete else 0
@@ -599,19 +648,51 @@ def _check_weights(ch: _Checker, needed: bool = True) -> None:
         ch.add("backbone.weights", w, f"backbone {name} has no weights on the hub (it is built from scratch); set "
                                       f"backbone.weights=none (random init) or a local file")
         return
+    if not ch.machine:
+        return
+    why = _hub_problem(name if name in BACKBONES else None)
+    if why is not None:
+        ch.add("backbone.weights", w, why)
+
+
+_HUB_MEMO: dict[str | None, str | None] | None = None  # set inside remember_hub_checks()
+
+
+@contextlib.contextmanager
+def remember_hub_checks() -> Iterator[None]:
+    """Within this block the hub check runs once per backbone: a sweep checks every job, most with the same
+    backbone, and an unreachable hub would cost a connection timeout per job."""
+    global _HUB_MEMO
+    old, _HUB_MEMO = _HUB_MEMO, {} if _HUB_MEMO is None else _HUB_MEMO
     try:
-        check_hub_reachable(name if name in BACKBONES else None)
+        yield
+    finally:
+        _HUB_MEMO = old
+
+
+def _hub_problem(backbone: str | None) -> str | None:
+    """:func:`check_hub_reachable`'s refusal as one line (None: the weights can be had)."""
+    if _HUB_MEMO is not None and backbone in _HUB_MEMO:
+        return _HUB_MEMO[backbone]
+    try:
+        check_hub_reachable(backbone)
+        why = None
     except HubUnreachableError as e:
-        ch.add("backbone.weights", w, str(e).replace("backbone.weights=hub needs", "needs").replace("\n  ", " "))
+        why = str(e).replace("backbone.weights=hub needs", "needs").replace("\n  ", " ")
+    if _HUB_MEMO is not None:
+        _HUB_MEMO[backbone] = why
+    return why
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The two configs
 # ---------------------------------------------------------------------------------------------------------
-def check_run_config(cfg: DictConfig) -> None:
+def check_run_config(cfg: DictConfig, machine: bool = True) -> None:
     """Check a composed ``conf/train.yaml`` config before anything is built or written; raise one
-    :class:`~pyra_bench.errors.ConfigCheckError` listing every problem found."""
-    ch = _Checker(cfg)
+    :class:`~pyra_bench.errors.ConfigCheckError` listing every problem found. ``machine=False``: not what
+    depends on this machine (the devices it has, whether the hub is reachable), e.g. to plan a sweep on
+    another one."""
+    ch = _Checker(cfg, machine)
     choice = _hydra_choice(cfg, "experiment")
     if choice is not _ABSENT and (why := _experiment_problem(choice)) is not None:
         ch.add("experiment", choice, why)
@@ -663,3 +744,22 @@ def check_bench_config(cfg: DictConfig) -> None:
                                                f"another {b}records_dir")
     _check_weights(ch, needed=ch.value(b + "load_weights") is True)
     ch.raise_if_any("bench config")
+
+
+def check_prepare_config(cfg: DictConfig) -> None:
+    """Check a composed ``conf/prepare.yaml`` config before any task folder is made; raise one
+    :class:`~pyra_bench.errors.ConfigCheckError` listing every problem found (the task names and the reader
+    are checked by :func:`pyra_bench.data.prepare.run`)."""
+    ch = _Checker(cfg)
+    ch.writable_dir("data_root")
+    ch.integer("jpeg_quality", 1, 101, meaning="PIL's JPEG quality, 1 (worst) .. 100; the reference export uses 75",
+               example=75)
+    ch.integer("workers", 1, null="min(4, CPUs)", meaning="JPEG encoding threads", example=4)
+    ch.integer("mock_examples", 1, null="real data", meaning="fake examples per TFDS split", example=2000)
+    for key in ("overwrite", "verify", "download", "fail_fast", "progress"):
+        ch.flag(key)
+    for key in ("data_dir", "manual_dir"):
+        v = ch.value(key)
+        if v is not None and Path(str(v)).expanduser().exists() and not Path(str(v)).expanduser().is_dir():
+            ch.add(key, v, f"exists and is not a folder; set {key}=<a folder> or null (TFDS's default)")
+    ch.raise_if_any("prepare config")

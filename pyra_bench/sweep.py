@@ -26,34 +26,110 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from .errors import ConfigError
 from .paths import CONF_DIR
 
 log = logging.getLogger("pyra_bench")
 
 
 
+class SweepCheckError(ConfigError):
+    """Jobs of a sweep whose configs are not valid, each named by its overrides with its problems."""
+
+
 def _compose(overrides: list[str], hydra_cfg: bool = False) -> DictConfig:
+    """``conf/train.yaml`` with ``overrides``; an override Hydra cannot apply (a key the config does not have,
+    a malformed value) is a :class:`~pyra_bench.errors.ConfigError` with Hydra's own explanation."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
     import pyra_bench.factory  # noqa: F401  (registers the config resolvers)
 
     if GlobalHydra.instance().is_initialized():  # e.g. called from the multirun-end callback
         GlobalHydra.instance().clear()
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=overrides, return_hydra_config=hydra_cfg)
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose("train", overrides=overrides, return_hydra_config=hydra_cfg)
+    except (HydraException, OmegaConfBaseException) as e:
+        cause = e.__cause__ if isinstance(e.__cause__, (HydraException, OmegaConfBaseException)) else None
+        why = " ".join(str(x).strip() for x in (e, cause) if x is not None and str(x).strip())
+        raise ConfigError(f"the overrides {' '.join(overrides) or '(none)'} do not make a valid config: {why}"
+                          "\n  (python -m pyra_bench.train --help lists the groups and settings)") from None
 
 
-def expand_sweep(overrides: list[str]) -> list[list[str]]:
+def check_data(cfg: DictConfig) -> None:
+    """The task's data folder exists (:class:`~pyra_bench.data.folder.DataNotFoundError` naming how to make it)."""
+    from .data.folder import find_task_dir
+    from .data.tasks import task_spec_from_config
+
+    if cfg.task.get("source") == "folder":
+        find_task_dir(cfg.data_root, task_spec_from_config(cfg.task))
+
+
+def check_job(cfg: DictConfig, machine: bool = True) -> None:
+    """What ``train`` checks first (:func:`pyra_bench.pipeline.check`), as far as it needs neither Lightning
+    nor a model: every config value (:func:`pyra_bench.checks.check_run_config`) and the task's data folder.
+    ``machine=False`` (planning a sweep elsewhere): not the data folder, devices and hub of this machine.
+    The method's operating point and the split lists are checked by the run itself."""
+    from .checks import check_run_config
+
+    check_run_config(cfg, machine)
+    if machine:
+        check_data(cfg)
+
+
+#: A sweep with bad jobs names at most this many of them (with their problems) and counts the rest.
+SHOW_JOBS = 10
+
+
+def check_jobs(combos: list[list[str]], machine: bool = True) -> list[DictConfig]:
+    """Compose and check (:func:`check_job`) every job of a sweep before anything is launched or written;
+    return their configs. One job: its own error. Several: one :class:`SweepCheckError` naming each bad
+    job by its overrides."""
+    from .checks import remember_hub_checks
+    from .errors import InputError
+
+    cfgs, bad = [], []
+    with remember_hub_checks():
+        for combo in combos:
+            try:
+                cfg = _compose(combo)
+                check_job(cfg, machine)
+                cfgs.append(cfg)
+            except InputError as e:
+                if len(combos) == 1:
+                    raise
+                bad.append((combo, e))
+    if bad:
+        lines = [f"job {' '.join(c)}:\n    " + str(e).replace("\n", "\n    ") for c, e in bad[:SHOW_JOBS]]
+        more = f"\n  ... and {len(bad) - SHOW_JOBS} more" if len(bad) > SHOW_JOBS else ""
+        raise SweepCheckError(f"{len(bad)} of the sweep's {len(combos)} jobs have invalid settings (nothing was "
+                              f"launched; fix them and run again):\n  " + "\n  ".join(lines) + more)
+    return cfgs
+
+
+def _base(overrides: list[str]) -> DictConfig:
+    """The config with Hydra's own part, from the overrides that are not sweeps."""
+    return _compose([o for o in overrides if "," not in o.split("=", 1)[-1] or o.startswith("experiment=")], True)
+
+
+def expand_sweep(overrides: list[str], base: DictConfig | None = None) -> list[list[str]]:
     """The override list of every job the basic sweeper would launch."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
 
-    base = _compose([o for o in overrides if "," not in o.split("=", 1)[-1] or o.startswith("experiment=")], True)
+    base = _base(overrides) if base is None else base
     params = base.hydra.sweeper.get("params") or {}
     parser = OverridesParser.create()
     by_key: dict[str, Any] = {}
-    for o in parser.parse_overrides([f"{k}={v}" for k, v in params.items()] + list(overrides)):
+    try:
+        parsed = parser.parse_overrides([f"{k}={v}" for k, v in params.items()] + list(overrides))
+    except HydraException as e:
+        raise ConfigError(f"cannot read the overrides {' '.join(overrides)}: {e}") from None
+    for o in parsed:
         by_key[o.get_key_element()] = o
     lists = []
     for key, o in by_key.items():
@@ -62,6 +138,27 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
         else:
             lists.append([f"{key}={o.get_value_element_as_str()}"])
     return [list(c) for c in itertools.product(*lists)]
+
+
+#: Sweepers whose jobs :func:`expand_sweep` knows in advance (a search such as Optuna's picks them as it goes).
+GRID_SWEEPERS = ("DedupSweeper", "BasicSweeper")
+
+
+#: Launchers that run the jobs on this machine: only then are its devices, data and network the jobs'.
+LOCAL_LAUNCHERS = ("BasicLauncher", "LocalGPULauncher")
+
+
+def command_jobs(overrides: list[str], multirun: bool) -> tuple[list[list[str]] | None, bool]:
+    """The overrides of every run a ``train`` command line makes -- itself for a single run, each job for a
+    grid sweep (``-m``, or ``hydra.mode=MULTIRUN`` from a config), None when a search picks them as it goes
+    -- and whether they run on this machine (a single run, a local launcher; not SLURM)."""
+    base = _base(overrides)
+    if not multirun and not str(base.hydra.get("mode") or "").endswith("MULTIRUN"):
+        return [list(overrides)], True
+    here = str(base.hydra.launcher.get("_target_", "")).endswith(LOCAL_LAUNCHERS)
+    if not str(base.hydra.sweeper.get("_target_", "")).endswith(GRID_SWEEPERS):
+        return None, here
+    return expand_sweep(overrides, base), here
 
 
 def record_conflict(cfg: DictConfig, record: Path) -> str:
@@ -80,17 +177,26 @@ def record_conflict(cfg: DictConfig, record: Path) -> str:
     return f"record made with other settings: {describe_diff(diff)}" if diff else ""
 
 
-def plan(overrides: list[str]) -> list[dict[str, Any]]:
+def plan(overrides: list[str], check: bool = True) -> list[dict[str, Any]]:
     """Every job of the sweep with its run id, record status and estimated GPU hours; jobs with the same
-    run id as an earlier one are marked ``duplicate_of`` (the sweep launches them once)."""
+    run id as an earlier one are marked ``duplicate_of`` (the sweep launches them once). Each job is checked
+    first as ``train`` checks it (:func:`check_jobs`; ``check=False``: only composed): a bad one is an input
+    error, nothing is listed. What depends on this machine is not (a sweep may be planned where it does not
+    run): a missing data folder is the job's ``no_data`` (why ``train`` would refuse it here)."""
+    from .errors import InputError
     from .estimate import gpu_hours
     from .identity import run_id
     from .records import iter_records
 
     jobs, seen, records = [], {}, {}
-    for combo in expand_sweep(overrides):
-        cfg = _compose(combo)
+    combos = expand_sweep(overrides)
+    for combo, cfg in zip(combos, check_jobs(combos, machine=False) if check else [_compose(c) for c in combos]):
         rid = run_id(cfg)
+        try:
+            check_data(cfg)
+            no_data = ""
+        except InputError as e:
+            no_data = str(e).splitlines()[0]
         results = Path(cfg.results_dir)
         if str(results) not in records:
             records[str(results)] = iter_records([results]) if results.is_dir() else []
@@ -100,7 +206,7 @@ def plan(overrides: list[str]) -> list[dict[str, Any]]:
         jobs.append({"run_id": rid, "overrides": combo, "record": record,
                      "failed": results / "failed" / f"{rid}.json", "gpu_hours": hours, "basis": basis,
                      "force": bool(cfg.force),
-                     "conflict": conflict, "duplicate_of": seen.get(rid)})
+                     "conflict": conflict, "duplicate_of": seen.get(rid), "no_data": no_data})
         seen.setdefault(rid, len(jobs) - 1)
     return jobs
 
@@ -225,7 +331,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("command", choices=["dry-run", "summary"])
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, as given to `python -m pyra_bench.train -m`")
     a = ap.parse_args(argv)
-    jobs = plan(a.overrides)
+    from .cli import precheck
+    from .errors import InputError, exit_on_input_error
+    from .train import GROUPS
+
+    precheck("pyra_bench.sweep", GROUPS, a.overrides)
+    try:
+        jobs = plan(a.overrides, check=a.command == "dry-run")  # a summary may run where the data is not
+    except InputError as e:
+        exit_on_input_error(e, "pyra_bench.sweep")
     if a.command == "dry-run":
         todo = [j for j in jobs if j["duplicate_of"] is None and (not j["record"].exists() or j["force"]
                                                                   or j["conflict"].startswith("unreadable"))]
@@ -247,6 +361,10 @@ def main(argv: list[str] | None = None) -> int:
               f"about {hours:.1f} GPU hours (estimated from: {'; '.join(bases) or 'nothing'}; pyra_bench/estimate.py)"
               + (f"; {len(stop)} would STOP: their records were made with other settings (set run_tag or "
                  f"force=true)" if stop else ""))
+        no_data = [j for j in todo if j["no_data"]]
+        if no_data:
+            print(f"note: {len(no_data)} of the runs to do have no data folder on this machine, so train would refuse "
+                  f"them here; e.g. {no_data[0]['no_data']} (python -m pyra_bench.data.prepare makes them)")
     else:
         unique = [j for j in jobs if j["duplicate_of"] is None]
         groups: dict[str, list] = {"completed": [], "failed": [], "missing": []}

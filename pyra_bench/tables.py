@@ -51,7 +51,7 @@ from omegaconf import DictConfig
 from . import paths
 from .data.tasks import GROUPS, VTAB_TASKS
 from .data.tasks import TASKS as TASK_REGISTRY
-from .errors import ConfigError, InputError, InputFileNotFoundError, exit_on_input_error
+from .errors import ConfigError, InputError, InputFileNotFoundError, OutputPathError, exit_on_input_error
 from .latex import escape, frame_to_latex, latex_document, table_to_latex
 from .records import iter_records
 from .stats import mean_std, per_seed_means, stratified_mean
@@ -916,6 +916,7 @@ class Options:
 
 def check_options(cfg: Any) -> Options:
     """Validate the config before anything is read or written (:class:`~pyra_bench.errors.ConfigError`)."""
+    from .checks import output_dir_problem
     from .stats import RESAMPLING
 
     tables = [str(t).strip() for t in _as_list(cfg.get("tables"))]
@@ -938,19 +939,32 @@ def check_options(cfg: Any) -> Options:
     resample = str(p.get("resample", "seeds"))
     if resample not in RESAMPLING:
         raise ConfigError(f"unknown paired.resample {resample!r}; valid choices: {', '.join(RESAMPLING)}")
-    confidence = float(p.get("confidence", 0.95))
-    if not 0 < confidence < 1:
-        raise ConfigError(f"paired.confidence must be between 0 and 1 (e.g. 0.95), got {confidence}")
-    n_resamples = int(p.get("n_resamples", 10000))
-    if n_resamples < 100:
-        raise ConfigError(f"paired.n_resamples must be at least 100, got {n_resamples}")
+    confidence = p.get("confidence", 0.95)
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
+        raise ConfigError(f"paired.confidence must be a number between 0 and 1 (e.g. 0.95), got {confidence!r}")
+    n_resamples = _whole_option(p, "n_resamples", 10000, 100, "bootstrap resamples")
+    seed = _whole_option(p, "seed", 0, 0, "the bootstrap's random seed")
     also = {str(k): [str(x) for x in _as_list(v)] for k, v in dict(p.get("also") or {}).items()}
     records = [str(r) for r in _as_list(cfg.get("records"))]
     if not records:
         raise ConfigError("records= is empty; give a folder or file of run records, e.g. records=results/runs")
-    return Options(records, Path(str(cfg.get("out"))), tables, metric, formats, paper, bool(cfg.get("figures", True)),
+    out = cfg.get("out")
+    if _null(out) or not str(out).strip():
+        raise ConfigError("out= is empty; give the folder the tables are written to, e.g. out=results/tables")
+    if (why := output_dir_problem(str(out))) is not None:
+        raise OutputPathError(f"out={out}: {why}; set out=<a folder you can write to>, e.g. out=results/tables")
+    return Options(records, Path(str(out)), tables, metric, formats, paper, bool(cfg.get("figures", True)),
                    None if _null(p.get("reference")) else str(p.get("reference")), also, resample, n_resamples,
-                   confidence, int(p.get("seed", 0)))
+                   float(confidence), seed)
+
+
+def _whole_option(p: Any, key: str, default: int, low: int, meaning: str) -> int:
+    """``paired.<key>`` as a whole number >= ``low`` (a word, a fraction or a bool is a :class:`ConfigError`)."""
+    v = p.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise ConfigError(f"paired.{key} must be a whole number >= {low} ({meaning}), got {v!r}; set e.g. "
+                          f"paired.{key}={default}")
+    return v
 
 
 def _warn(msg: str) -> None:
@@ -965,6 +979,9 @@ def build(o: Options) -> list[Path]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         recs = iter_records(o.records)
+    if not recs and caught:  # files, but not one record: the wrong folder (an empty one gives the paper's rows)
+        raise ConfigError(f"records={','.join(o.records)} holds no run record: {'; '.join(str(w.message) for w in caught)}"
+                          f". Point records= at the runs' results_dir (results/runs by default)")
     for w in caught:
         _warn(str(w.message))
     groups, problems = group_records(recs, o.metric)

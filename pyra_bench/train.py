@@ -159,10 +159,12 @@ GROUPS = ("task", "method", "backbone", "trainer", "logger", "callbacks", "exper
 
 
 def cli() -> None:
-    """The console entry point: unknown group choices exit with status 2 before Hydra starts."""
-    from .cli import precheck
+    """The console entry point: unknown group choices, and invalid settings of the run or of any job of a
+    sweep, exit with status 2 before Hydra starts (nothing written)."""
+    from .cli import precheck, precheck_runs
 
     precheck("pyra_bench.train", GROUPS)
+    precheck_runs("pyra_bench.train")
     main()
 
 

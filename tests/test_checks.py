@@ -230,6 +230,23 @@ def test_precision_names_are_lightnings():
             _convert_precision_to_unified_args(p)
 
 
+def test_lightning_name_copies_are_lightnings(monkeypatch):
+    """The checks read copies of Lightning's names (no Lightning import before a run or a sweep starts);
+    each copy equals what the installed Lightning has, and the device counts agree with its accelerators'."""
+    from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT_STR_ALIAS_CONVERSION
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    assert checks.PRECISIONS == checks.lightning_precisions()
+    assert checks.PRECISION_ALIASES == _PRECISION_INPUT_STR_ALIAS_CONVERSION
+    assert sorted(checks.ACCELERATORS) == sorted(AcceleratorRegistry.available_accelerators())
+    assert list(checks.STRATEGIES) == list(StrategyRegistry.available_strategies())
+    lightnings = {acc: checks.visible_devices(acc) for acc in ("cpu", "cuda", "mps", "tpu")}  # its classes
+    monkeypatch.setattr(checks, "_lightning_loaded", lambda: False)  # as before Lightning's import
+    assert {acc: checks.visible_devices(acc) for acc in lightnings} == lightnings
+    assert checks.lightning_accelerators() == ("auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators()))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # evaluation schedule (trainer.evaluation / eval_epochs / eval_precision / checkpoint_every, when present)
 # ---------------------------------------------------------------------------------------------------------

@@ -68,7 +68,7 @@ def test_schedule_forms():
     assert resolve_schedule(None, 4) == [0, 0, 0, 0]
     assert resolve_schedule("r8", 3) == [8, 8, 8]
     assert resolve_schedule(5, 2) == [5, 5]
-    assert resolve_schedule([3, 2], 4) == [3, 2, 0, 0]
+    assert resolve_schedule([3, 2, 0, 0], 4) == [3, 2, 0, 0]
     # ToMe's parse_r((16, -0.5)) over 12 layers: linear from 24 down to 8 (hand-worked)
     assert tome_linear_schedule(12, 16, -0.5) == [24, 22, 21, 19, 18, 16, 15, 13, 12, 10, 9, 8]
     assert resolve_schedule({"r": 16, "inflection": -0.5}, 12) == resolve_schedule("tome:16,-0.5", 12)
@@ -76,6 +76,26 @@ def test_schedule_forms():
         resolve_schedule("medium", 12, "vit_b")
     with pytest.raises(ScheduleError, match="13 entries"):
         resolve_schedule([1] * 13, 12)
+
+
+def test_schedule_forms_are_never_padded_cut_or_truncated():
+    """Official ToMe pads a short list with zeros and int() truncates 1.7 to 1; here both are refused by
+    name (a schedule written for another depth, a fraction of a token), as is an inflection outside [-1, 1]
+    (which would give a block a negative r)."""
+    with pytest.raises(ScheduleError, match=r"has 2 entries but the backbone has 4 blocks \(depth 4\)"):
+        resolve_schedule([3, 2], 4)
+    with pytest.raises(ScheduleError, match=r"1\.7 is not a whole number"):
+        resolve_schedule([1.7, 1, 1], 3)
+    assert resolve_schedule([2.0, 1, 0], 3) == [2, 1, 0]
+    with pytest.raises(ScheduleError, match=r"1\.7 is not a whole number"):
+        resolve_schedule({"r": 1.7}, 3)
+    with pytest.raises(ScheduleError, match=r"inflection 5\.0 of tome:4,5 is outside \[-1, 1\]"):
+        resolve_schedule("tome:4,5", 12)
+    with pytest.raises(ScheduleError, match=r"outside \[-1, 1\]"):
+        resolve_schedule({"r": 4, "inflection": -1.5}, 12)
+    with pytest.raises(ScheduleError, match="r of tome:-4,0 is -4"):
+        resolve_schedule("tome:-4,0", 12)
+    assert resolve_schedule("tome:4,1", 3) == [0, 4, 8]
 
 
 def test_infeasible_schedule_names_layer_and_token_count():

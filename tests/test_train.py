@@ -97,7 +97,7 @@ def test_atomic_record_write_leaves_nothing_half_written(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("override,match", [
-    ("compression=[999]", "infeasible merging schedule"),
+    ("compression=r999", "infeasible merging schedule"),
     ("backbone.weights=/nonexistent/ViT-B_16.npz", "weights file not found"),
     ("method.kwargs.variant=nope", "valid choices"),
     ("+method.kwargs.nonsense=1", "unknown options: nonsense"),
@@ -257,7 +257,7 @@ def test_retries_give_up_and_bad_input_is_never_retried(tmp_path, monkeypatch):
     assert len(calls) == 1
     calls.clear()
     with pytest.raises(InputError):
-        train_mod.train_with_retries(_cfg(tmp_path, "method=pyra", "compression=[999]", "retries=3"))
+        train_mod.train_with_retries(_cfg(tmp_path, "method=pyra", "compression=r999", "retries=3"))
     assert calls == []
 
 
@@ -382,7 +382,7 @@ def test_force_retrains_from_scratch(tmp_path):
 
 def test_demo_backbone_is_not_pretrained_before_the_schedule_is_checked(tmp_path, monkeypatch):
     monkeypatch.setenv("PYRA_BENCH_CACHE", str(tmp_path / "cache"))
-    cfg = _cfg(tmp_path, "backbone=vit_demo_mnist", "method=tome", "compression=[999]")
+    cfg = _cfg(tmp_path, "backbone=vit_demo_mnist", "method=tome", "compression=r999")
     with pytest.raises(InputError, match="infeasible merging schedule"):
         _train(cfg)
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())

@@ -557,6 +557,14 @@ def _task_spec(tasks: Any) -> str:
 def run(cfg: Any) -> int:
     """Prepare the configured tasks (``cfg``: the composed ``conf/prepare.yaml``); the exit status: 0, 1 when
     a task failed (the others are still prepared unless ``fail_fast``), 2 for bad input."""
+    from ..checks import check_prepare_config
+    from ..errors import InputError
+
+    try:
+        check_prepare_config(cfg)  # every value, before any folder is made
+    except InputError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
     try:
         tasks = resolve_tasks(_task_spec(cfg.tasks))
         if cfg.reader not in READERS:

@@ -5,8 +5,11 @@ Accepted forms (:func:`resolve_schedule`):
 * ``"none"`` / ``None`` / ``0``      -> no merging
 * a preset name, e.g. ``"low"`` / ``"high"`` -> the paper's schedule for the backbone's family
 * an int ``r`` or ``"r16"``          -> constant r in every block (ToMe)
-* ``[r_0, ..., r_{L-1}]``            -> per-layer list (shorter lists are padded with zeros, as ToMe does)
-* ``{"r": 16, "inflection": -0.5}`` or ``"tome:16,-0.5"`` -> ToMe's linear schedule with an inflection
+* ``[r_0, ..., r_{L-1}]``            -> per-layer list of whole numbers, one per block (ToMe pads a shorter
+  list with zeros; here a list of another length is an error naming the depth, so a schedule written for
+  another backbone is never silently cut or padded)
+* ``{"r": 16, "inflection": -0.5}`` or ``"tome:16,-0.5"`` -> ToMe's linear schedule with an inflection in
+  ``[-1, 1]`` (:data:`INFLECTION_RANGE`: -1 = 2r in the first block, 0 in the last; 1 = the reverse)
 
 A schedule asking a layer for more merges than it has mergeable tokens is an error at build time
 (:func:`check_schedule`), naming the layer and its token count.
@@ -56,6 +59,9 @@ class ScheduleError(ConfigError):
     """A merging schedule that is malformed or that the backbone cannot run."""
 
 
+#: ToMe's inflections: -1 (merge 2r first, 0 last) .. 0 (constant r) .. 1 (0 first, 2r last); outside this
+#: range a block's r would be negative.
+INFLECTION_RANGE = (-1.0, 1.0)
 #: ToMe inflections searched for FLOPs targets: constant r (0) down to "2r in block 0, 0 in the last" (-1).
 #: Only non-increasing schedules (merge early, like the paper's "high" preset).
 INFLECTIONS: tuple[float, ...] = tuple(round(-0.1 * i, 1) for i in range(11))
@@ -71,19 +77,54 @@ def tome_linear_schedule(num_layers: int, r: int, inflection: float = 0.0) -> li
     return [int(min_val + step * i) for i in range(num_layers)]
 
 
+def _whole(v: Any, what: str) -> int:
+    """``v`` as an int when it is a whole number (``2``, ``2.0``, ``"2"``); a fraction, a bool or a word is a
+    :class:`ScheduleError` naming ``what`` (never truncated: 1.7 is not 1)."""
+    if isinstance(v, bool):
+        raise ScheduleError(f"{what}={v!r} is not a number of tokens; give a whole number >= 0")
+    if isinstance(v, int):
+        return v
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise ScheduleError(f"{what}={v!r} is not a number of tokens; give a whole number >= 0") from None
+    if not f.is_integer():
+        raise ScheduleError(f"{what}={v!r} is not a whole number of tokens (it would be cut to {int(f)}); give a "
+                            f"whole number >= 0, e.g. {round(f)}")
+    return int(f)
+
+
+def _tome_form(num_layers: int, r: Any, inflection: Any, form: str) -> list[int]:
+    """ToMe's ``(r, inflection)`` after checking both (``form``: how the user wrote it, for the message)."""
+    r = _whole(r, f"r of {form}")
+    if r < 0:
+        raise ScheduleError(f"r of {form} is {r}: the tokens merged per block must be >= 0, e.g. tome:16,-0.5")
+    try:
+        inf = float(inflection)
+    except (TypeError, ValueError):
+        inf = float("nan")
+    lo, hi = INFLECTION_RANGE
+    if not lo <= inf <= hi:  # NaN too
+        raise ScheduleError(f"inflection {inflection!r} of {form} is outside [{lo:g}, {hi:g}] (ToMe's range: -1 merges "
+                            f"2r in the first block and 0 in the last, 0 is constant r, 1 the reverse); e.g. "
+                            f"tome:{r},-0.5")
+    return tome_linear_schedule(num_layers, r, inf)
+
+
 def resolve_schedule(spec: Any, num_layers: int, family: str | None = None) -> list[int]:
-    """Turn any accepted schedule form into a list of ``num_layers`` non-negative ints."""
+    """Turn any accepted schedule form into a list of ``num_layers`` ints (negative ones are left to
+    :func:`check_schedule`, which names the block)."""
     if spec is None or (isinstance(spec, str) and spec.lower() in ("none", "", "0")):
         return [0] * num_layers
     if hasattr(spec, "items") and not isinstance(spec, str):  # dict / DictConfig
         spec = dict(spec)
         if "r" not in spec:
             raise ScheduleError(f"a schedule mapping needs key 'r' (and optionally 'inflection'), got {spec}")
-        return tome_linear_schedule(num_layers, int(spec["r"]), float(spec.get("inflection", 0.0)))
+        return _tome_form(num_layers, spec["r"], spec.get("inflection", 0.0), f"schedule {spec}")
     if isinstance(spec, bool):
         raise ScheduleError(f"invalid schedule {spec!r}")
-    if isinstance(spec, int):
-        return [spec] * num_layers
+    if isinstance(spec, (int, float)):
+        return [_whole(spec, "schedule")] * num_layers
     if isinstance(spec, str):
         s = spec.strip()
         if s.startswith(("flops:", "speedup:")):
@@ -92,10 +133,11 @@ def resolve_schedule(spec: Any, num_layers: int, family: str | None = None) -> l
         if s.startswith("tome:"):
             r, _, inf = s[5:].partition(",")
             try:
-                return tome_linear_schedule(num_layers, int(r), float(inf or 0.0))
+                r, inf = int(r), float(inf or 0.0)
             except ValueError:
                 raise ScheduleError(f"cannot read schedule {s!r}: expected 'tome:<int r>,<inflection>', "
                                     "e.g. tome:16,-0.5") from None
+            return _tome_form(num_layers, r, inf, s)
         if s.startswith("r") and s[1:].isdigit():
             return [int(s[1:])] * num_layers
         if s.isdigit():
@@ -107,13 +149,14 @@ def resolve_schedule(spec: Any, num_layers: int, family: str | None = None) -> l
             raise UnknownChoiceError(f"schedule for backbone family {family!r}", s, valid)
         spec = presets[s]
     if isinstance(spec, Sequence):
-        try:
-            r = [int(v) for v in spec]
-        except (TypeError, ValueError):
-            raise ScheduleError(f"a per-layer schedule lists ints (tokens merged per block), got {spec!r}") from None
-        if len(r) > num_layers:
-            raise ScheduleError(f"schedule has {len(r)} entries but the backbone has {num_layers} blocks")
-        return r + [0] * (num_layers - len(r))
+        spec = list(spec)
+        r = [_whole(v, f"block {i} of schedule {spec}") for i, v in enumerate(spec)]
+        if len(r) != num_layers:
+            raise ScheduleError(
+                f"schedule {spec} has {len(r)} entries but the backbone has {num_layers} blocks (depth "
+                f"{num_layers}): give one number per block, e.g. {(r + [0] * num_layers)[:num_layers]} (0 = no "
+                f"merging in that block), or a form that fits any depth (r<N>, tome:<r>,<inflection>)")
+        return r
     raise ScheduleError(f"cannot interpret schedule {spec!r}")
 
 
