@@ -5,7 +5,7 @@ its own start-up.
 
 For ``train`` (:func:`precheck_runs`) also every run the command makes -- the run, or each job of a grid
 sweep (``-m``) as :mod:`pyra_bench.sweep` expands it -- is composed and checked
-(:func:`pyra_bench.sweep.check_job`) before Hydra's launcher makes the sweep folder, without importing
+(:func:`pyra_bench.jobs.check_job`) before Hydra's launcher makes the sweep folder, without importing
 Lightning."""
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def precheck_runs(prog: str, argv: Sequence[str] | None = None) -> None:
             o.lstrip("+~").startswith("hydra.searchpath") for o in args.overrides):
         return
     from .errors import InputError, exit_on_input_error
-    from .sweep import check_jobs, command_jobs
+    from .jobs import check_jobs, command_jobs
 
     try:
         jobs, here = command_jobs(list(args.overrides), bool(args.multirun))

@@ -32,14 +32,14 @@ def _summary(out):
 
 
 def test_a_sweep_reports_exact_ids_exits_non_zero_on_a_failure_and_launches_a_run_once(tmp_path):
-    """tome x {low, infeasible [99]} and peft (which ignores the budget: one run id for both budgets), with an
+    """tome x {low, infeasible r99} and peft (which ignores the budget: one run id for both budgets), with an
     interpolated run_tag: the failure is named under its own id, the sweep exits 1, PEFT trains once."""
-    args = ["method=tome,peft", "budget=low,[99]", "run_tag=lr${trainer.lr}"]
+    args = ["method=tome,peft", "budget=low,r99", "run_tag=lr${trainer.lr}"]
     code, out = _sweep(tmp_path, *args)
     assert code == 1, out[-3000:]
     head, items = _summary(out)
     assert "2 completed" in head and "1 failed" in head and "1 duplicate" in head, head
-    assert ("failed", "digits__vit_tiny_test__tome__list-99__seed0__lr0.001") in items, items
+    assert ("failed", "digits__vit_tiny_test__tome__r99__seed0__lr0.001") in items, items
     assert ("duplicate", "digits__vit_tiny_test__peft__none__seed0__lr0.001") in items, items
     assert "infeasible merging schedule" in out
     recs = iter_records([tmp_path / "results"])
@@ -74,3 +74,19 @@ def test_dry_run_lists_runs_duplicates_and_gpu_hours(capsys):
     assert sweep.main(["dry-run", "experiment=fig4_deit", "task=dtd"]) == 0
     out = capsys.readouterr().out
     assert out.count("dup ") == 6, "PEFT once, not once per budget"  # 7 budgets x peft -> 1 run
+
+
+def test_the_sweeper_works_when_pyra_bench_sweep_was_imported_before_hydras_plugin_scan():
+    """Hydra's first plugin scan re-executes its core plugin modules; a sweeper class bound to the BasicSweeper
+    of an earlier import then fails its own ``super()`` ("obj must be an instance or subtype of type"), as
+    every in-process multirun did after a test had imported pyra_bench.sweep. A fresh interpreter (the scan
+    happens once per process) imports the module first, scans, and builds the registered sweeper."""
+    code = ("import pyra_bench.sweep\n"
+            "from hydra.core.plugins import Plugins\n"
+            "from hydra.plugins.sweeper import Sweeper\n"
+            "cls = Plugins.instance().class_name_to_class['hydra_plugins.pyra_bench_plugins.DedupSweeper']\n"
+            "s = cls(max_batch_size=None, params={})\n"
+            "assert isinstance(s, Sweeper) and isinstance(s, pyra_bench.sweep.DedupSweeperMixin)\n"
+            "print('ok')\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]

@@ -3,10 +3,12 @@ package, so these are thin subclasses; the logic lives in :mod:`pyra_bench.sweep
 :mod:`pyra_bench.launcher`. (Hydra imports this module in every Hydra app: it must never fail.)"""
 
 try:
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # as the scan has just (re)made it
+
     from pyra_bench import launcher, sweep
 
-    class DedupSweeper(sweep.DedupSweeper):
-        """See :class:`pyra_bench.sweep.DedupSweeper`."""
+    class DedupSweeper(sweep.DedupSweeperMixin, BasicSweeper):
+        """See :class:`pyra_bench.sweep.DedupSweeperMixin`."""
 
     class LocalGPULauncher(launcher.LocalGPULauncher):
         """See :class:`pyra_bench.launcher.LocalGPULauncher`."""
