@@ -232,14 +232,30 @@ def make_method(cfg: DictConfig):
         raise ConfigError(f"method {cfg.method.name!r}: {e}") from e
 
 
-def make_model(cfg: DictConfig, num_classes: int, pretrained: bool, checkpoint: str | None):
-    """The frozen backbone with LoRA and the method applied (:func:`pyra_bench.models.build_model`)."""
+def make_model(cfg: DictConfig, num_classes: int, pretrained: bool, checkpoint: str | None,
+               abstract: bool = False):
+    """The frozen backbone with LoRA and the method applied (:func:`pyra_bench.models.build_model`).
+
+    ``abstract``: for checks -- the model on the meta device (structure and shapes, no memory, no weight
+    initialisation: ViT-B/16's takes seconds), unless the method times real models while it is applied
+    (:attr:`pyra_bench.methods.Method.measures_at_build`)."""
+    import contextlib
+
+    import torch
+
+    t, tp = cfg.trainer, cfg.get("throughput") or {}
+    method = make_method(cfg)
+    meta = abstract and not getattr(method, "measures_at_build", False)
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        return _build(cfg, num_classes, pretrained, checkpoint, method, t, tp)
+
+
+def _build(cfg: DictConfig, num_classes: int, pretrained: bool, checkpoint: str | None, method, t, tp):
     from .models import build_model
     from .models.backbones import backbone_spec_from_config
 
-    t, tp = cfg.trainer, cfg.get("throughput") or {}
     return build_model(
-        backbone_spec_from_config(OmegaConf.to_container(cfg.backbone, resolve=True)), num_classes, make_method(cfg),
+        backbone_spec_from_config(OmegaConf.to_container(cfg.backbone, resolve=True)), num_classes, method,
         lora_dropout=t.lora_dropout, lora_init=t.lora_init, pretrained=pretrained, checkpoint=checkpoint,
         drop_path_rate=t.drop_path, prop_attn=bool(cfg.backbone.get("prop_attn", True)),
         device=run_device(cfg), bench_batch_size=tp.get("batch_size"), bench_dtype=str(tp.get("dtype", "float32")),

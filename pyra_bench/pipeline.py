@@ -182,8 +182,10 @@ def check(cfg: DictConfig, fresh: bool = False) -> Plan:
     # data: folder, split lists, labels, listed files (no decoding yet)
     plan.datamodule = factory.make_datamodule(cfg)
     num_classes = plan.datamodule.num_classes
-    # the method and its operating point, before any slow weights work (demo pre-training, a download)
-    model = factory.make_model(cfg, num_classes, pretrained=False, checkpoint=None)
+    # the method and its operating point, before any slow weights work (demo pre-training, a download);
+    # built without memory or weight initialisation (meta tensors: shapes only) unless the operating point
+    # is timed on the real model (``speedup:<x>``)
+    model = factory.make_model(cfg, num_classes, pretrained=False, checkpoint=None, abstract=True)
     method = model.pyra_method
     plan.stages = method.stages()
     plan.stop_after, plan.init_index, plan.init_path = _check_chaining(cfg, method.name, [s.name for s in plan.stages])

@@ -386,3 +386,25 @@ def test_demo_backbone_is_not_pretrained_before_the_schedule_is_checked(tmp_path
     with pytest.raises(InputError, match="infeasible merging schedule"):
         _train(cfg)
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+def test_input_checks_build_the_model_on_the_meta_device_unless_its_operating_point_is_timed(tmp_path, monkeypatch):
+    """pipeline.check builds the model only for its structure: on the meta device (no memory, no weight
+    initialisation), the same parameter names and shapes as the real build; a ``speedup:`` operating point
+    is timed on real models, so that one is built for real."""
+    import torch
+
+    from pyra_bench import factory
+
+    cfg = _cfg(tmp_path, "method=pyra", "compression=low")
+    abstract = factory.make_model(cfg, 10, pretrained=False, checkpoint=None, abstract=True)
+    real = factory.make_model(cfg, 10, pretrained=False, checkpoint=None)
+    assert all(p.is_meta for p in abstract.parameters()) and not any(p.is_meta for p in real.parameters())
+    assert {n: p.shape for n, p in abstract.named_parameters()} == {n: p.shape for n, p in real.named_parameters()}
+    assert abstract.pyra_method.schedule == real.pyra_method.schedule
+
+    devices = []
+    monkeypatch.setattr(factory, "_build", lambda *a, **k: devices.append(torch.empty(0).device))
+    for compression in ("flops:0.5", "speedup:1.5"):
+        factory.make_model(_cfg(tmp_path, "method=tome", f"compression={compression}"), 10, False, None, abstract=True)
+    assert [d.type for d in devices] == ["meta", "cpu"]

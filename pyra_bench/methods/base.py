@@ -86,6 +86,9 @@ class Method:
     #: options whose value alone names them in the run id (PYRA's ``variant``: ``pyra-wd_sigmoid``);
     #: other non-default options appear as ``<option>=<value>``
     bare_key_options: tuple[str, ...] = ()
+    #: True when applying the method times real models (a ``speedup:<x>`` target): input checks then build
+    #: the model for real instead of on the meta device (shapes only)
+    measures_at_build: bool = False
 
     def __init__(self, schedule: Any = "none", **kwargs: Any):
         if kwargs:

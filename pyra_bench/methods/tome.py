@@ -49,6 +49,10 @@ class ToMe(Method):
     def make_modulator(self, r: int, ctx: BuildContext) -> nn.Module | None:
         return None
 
+    @property
+    def measures_at_build(self) -> bool:  # type: ignore[override]
+        return self.target is not None and self.target[0] == "speedup"
+
     # -- building -----------------------------------------------------------------------------------
     def resolve_schedule(self, ctx: BuildContext) -> list[int]:
         if self.target is None:
