@@ -8,10 +8,7 @@ records the runs wrote.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,15 +27,22 @@ def _search_override() -> str:
     return ("" if wired else "+") + "hparams_search=optuna"
 
 
-def test_two_optuna_trials_on_the_demo_report_the_best_setting(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "PYRA_RUNS": str(tmp_path / "runs"), "PYRA_RESULTS": str(tmp_path / "results"), "WANDB_MODE": "disabled"}
+def test_two_optuna_trials_on_the_demo_report_the_best_setting(tmp_path, monkeypatch, capsys, caplog):
+    """The command a user types (``python -m pyra_bench.train hparams_search=optuna ...``), run by the console
+    entry point in this process."""
+    import logging
+
+    from helpers.cli import run_entry_point
+
+    from pyra_bench.train import cli
+
     sweep = tmp_path / "sweep"
-    p = subprocess.run([sys.executable, "-m", "pyra_bench.train", _search_override(), "trainer=smoke",
-                        "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2",
-                        f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                       timeout=900)
-    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    caplog.set_level(logging.INFO)
+    code, out, err = run_entry_point(cli, "pyra_bench/train.py", [
+        _search_override(), "trainer=smoke", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2",
+        f"hydra.sweep.dir={sweep}"], tmp_path, monkeypatch, capsys,
+        env={"PYRA_RUNS": str(tmp_path / "runs"), "PYRA_RESULTS": str(tmp_path / "results"), "WANDB_MODE": "disabled"})
+    assert code == 0, (out + err)[-4000:]
     result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert result["name"] == "optuna" and set(result["best_params"]) == {"trainer.lr", "trainer.weight_decay"}
 
@@ -55,4 +59,4 @@ def test_two_optuna_trials_on_the_demo_report_the_best_setting(tmp_path):
     assert any(result["best_params"] == {"trainer.lr": r["config"]["trainer"]["lr"],
                                          "trainer.weight_decay": r["config"]["trainer"]["weight_decay"]}
                for r in winners)
-    assert "Best parameters:" in p.stdout + p.stderr
+    assert "Best parameters:" in out + err + caplog.text

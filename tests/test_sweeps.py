@@ -16,11 +16,20 @@ TINY = ["task=digits", "backbone=vit_tiny_test", "trainer=smoke", "trainer.epoch
         "export_inference_model=false", "logger=none", "callbacks=none"]
 
 
-def _sweep(tmp_path, *overrides):
-    env = {**os.environ, "PYRA_RESULTS": str(tmp_path / "results"), "PYRA_RUNS": str(tmp_path / "runs"),
-           "WANDB_MODE": "disabled"}
-    p = subprocess.run([sys.executable, "-m", "pyra_bench.train", "-m", *TINY, *overrides], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=600)
+def _sweep(tmp_path, *overrides, monkeypatch=None, capsys=None):
+    """``python -m pyra_bench.train -m ...`` in ``tmp_path``: a subprocess, or -- given pytest's monkeypatch
+    and capsys -- the console entry point in this process (one interpreter start less)."""
+    env = {"PYRA_RESULTS": str(tmp_path / "results"), "PYRA_RUNS": str(tmp_path / "runs"), "WANDB_MODE": "disabled"}
+    if monkeypatch is not None:
+        from helpers.cli import run_entry_point
+
+        from pyra_bench.train import cli
+
+        code, out, err = run_entry_point(cli, "pyra_bench/train.py", ["-m", *TINY, *overrides], tmp_path,
+                                         monkeypatch, capsys, env=env)
+        return code, out + err
+    p = subprocess.run([sys.executable, "-m", "pyra_bench.train", "-m", *TINY, *overrides], cwd=tmp_path,
+                       env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
     return p.returncode, p.stdout + p.stderr
 
 
@@ -31,11 +40,11 @@ def _summary(out):
     return lines[i], {(kind, rid) for kind, rid in rest}
 
 
-def test_a_sweep_reports_exact_ids_exits_non_zero_on_a_failure_and_launches_a_run_once(tmp_path):
+def test_a_sweep_reports_exact_ids_exits_non_zero_on_a_failure_and_launches_a_run_once(tmp_path, monkeypatch, capsys):
     """tome x {low, infeasible r99} and peft (which ignores the budget: one run id for both budgets), with an
     interpolated run_tag: the failure is named under its own id, the sweep exits 1, PEFT trains once."""
     args = ["method=tome,peft", "budget=low,r99", "run_tag=lr${trainer.lr}"]
-    code, out = _sweep(tmp_path, *args)
+    code, out = _sweep(tmp_path, *args, monkeypatch=monkeypatch, capsys=capsys)
     assert code == 1, out[-3000:]
     head, items = _summary(out)
     assert "2 completed" in head and "1 failed" in head and "1 duplicate" in head, head
