@@ -243,23 +243,19 @@ def make_model(cfg: DictConfig, num_classes: int, pretrained: bool, checkpoint: 
 
     import torch
 
-    t, tp = cfg.trainer, cfg.get("throughput") or {}
-    method = make_method(cfg)
-    meta = abstract and not getattr(method, "measures_at_build", False)
-    with torch.device("meta") if meta else contextlib.nullcontext():
-        return _build(cfg, num_classes, pretrained, checkpoint, method, t, tp)
-
-
-def _build(cfg: DictConfig, num_classes: int, pretrained: bool, checkpoint: str | None, method, t, tp):
     from .models import build_model
     from .models.backbones import backbone_spec_from_config
 
-    return build_model(
-        backbone_spec_from_config(OmegaConf.to_container(cfg.backbone, resolve=True)), num_classes, method,
-        lora_dropout=t.lora_dropout, lora_init=t.lora_init, pretrained=pretrained, checkpoint=checkpoint,
-        drop_path_rate=t.drop_path, prop_attn=bool(cfg.backbone.get("prop_attn", True)),
-        device=run_device(cfg), bench_batch_size=tp.get("batch_size"), bench_dtype=str(tp.get("dtype", "float32")),
-    )
+    t, tp = cfg.trainer, cfg.get("throughput") or {}
+    method = make_method(cfg)
+    meta = abstract and not method.measures_at_build
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        return build_model(
+            backbone_spec_from_config(OmegaConf.to_container(cfg.backbone, resolve=True)), num_classes, method,
+            lora_dropout=t.lora_dropout, lora_init=t.lora_init, pretrained=pretrained, checkpoint=checkpoint,
+            drop_path_rate=t.drop_path, prop_attn=bool(cfg.backbone.get("prop_attn", True)), device=run_device(cfg),
+            bench_batch_size=tp.get("batch_size"), bench_dtype=str(tp.get("dtype", "float32")),
+        )
 
 
 def run_device(cfg: DictConfig) -> str:

@@ -24,20 +24,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from .jobs import (  # noqa: F401  (the sweep's jobs, expanded and checked: see pyra_bench.jobs)
-    GRID_SWEEPERS,
-    LOCAL_LAUNCHERS,
-    SweepCheckError,
-    check_data,
-    check_job,
-    check_jobs,
-    command_jobs,
-    expand_sweep,
-)
-from .jobs import compose as _compose
+from .jobs import check_data, check_jobs, compose, expand_sweep  # the sweep's jobs, expanded and checked
 
 log = logging.getLogger("pyra_bench")
-
 
 
 def record_conflict(cfg: DictConfig, record: Path) -> str:
@@ -69,7 +58,7 @@ def plan(overrides: list[str], check: bool = True) -> list[dict[str, Any]]:
 
     jobs, seen, records = [], {}, {}
     combos = expand_sweep(overrides)
-    for combo, cfg in zip(combos, check_jobs(combos, machine=False) if check else [_compose(c) for c in combos]):
+    for combo, cfg in zip(combos, check_jobs(combos, machine=False) if check else [compose(c) for c in combos]):
         rid = run_id(cfg)
         try:
             check_data(cfg)

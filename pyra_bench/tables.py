@@ -51,7 +51,7 @@ from omegaconf import DictConfig
 from . import paths
 from .data.tasks import GROUPS, VTAB_TASKS
 from .data.tasks import TASKS as TASK_REGISTRY
-from .errors import ConfigError, InputError, InputFileNotFoundError, OutputPathError, exit_on_input_error
+from .errors import ConfigError, InputError, InputFileNotFoundError, exit_on_input_error
 from .latex import escape, frame_to_latex, latex_document, table_to_latex
 from .records import iter_records
 from .stats import mean_std, per_seed_means, stratified_mean
@@ -328,11 +328,12 @@ def by_paper_key(groups: Iterable[Group]) -> dict[tuple, Group]:
     return out
 
 
-def shared_paper_keys(groups: Iterable[Group]) -> set[tuple]:
+def shared_paper_keys(groups: Iterable[Group], first: dict[tuple, Group] | None = None) -> set[tuple]:
     """The keys of the groups that share their paper key with the group :func:`by_paper_key` takes for it
-    (and are not that group): their labels name their method key, so that the rows tell apart."""
+    (and are not that group): their labels name their method key, so that the rows tell apart. ``first``:
+    :func:`by_paper_key` of the same groups, when the caller has it."""
     groups = list(groups)
-    first = by_paper_key(groups)
+    first = by_paper_key(groups) if first is None else first
     return {g.key for g in groups if first[g.paper_key] is not g}
 
 
@@ -564,7 +565,7 @@ def build_paper_table(table: str, rows: list[PaperRow], groups: dict[tuple, Grou
     kind = TABLE_KIND[table]
     cols = _value_cols(kind)
     by_paper = by_paper_key(groups.values())
-    shared = shared_paper_keys(groups.values())
+    shared = shared_paper_keys(groups.values(), by_paper)
     label_of = {g.backbone: g.backbone_label for g in groups.values() if g.backbone_label}
     blocks = _blocks(rows)
     out: list[Row] = []
@@ -725,7 +726,7 @@ def paired_comparisons(groups: dict[tuple, Group], reference: str | None, also: 
 
     vtab = [g for g in groups.values() if g.vtab()]
     by_paper = by_paper_key(vtab)  # the references
-    shared = shared_paper_keys(vtab)
+    shared = shared_paper_keys(vtab, by_paper)
 
     def find(g: Group, method: str) -> Group | None:
         for sched in dict.fromkeys((g.schedule, "none")):
@@ -916,7 +917,7 @@ class Options:
 
 def check_options(cfg: Any) -> Options:
     """Validate the config before anything is read or written (:class:`~pyra_bench.errors.ConfigError`)."""
-    from .checks import output_dir_problem
+    from .checks import _Checker
     from .stats import RESAMPLING
 
     tables = [str(t).strip() for t in _as_list(cfg.get("tables"))]
@@ -939,32 +940,20 @@ def check_options(cfg: Any) -> Options:
     resample = str(p.get("resample", "seeds"))
     if resample not in RESAMPLING:
         raise ConfigError(f"unknown paired.resample {resample!r}; valid choices: {', '.join(RESAMPLING)}")
-    confidence = p.get("confidence", 0.95)
-    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
-        raise ConfigError(f"paired.confidence must be a number between 0 and 1 (e.g. 0.95), got {confidence!r}")
-    n_resamples = _whole_option(p, "n_resamples", 10000, 100, "bootstrap resamples")
-    seed = _whole_option(p, "seed", 0, 0, "the bootstrap's random seed")
+    ch = _Checker(cfg)  # the numbers and the output folder, checked as every entry point's config is
+    ch.number("paired.confidence", 0.0, 1.0, low_open=True, meaning="the confidence interval's level", example=0.95)
+    ch.integer("paired.n_resamples", 100, meaning="bootstrap resamples", example=10000)
+    ch.integer("paired.seed", 0, meaning="the bootstrap's random seed", example=0)
+    ch.writable_dir("out")
+    ch.raise_if_any("tables config")
     also = {str(k): [str(x) for x in _as_list(v)] for k, v in dict(p.get("also") or {}).items()}
     records = [str(r) for r in _as_list(cfg.get("records"))]
     if not records:
         raise ConfigError("records= is empty; give a folder or file of run records, e.g. records=results/runs")
-    out = cfg.get("out")
-    if _null(out) or not str(out).strip():
-        raise ConfigError("out= is empty; give the folder the tables are written to, e.g. out=results/tables")
-    if (why := output_dir_problem(str(out))) is not None:
-        raise OutputPathError(f"out={out}: {why}; set out=<a folder you can write to>, e.g. out=results/tables")
-    return Options(records, Path(str(out)), tables, metric, formats, paper, bool(cfg.get("figures", True)),
-                   None if _null(p.get("reference")) else str(p.get("reference")), also, resample, n_resamples,
-                   float(confidence), seed)
-
-
-def _whole_option(p: Any, key: str, default: int, low: int, meaning: str) -> int:
-    """``paired.<key>`` as a whole number >= ``low`` (a word, a fraction or a bool is a :class:`ConfigError`)."""
-    v = p.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, int) or v < low:
-        raise ConfigError(f"paired.{key} must be a whole number >= {low} ({meaning}), got {v!r}; set e.g. "
-                          f"paired.{key}={default}")
-    return v
+    return Options(records, Path(str(cfg.get("out"))), tables, metric, formats, paper,
+                   bool(cfg.get("figures", True)), None if _null(p.get("reference")) else str(p.get("reference")),
+                   also, resample, int(p.get("n_resamples", 10000)), float(p.get("confidence", 0.95)),
+                   int(p.get("seed", 0)))
 
 
 def _warn(msg: str) -> None:

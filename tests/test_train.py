@@ -404,7 +404,7 @@ def test_input_checks_build_the_model_on_the_meta_device_unless_its_operating_po
     assert abstract.pyra_method.schedule == real.pyra_method.schedule
 
     devices = []
-    monkeypatch.setattr(factory, "_build", lambda *a, **k: devices.append(torch.empty(0).device))
+    monkeypatch.setattr("pyra_bench.models.build_model", lambda *a, **k: devices.append(torch.empty(0).device))
     for compression in ("flops:0.5", "speedup:1.5"):
         factory.make_model(_cfg(tmp_path, "method=tome", f"compression={compression}"), 10, False, None, abstract=True)
     assert [d.type for d in devices] == ["meta", "cpu"]
