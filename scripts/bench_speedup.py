@@ -7,7 +7,12 @@ whole forwards under the authors' protocol (eval, ``torch.inference_mode``, one 
 after each forward). All configurations are timed in one interleaved run: each round runs one forward of
 every configuration, in an order rotated every round (:func:`pyra_bench.measure.time_interleaved`); the
 speedup over the unmerged model and PYRA / ToMe are medians of the per-round ratios, so load and drift of
-a shared machine, common to a round, cancel. Reported: img/s, speedup, the MACs ratio, speedup /
+a shared machine, common to a round, cancel. A sample of a fast configuration is k forwards back to back
+(k = the slowest warm-up forward / its own), so that every sample spans about the same time and a stall
+of the machine costs each configuration the same share (``--no-balance``: one forward per sample). On the
+CPU every configuration's Linear weights are pre-packed for MKL's GEMM (:mod:`pyra_bench.models.prepack`;
+``--no-prepack`` times them as they are): repacking a weight costs as much as a GEMM at a merged block's
+few rows, and would be charged to the merged models most. Reported: img/s, speedup, the MACs ratio, speedup /
 (1 / MACs ratio) -- the share of the FLOPs reduction that turns into speed (targets: >= 100 % at low,
 >= 98 % at high) -- and PYRA's speed relative to ToMe (target: at most 1 % slower). Where the time goes:
 ``scripts/profile_merge.py``.
@@ -51,6 +56,7 @@ from pyra_bench.measure import (  # noqa: E402
 from pyra_bench.methods import METHODS  # noqa: E402
 from pyra_bench.models import build_model  # noqa: E402
 from pyra_bench.models.macs import BUDGETS  # noqa: E402
+from pyra_bench.models.prepack import prepack_available, prepack_linears  # noqa: E402
 from pyra_bench.records import atomic_write_json  # noqa: E402
 
 BASELINE = ("peft", "none")
@@ -118,14 +124,18 @@ def run_interleaved(configs: list[dict], tkw: dict, duration_s: float, log) -> N
     with torch.inference_mode(), autocast, sdpa_backend_context(tkw["sdpa_backend"]):
         fns = {}
         for c in configs:
-            net = compile_model(c["model"].eval(), tkw["compile"])
+            net = c["model"].eval()
+            if tkw["prepack"]:
+                net = prepack_linears(net, x)
+            net = compile_model(net, tkw["compile"])
             fns[_key(c)] = lambda net=net: net(x)
             if tkw["compile"]:
                 t0 = time.perf_counter()
                 fns[_key(c)]()
                 log(f"  compiled {_key(c)} in {time.perf_counter() - t0:.1f} s")
         log(f"  timing {len(fns)} configs round-robin for {duration_s:g} s (+ {tkw['warmup_rounds']} warm-up round(s))")
-        times = time_interleaved(fns, dev, duration_s, min_rounds=3, warmup_rounds=tkw["warmup_rounds"])
+        times = time_interleaved(fns, dev, duration_s, min_rounds=3, warmup_rounds=tkw["warmup_rounds"],
+                                 balance=tkw["balance"])
     for c in configs:
         c["times"] = times[_key(c)]
     log(f"  {len(configs[0]['times'])} rounds")
@@ -169,9 +179,11 @@ def markdown(rep: dict) -> str:
     s = rep["settings"]
     L = [f"# Token-merging speedup on {rep['device']}", "",
          f"Measured: {MEASURED_MODEL}, random-init weights. Protocol: eval, `torch.inference_mode`, random input, "
-         f"batch {s['batch_size']}, {s['dtype']}{', torch.compile' if s['compile'] else ''}, whole forwards each "
-         f"between device syncs, all configs interleaved: one forward of each per round, order rotated every "
-         f"round, {rep['rounds']} rounds after {s['warmup_rounds']} warm-up round(s) ({s['duration_s']:g} s timed). "
+         f"batch {s['batch_size']}, {s['dtype']}{', torch.compile' if s['compile'] else ''}"
+         f"{', Linear weights pre-packed for MKL (every config)' if s.get('prepack') else ''}, whole forwards "
+         f"between device syncs, all configs interleaved: one timed sample of each per round, order rotated every "
+         f"round, {rep['rounds']} rounds after {s['warmup_rounds']} warm-up round(s) ({s['duration_s']:g} s timed)"
+         f"{'; a sample of a fast config is k forwards back to back (k = the slowest warm-up forward / its own), so every sample spans about the same time and a stall of the machine costs each config the same share' if s.get('balance') else ''}. "
          f"img/s = batch / median forward time; speedup and vs-ToMe = median of the per-round ratios "
          f"[interquartile range], so load and drift of the machine, common to a round, cancel. MACs: fvcore + "
          f"explicit SDPA, per image. torch {rep['versions']['torch']}, timm {rep['versions']['timm']}, "
@@ -207,6 +219,12 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default 1: stable timings)")
     p.add_argument("--sdpa-backend", default=None, choices=["auto", "flash", "efficient", "math", "cudnn"])
     p.add_argument("--compile", action="store_true", help="measure torch.compile'd inference models")
+    p.add_argument("--no-prepack", action="store_true",
+                   help="CPU: time the Linears as they are (default: weights pre-packed for MKL's GEMM, every "
+                        "config alike; pyra_bench.models.prepack)")
+    p.add_argument("--no-balance", action="store_true",
+                   help="one forward per timed sample (default: a fast config runs k forwards per sample so that "
+                        "every sample spans about the slowest config's forward; measure.time_interleaved)")
     p.add_argument("--out-dir", default=str(ROOT / "results" / "bench"))
     p.add_argument("--tag", default="", help="suffix for the output file names")
     p.add_argument("--quick", action="store_true", help="smoke run: vit_tiny_test, a second of timing")
@@ -219,7 +237,9 @@ def main(argv=None) -> dict[str, Any]:
     backbones = a.backbones or (["vit_b16_in21k", "vit_l16_in21k"] if cuda else ["vit_b16_in21k"])
     tkw = {"batch_size": a.batch_size or default_batch_size(a.device), "device": a.device, "dtype": a.dtype,
            "duration_s": a.duration_s or (60.0 if cuda else 480.0), "warmup_rounds": a.warmup_rounds,
-           "sdpa_backend": a.sdpa_backend, "compile": a.compile}
+           "sdpa_backend": a.sdpa_backend, "compile": a.compile,
+           "prepack": not a.no_prepack and not a.compile and prepack_available(a.device, DTYPES[a.dtype]),
+           "balance": not a.no_balance and a.warmup_rounds >= 1}
     methods = a.methods or METHODS.names()
     t0 = time.time()
 
