@@ -296,6 +296,22 @@ def test_compiled_inference_model_agrees_with_eager():
     assert r["compiled"] == "aot_eager" and r["compile_s"] > 0 and r["img_per_s"] > 0
 
 
+@pytest.mark.parametrize("method", ["tome", "pyra"])
+def test_merging_models_compile_to_one_graph(method):
+    """The merging forward traces as one graph (``fullgraph=True``): no graph break per block, which made
+    ``torch.compile`` recompile for every block's token count and, past dynamo's recompile limit (8), run the
+    later blocks eagerly. Backend ``eager`` (capture only, seconds); outputs equal the uncompiled model's."""
+    torch.manual_seed(0)
+    model = build_model("vit_tiny_test", 10, method, "low", drop_path_rate=0.0)
+    infer = model.pyra_method.inference_model(model).eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        want = infer(x)
+        got = torch.compile(infer, backend="eager", fullgraph=True, dynamic=False)(x)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.skipif(os.environ.get("PYRA_TEST_INDUCTOR") != "1",
                     reason="inductor's cold C++ compile takes 1-4 minutes on 2 cores: set PYRA_TEST_INDUCTOR=1")
 def test_inductor_compiled_inference_model_agrees_with_eager():

@@ -70,7 +70,8 @@ def merge_wavg(
     tokens are gathered as they are (ToMe's ``x * s / s`` round trip would only add rounding), each B token
     becomes ``(s_b x_b + sum of its sources' s x) / (s_b + sum of their s)``, and the sizes travel as their
     own (B, N, 1) tensor. Without autograd (inference) the result is written straight into one preallocated
-    output (no concatenation); with autograd the same arithmetic runs out of place.
+    output (no concatenation); with autograd, or under ``torch.compile`` (whose graphs take no ``out=``
+    arguments; inductor fuses the concatenation itself), the same arithmetic runs out of place.
     """
     B, N, D = x.shape
     n_unm, r = m.unm_idx.shape[1], m.src_idx.shape[1]
@@ -82,7 +83,7 @@ def merge_wavg(
     s_src = sa.gather(1, m.src_idx)
     s = xa.gather(1, src_idx) * s_src  # size-weighted sources, by descending similarity
     s_unm, s_dst = sa.gather(1, m.unm_idx), sb.scatter_add(1, m.dst_idx, s_src)
-    inplace = not torch.is_grad_enabled() and not distill_token
+    inplace = not torch.is_grad_enabled() and not distill_token and not torch.compiler.is_compiling()
     if inplace:
         out = x.new_empty(B, n_unm + xb.shape[1], D)
         torch.gather(xa, 1, m.unm_idx.expand(B, n_unm, D), out=out[:, :n_unm])
