@@ -434,6 +434,22 @@ def _time_calls(fn, device: torch.device, warmup_s: float, duration_s: float, mi
     return times, warm_iters, warm_elapsed
 
 
+def _timed_sample(fn, repeats: int, device: torch.device) -> float:
+    """Seconds of ``repeats`` back-to-back calls of ``fn`` between device synchronisations."""
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    _sync(device)
+    return time.perf_counter() - t
+
+
+def _balanced_repeats(warm: dict[str, float]) -> dict[str, int]:
+    """Calls per sample that make every sample about as long as the slowest call (rounded, at least 1)."""
+    slowest = max(warm.values())
+    return {k: max(1, round(slowest / max(t, 1e-9))) for k, t in warm.items()}
+
+
 def time_interleaved(fns: dict[str, Any], device: str | torch.device, duration_s: float, min_rounds: int = 3,
                      warmup_rounds: int = 1, balance: bool = False) -> dict[str, list[float]]:
     """Round-robin timing of several calls (e.g. forwards of several models): each round calls every ``fn``
@@ -457,16 +473,10 @@ def time_interleaved(fns: dict[str, Any], device: str | torch.device, duration_s
     total, rnd = 0.0, 0
     while rnd < warmup_rounds + min_rounds or total < duration_s:
         if balance and rnd == warmup_rounds:
-            slowest = max(warm.values())
-            repeats = {k: max(1, round(slowest / max(warm[k], 1e-9))) for k in names}
+            repeats = _balanced_repeats(warm)
         for j in range(len(names)):
             k = names[(j + rnd) % len(names)]
-            _sync(device)
-            t = time.perf_counter()
-            for _ in range(repeats[k]):
-                fns[k]()
-            _sync(device)
-            dt = time.perf_counter() - t
+            dt = _timed_sample(fns[k], repeats[k], device)
             if rnd >= warmup_rounds:
                 times[k].append(dt / repeats[k])
                 total += dt
@@ -474,6 +484,46 @@ def time_interleaved(fns: dict[str, Any], device: str | torch.device, duration_s
                 warm[k] = dt
         rnd += 1
     return times
+
+
+def time_sandwiched(fns: dict[str, Any], reference: str, device: str | torch.device, duration_s: float,
+                    min_rounds: int = 3, warmup_rounds: int = 1,
+                    balance: bool = True) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Interleaved timing in which a sample of ``reference`` sits between every two samples of the others:
+    ``ref, a, ref, b, ref, c, ref, ...`` (the order of the others rotated every round). Returns
+    ``(times, flanks)``: each call's time per call, round by round (``times[reference]`` holds every
+    reference sample), and for each other call the mean of the two reference samples around each of its
+    samples. A ratio to the flanks compares two samples seconds apart, so the drift of a shared machine
+    cancels on that scale rather than on the scale of a whole round; two calls compare through their
+    per-round ratios to their own flanks. ``balance`` as in :func:`time_interleaved` (on by default)."""
+    device = torch.device(device)
+    if reference not in fns:
+        raise ValueError(f"reference {reference!r} is not one of the calls: {sorted(fns)}")
+    if balance and warmup_rounds < 1:
+        raise ValueError("balance=True needs at least one warm-up round (it sizes the samples)")
+    others = [k for k in fns if k != reference]
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    flanks: dict[str, list[float]] = {k: [] for k in others}
+    warm = {k: _timed_sample(fns[k], 1, device) for r in range(warmup_rounds) for k in fns}
+    repeats = _balanced_repeats(warm) if balance else {k: 1 for k in fns}
+
+    def ref_sample() -> float:
+        t = _timed_sample(fns[reference], repeats[reference], device) / repeats[reference]
+        times[reference].append(t)
+        return t
+
+    before, total, rnd = ref_sample(), 0.0, 0
+    while rnd < min_rounds or total < duration_s:
+        for j in range(len(others)):
+            k = others[(j + rnd) % len(others)]
+            dt = _timed_sample(fns[k], repeats[k], device)
+            times[k].append(dt / repeats[k])
+            after = ref_sample()
+            flanks[k].append((before + after) / 2)
+            total += dt + after * repeats[reference]
+            before = after
+        rnd += 1
+    return times, flanks
 
 
 def measure_throughput(

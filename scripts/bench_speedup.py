@@ -4,22 +4,23 @@
 Builds the unmerged model (``peft``) and each method at each schedule (``low``/``high``), and measures the
 *inference model* of each (LoRA merged into qkv): MACs with fvcore (+ explicit attention) and the time of
 whole forwards under the authors' protocol (eval, ``torch.inference_mode``, one random input, device sync
-after each forward). All configurations are timed in one interleaved run: each round runs one forward of
-every configuration, in an order rotated every round (:func:`pyra_bench.measure.time_interleaved`); the
-speedup over the unmerged model and PYRA / ToMe are medians of the per-round ratios, so load and drift of
-a shared machine, common to a round, cancel. A sample of a fast configuration is k forwards back to back
-(k = the slowest warm-up forward / its own), so that every sample spans about the same time and a stall
-of the machine costs each configuration the same share (``--no-balance``: one forward per sample). On the
-CPU every configuration's Linear weights are pre-packed for MKL's GEMM (:mod:`pyra_bench.models.prepack`;
-``--no-prepack`` times them as they are): repacking a weight costs as much as a GEMM at a merged block's
-few rows, and would be charged to the merged models most. Reported: img/s, speedup, the MACs ratio, speedup /
-(1 / MACs ratio) -- the share of the FLOPs reduction that turns into speed (targets: >= 100 % at low,
->= 98 % at high) -- and PYRA's speed relative to ToMe (target: at most 1 % slower). Where the time goes:
-``scripts/profile_merge.py``.
+after each forward). All configurations are timed in one interleaved run in which a sample of the
+unmerged model sits between every two samples of the others, whose order rotates every round
+(:func:`pyra_bench.measure.time_sandwiched`): a config's speedup is the median over its samples of the
+two flanking unmerged samples' mean time over its own, and PYRA / ToMe the median over rounds of their
+speedups' ratio, so the drift of a shared machine cancels on the scale of seconds. A sample of a fast
+configuration is k forwards back to back (k = the slowest warm-up forward / its own), so every sample
+spans about the same time and a stall of the machine costs each configuration the same share
+(``--no-balance``: one forward per sample). On the CPU every configuration's Linear weights are
+pre-packed for MKL's GEMM (:mod:`pyra_bench.models.prepack`; ``--no-prepack`` times them as they are):
+repacking a weight costs as much as a GEMM at a merged block's few rows, and would be charged to the
+merged models most. Reported: img/s, speedup, the MACs ratio, speedup / (1 / MACs ratio) -- the share
+of the FLOPs reduction that turns into speed (targets: >= 100 % at low, >= 98 % at high) -- and PYRA's
+speed relative to ToMe (target: at most 1 % slower). Where the time goes: ``scripts/profile_merge.py``.
 
 Writes ``results/bench/speedup_<device-slug>.md`` and ``.json``.
 
-    python scripts/bench_speedup.py                  # CPU: ViT-B/16, batch 8, 1 thread, 480 s timed
+    python scripts/bench_speedup.py                  # CPU: ViT-B/16, batch 8, 1 thread, 600 s timed
     python scripts/bench_speedup.py --device cuda    # batch 512, ViT-B and ViT-L, 60 s timed
     python scripts/bench_speedup.py --quick          # smoke run on the tiny test ViT
 """
@@ -51,7 +52,7 @@ from pyra_bench.measure import (  # noqa: E402
     input_spec,
     sdpa_backend_context,
     software_versions,
-    time_interleaved,
+    time_sandwiched,
 )
 from pyra_bench.methods import METHODS  # noqa: E402
 from pyra_bench.models import build_model  # noqa: E402
@@ -113,8 +114,9 @@ def build_configs(backbone: str, methods: list[str], schedules: list[str], log) 
 
 
 def run_interleaved(configs: list[dict], tkw: dict, duration_s: float, log) -> None:
-    """Time whole forwards of every config round-robin (:func:`pyra_bench.measure.time_interleaved`): one
-    forward of each per round, the order rotated every round, until ``duration_s`` seconds are timed."""
+    """Time whole forwards of every config in one interleaved run with a sample of the unmerged model
+    between every two others (:func:`pyra_bench.measure.time_sandwiched`), the others' order rotated every
+    round, until ``duration_s`` seconds are timed."""
     dev = torch.device(tkw["device"])
     ch, size = input_spec(configs[0]["model"])
     x = torch.randn(tkw["batch_size"], ch, size, size, device=dev)
@@ -133,12 +135,13 @@ def run_interleaved(configs: list[dict], tkw: dict, duration_s: float, log) -> N
                 t0 = time.perf_counter()
                 fns[_key(c)]()
                 log(f"  compiled {_key(c)} in {time.perf_counter() - t0:.1f} s")
-        log(f"  timing {len(fns)} configs round-robin for {duration_s:g} s (+ {tkw['warmup_rounds']} warm-up round(s))")
-        times = time_interleaved(fns, dev, duration_s, min_rounds=3, warmup_rounds=tkw["warmup_rounds"],
-                                 balance=tkw["balance"])
+        log(f"  timing {len(fns)} configs, the unmerged model between every two others, for {duration_s:g} s "
+            f"(+ {tkw['warmup_rounds']} warm-up round(s))")
+        times, flanks = time_sandwiched(fns, _key(configs[0]), dev, duration_s, min_rounds=3,
+                                        warmup_rounds=tkw["warmup_rounds"], balance=tkw["balance"])
     for c in configs:
-        c["times"] = times[_key(c)]
-    log(f"  {len(configs[0]['times'])} rounds")
+        c["times"], c["flanks"] = times[_key(c)], flanks.get(_key(c))
+    log(f"  {len(configs[1]['times']) if len(configs) > 1 else 0} rounds")
 
 
 def _key(c: dict) -> str:
@@ -151,23 +154,27 @@ def _median_iqr(values: list[float]) -> tuple[float, float, float]:
 
 
 def summarise(configs: list[dict], batch: int) -> list[dict]:
-    """Per config: img/s = batch / median forward time; speedup and vs-ToMe = medians of the per-round ratios
-    of forward times (with their interquartile range)."""
+    """Per config: img/s = batch / median forward time; speedup = median over its samples of the flanking
+    unmerged forwards' mean time / its time; vs-ToMe = median over rounds of its speedup / ToMe's (with
+    their interquartile ranges)."""
     by_key = {(c["backbone"], c["method"], c["schedule"]): c for c in configs}
+    per_sample = {id(c): [f / t for f, t in zip(c["flanks"], c["times"])] if c["flanks"] else None
+                  for c in configs}
     rows = []
     for c in configs:
-        base = by_key[(c["backbone"], *BASELINE)]
         tome = by_key.get((c["backbone"], "tome", c["schedule"]))
-        speedup, s_lo, s_hi = _median_iqr([b / t for b, t in zip(base["times"], c["times"])])
+        ratios = per_sample[id(c)]
+        speedup, s_lo, s_hi = _median_iqr(ratios) if ratios else (1.0, 1.0, 1.0)
+        base = by_key[(c["backbone"], *BASELINE)]
         macs_ratio = c["flops"]["gmacs"] / base["flops"]["gmacs"]
         vs_tome = None
         if tome is not None and c["method"] not in ("tome", BASELINE[0]):
-            vs_tome = _median_iqr([a / t for a, t in zip(tome["times"], c["times"])])
+            vs_tome = _median_iqr([a / b for a, b in zip(ratios, per_sample[id(tome)])])
         rows.append({
             "backbone": c["backbone"], "method": c["method"], "schedule": c["schedule"],
             "tokens_final": c["flops"]["tokens_final"], "gmacs": c["flops"]["gmacs"], "macs_ratio": macs_ratio,
             "img_per_s": batch / statistics.median(c["times"]), "img_per_s_mean": batch * len(c["times"]) / sum(c["times"]),
-            "forward_s": c["times"], "speedup": speedup, "speedup_iqr": [s_lo, s_hi],
+            "forward_s": c["times"], "reference_flank_s": c["flanks"], "speedup": speedup, "speedup_iqr": [s_lo, s_hi],
             "efficiency": speedup * macs_ratio, "target_efficiency": TARGET_EFFICIENCY.get(c["schedule"]),
             "vs_tome": vs_tome[0] if vs_tome else None, "vs_tome_iqr": list(vs_tome[1:]) if vs_tome else None,
             "note": c["note"],
@@ -181,11 +188,13 @@ def markdown(rep: dict) -> str:
          f"Measured: {MEASURED_MODEL}, random-init weights. Protocol: eval, `torch.inference_mode`, random input, "
          f"batch {s['batch_size']}, {s['dtype']}{', torch.compile' if s['compile'] else ''}"
          f"{', Linear weights pre-packed for MKL (every config)' if s.get('prepack') else ''}, whole forwards "
-         f"between device syncs, all configs interleaved: one timed sample of each per round, order rotated every "
-         f"round, {rep['rounds']} rounds after {s['warmup_rounds']} warm-up round(s) ({s['duration_s']:g} s timed)"
+         f"between device syncs, all configs in one interleaved run with an unmerged (PEFT) sample between "
+         f"every two others, the others' order rotated every round: {rep['rounds']} rounds after "
+         f"{s['warmup_rounds']} warm-up round(s) ({s['duration_s']:g} s timed)"
          f"{'; a sample of a fast config is k forwards back to back (k = the slowest warm-up forward / its own), so every sample spans about the same time and a stall of the machine costs each config the same share' if s.get('balance') else ''}. "
-         f"img/s = batch / median forward time; speedup and vs-ToMe = median of the per-round ratios "
-         f"[interquartile range], so load and drift of the machine, common to a round, cancel. MACs: fvcore + "
+         f"img/s = batch / median forward time; speedup = median over a config's samples of the flanking PEFT "
+         f"samples' mean time / its time, vs-ToMe = median over rounds of the two speedups' ratio "
+         f"[interquartile ranges], so the drift of the machine cancels on the scale of seconds. MACs: fvcore + "
          f"explicit SDPA, per image. torch {rep['versions']['torch']}, timm {rep['versions']['timm']}, "
          f"{s['threads']} thread(s). Wall time {rep['wall_time_s']:.0f} s.", "",
          "| backbone | method | schedule | tokens out | GMACs | MACs ratio | img/s | speedup [IQR] | "
@@ -211,7 +220,7 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:<i>")
     p.add_argument("--dtype", default="float32", help="float32 (the paper) | bfloat16 | float16 (autocast)")
     p.add_argument("--batch-size", type=int, default=None, help="default: 512 on CUDA, 8 on the CPU")
-    p.add_argument("--duration-s", type=float, default=None, help="timed seconds in all (default: CPU 480, CUDA 60)")
+    p.add_argument("--duration-s", type=float, default=None, help="timed seconds in all (default: CPU 600, CUDA 60)")
     p.add_argument("--warmup-rounds", type=int, default=1)
     p.add_argument("--backbones", nargs="+", default=None)
     p.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
@@ -224,7 +233,7 @@ def main(argv=None) -> dict[str, Any]:
                         "config alike; pyra_bench.models.prepack)")
     p.add_argument("--no-balance", action="store_true",
                    help="one forward per timed sample (default: a fast config runs k forwards per sample so that "
-                        "every sample spans about the slowest config's forward; measure.time_interleaved)")
+                        "every sample spans about the slowest config's forward; measure.time_sandwiched)")
     p.add_argument("--out-dir", default=str(ROOT / "results" / "bench"))
     p.add_argument("--tag", default="", help="suffix for the output file names")
     p.add_argument("--quick", action="store_true", help="smoke run: vit_tiny_test, a second of timing")
@@ -236,7 +245,7 @@ def main(argv=None) -> dict[str, Any]:
         a.backbones, a.duration_s = a.backbones or ["vit_tiny_test"], a.duration_s or 1.0
     backbones = a.backbones or (["vit_b16_in21k", "vit_l16_in21k"] if cuda else ["vit_b16_in21k"])
     tkw = {"batch_size": a.batch_size or default_batch_size(a.device), "device": a.device, "dtype": a.dtype,
-           "duration_s": a.duration_s or (60.0 if cuda else 480.0), "warmup_rounds": a.warmup_rounds,
+           "duration_s": a.duration_s or (60.0 if cuda else 600.0), "warmup_rounds": a.warmup_rounds,
            "sdpa_backend": a.sdpa_backend, "compile": a.compile,
            "prepack": not a.no_prepack and not a.compile and prepack_available(a.device, DTYPES[a.dtype]),
            "balance": not a.no_balance and a.warmup_rounds >= 1}
@@ -255,7 +264,7 @@ def main(argv=None) -> dict[str, Any]:
             c["model"].to(a.device)
         run_interleaved(configs, tkw, tkw["duration_s"] / len(backbones), log)
         results += summarise(configs, tkw["batch_size"])
-        rounds = len(configs[0]["times"])
+        rounds = len(configs[1]["times"]) if len(configs) > 1 else 0
         for c in configs:
             c["model"] = None
         if cuda:

@@ -390,3 +390,47 @@ def test_balanced_interleaved_samples_span_the_same_time(monkeypatch):
     assert plain == {"slow": [1.0] * 2, "fast": [0.25] * 2, "mid": [0.5] * 2}
     with pytest.raises(ValueError, match="warm-up round"):
         measure.time_interleaved(fns, "cpu", duration_s=1.0, warmup_rounds=0, balance=True)
+
+
+def test_sandwiched_timing_flanks_every_sample_with_the_reference(monkeypatch):
+    """``ref, a, ref, b, ref, ...``: each sample's flank is the mean of the reference samples just before and
+    after it. Hand-worked with a fake clock: balanced samples in the warm-up's proportions; then a machine
+    that halves its speed after the first round leaves the ratio of every sample whose flanks both run at
+    the new speed unchanged -- only the one sample straddling the step is off (3 instead of 4)."""
+    from pyra_bench import measure
+
+    clock, speed, order = [0.0], [1.0], []
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: clock[0])
+
+    def call(name, seconds):
+        def fn():
+            order.append(name)
+            clock[0] += seconds / speed[0]
+        return fn
+
+    fns = {"ref": call("ref", 1.0), "a": call("a", 0.5), "b": call("b", 0.25)}
+    times, flanks = measure.time_sandwiched(fns, "ref", "cpu", duration_s=0.0, min_rounds=1, warmup_rounds=1)
+    assert order == ["ref", "a", "b"] + ["ref", "a", "a", "ref", "b", "b", "b", "b", "ref"]  # warm-up, balanced
+    assert times == {"ref": [1.0] * 3, "a": [0.5], "b": [0.25]} and flanks == {"a": [1.0], "b": [1.0]}
+
+    order.clear()
+    fns["ref"] = call("ref", 1.0)
+
+    def slowing(name, seconds):  # the machine halves its speed after the first round's last reference sample
+        inner = call(name, seconds)
+
+        def fn():
+            inner()
+            if order.count("ref") == 3 + 1:  # warm-up ref, then three flanking refs of round 1 (a, b, ...)
+                speed[0] = 0.5
+        return fn
+
+    fns = {"ref": slowing("ref", 1.0), "a": call("a", 0.5), "b": call("b", 0.25)}
+    times, flanks = measure.time_sandwiched(fns, "ref", "cpu", duration_s=0.0, min_rounds=2, warmup_rounds=1,
+                                            balance=False)
+    ratios = {k: [f / t for f, t in zip(flanks[k], times[k])] for k in flanks}
+    assert times["a"] == [0.5, 1.0] and times["b"] == [0.25, 0.5]  # the machine did slow down
+    # round 1: ref a ref b ref | speed halves | round 2 (rotated): b ref a ref -> b's flanks are 1.0 and 2.0
+    assert ratios == {"a": [2.0, 2.0], "b": [4.0, 3.0]}
+    with pytest.raises(ValueError, match="reference 'x' is not one of the calls"):
+        measure.time_sandwiched(fns, "x", "cpu", duration_s=0.0)
