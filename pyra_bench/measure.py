@@ -450,42 +450,6 @@ def _balanced_repeats(warm: dict[str, float]) -> dict[str, int]:
     return {k: max(1, round(slowest / max(t, 1e-9))) for k, t in warm.items()}
 
 
-def time_interleaved(fns: dict[str, Any], device: str | torch.device, duration_s: float, min_rounds: int = 3,
-                     warmup_rounds: int = 1, balance: bool = False) -> dict[str, list[float]]:
-    """Round-robin timing of several calls (e.g. forwards of several models): each round calls every ``fn``
-    once, in an order rotated every round, each call between device synchronisations; rounds go on until
-    ``duration_s`` seconds have been timed (at least ``min_rounds``), after ``warmup_rounds`` untimed ones.
-    Returns each call's times, round by round: index ``i`` of every list belongs to round ``i``, so ratios
-    taken per round cancel the machine's drift and load (all calls of a round see the same machine).
-
-    ``balance`` (needs a warm-up round): each timed sample of a call runs it ``k`` times back to back, ``k``
-    the slowest call's warm-up time over this one's (rounded, at least 1), and records the time per call.
-    Every sample then spans about the same wall time, so a stall of the machine (a shared VM's steal time,
-    seconds long) costs every call the same share of its sample instead of costing a fast call a larger
-    share than a slow one -- which biases ratios against the fast call."""
-    device = torch.device(device)
-    names = list(fns)
-    if balance and warmup_rounds < 1:
-        raise ValueError("balance=True needs at least one warm-up round (it sizes the samples)")
-    times: dict[str, list[float]] = {k: [] for k in names}
-    warm: dict[str, float] = {}
-    repeats = {k: 1 for k in names}
-    total, rnd = 0.0, 0
-    while rnd < warmup_rounds + min_rounds or total < duration_s:
-        if balance and rnd == warmup_rounds:
-            repeats = _balanced_repeats(warm)
-        for j in range(len(names)):
-            k = names[(j + rnd) % len(names)]
-            dt = _timed_sample(fns[k], repeats[k], device)
-            if rnd >= warmup_rounds:
-                times[k].append(dt / repeats[k])
-                total += dt
-            else:
-                warm[k] = dt
-        rnd += 1
-    return times
-
-
 def time_sandwiched(fns: dict[str, Any], reference: str, device: str | torch.device, duration_s: float,
                     min_rounds: int = 3, warmup_rounds: int = 1,
                     balance: bool = True) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
@@ -495,7 +459,13 @@ def time_sandwiched(fns: dict[str, Any], reference: str, device: str | torch.dev
     reference sample), and for each other call the mean of the two reference samples around each of its
     samples. A ratio to the flanks compares two samples seconds apart, so the drift of a shared machine
     cancels on that scale rather than on the scale of a whole round; two calls compare through their
-    per-round ratios to their own flanks. ``balance`` as in :func:`time_interleaved` (on by default)."""
+    per-round ratios to their own flanks.
+
+    ``balance`` (needs a warm-up round): each timed sample of a call runs it ``k`` times back to back, ``k``
+    the slowest call's warm-up time over this one's (rounded, at least 1), and records the time per call.
+    Every sample then spans about the same wall time, so a stall of the machine costs every call the same
+    share of its sample instead of costing a fast call a larger share than a slow one -- which biases
+    ratios against the fast call."""
     device = torch.device(device)
     if reference not in fns:
         raise ValueError(f"reference {reference!r} is not one of the calls: {sorted(fns)}")

@@ -330,7 +330,7 @@ def test_inductor_compiled_inference_model_agrees_with_eager():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Pre-packed Linear weights (CPU inference) and the interleaved timer's balanced samples
+# Pre-packed Linear weights (CPU inference) and the sandwiched timer (make bench)
 # ---------------------------------------------------------------------------------------------------------
 @pytest.mark.skipif(not __import__("pyra_bench.models.prepack", fromlist=["x"]).prepack_available(),
                     reason="PyTorch without MKL: pre-packing does not apply")
@@ -362,34 +362,6 @@ def test_prepacked_linears_give_the_models_output_at_each_blocks_row_count():
         x5 = torch.randn(5, 3, 32, 32)
         torch.testing.assert_close(packed(x5).double(), reference(x5.double()), rtol=1e-4, atol=1e-5)
     assert all(torch.equal(before[k].double(), v) for k, v in infer.state_dict().items())
-
-
-def test_balanced_interleaved_samples_span_the_same_time(monkeypatch):
-    """With ``balance`` each sample of a fast call runs it (slowest warm-up time / its own) times back to
-    back and records the time per call; without, one call per sample. A fake clock that each call advances
-    by a known amount stands in for the machine (no timing of this machine is asserted)."""
-    from pyra_bench import measure
-
-    clock = [0.0]
-    monkeypatch.setattr(measure.time, "perf_counter", lambda: clock[0])
-    calls = {"slow": 0, "fast": 0, "mid": 0}
-
-    def call(name, seconds):
-        def fn():
-            calls[name] += 1
-            clock[0] += seconds
-        return fn
-
-    fns = {"slow": call("slow", 1.0), "fast": call("fast", 0.25), "mid": call("mid", 0.5)}  # exact in binary
-    times = measure.time_interleaved(fns, "cpu", duration_s=7.0, min_rounds=2, warmup_rounds=1, balance=True)
-    rounds = len(times["slow"])
-    assert rounds == 3  # a round times 1.0 + 4 x 0.25 + 2 x 0.5 = 3 s; 7 s need 3 rounds
-    assert times == {"slow": [1.0] * 3, "fast": [0.25] * 3, "mid": [0.5] * 3}
-    assert calls == {"slow": 1 + 3, "fast": 1 + 4 * 3, "mid": 1 + 2 * 3}  # warm-up round: one call each
-    plain = measure.time_interleaved(fns, "cpu", duration_s=0.0, min_rounds=2, warmup_rounds=1)
-    assert plain == {"slow": [1.0] * 2, "fast": [0.25] * 2, "mid": [0.5] * 2}
-    with pytest.raises(ValueError, match="warm-up round"):
-        measure.time_interleaved(fns, "cpu", duration_s=1.0, warmup_rounds=0, balance=True)
 
 
 def test_sandwiched_timing_flanks_every_sample_with_the_reference(monkeypatch):
@@ -434,3 +406,5 @@ def test_sandwiched_timing_flanks_every_sample_with_the_reference(monkeypatch):
     assert ratios == {"a": [2.0, 2.0], "b": [4.0, 3.0]}
     with pytest.raises(ValueError, match="reference 'x' is not one of the calls"):
         measure.time_sandwiched(fns, "x", "cpu", duration_s=0.0)
+    with pytest.raises(ValueError, match="warm-up round"):
+        measure.time_sandwiched(fns, "ref", "cpu", duration_s=0.0, warmup_rounds=0, balance=True)
