@@ -5,8 +5,8 @@ Builds the unmerged model (``peft``) and each method at each schedule (``low``/`
 *inference model* of each (LoRA merged into qkv): MACs with fvcore (+ explicit attention) and the time of
 whole forwards under the authors' protocol (eval, ``torch.inference_mode``, one random input, device sync
 after each forward). All configurations are timed in one interleaved run in which a sample of the
-unmerged model sits between every two samples of the others, whose order rotates every round
-(:func:`pyra_bench.measure.time_sandwiched`): a config's speedup is the median over its samples of the
+unmerged model sits between every two samples of the others, whose order rotates every round, ToMe and
+PYRA of a schedule next to each other (:func:`pyra_bench.measure.time_sandwiched`): a config's speedup is the median over its samples of the
 two flanking unmerged samples' mean time over its own, and PYRA / ToMe the median over rounds of their
 speedups' ratio, so the drift of a shared machine cancels on the scale of seconds. A sample of a fast
 configuration is k forwards back to back (k = the slowest warm-up forward / its own), so every sample
@@ -125,7 +125,7 @@ def run_interleaved(configs: list[dict], tkw: dict, duration_s: float, log) -> N
     torch.backends.cudnn.benchmark = True  # as the authors
     with torch.inference_mode(), autocast, sdpa_backend_context(tkw["sdpa_backend"]):
         fns = {}
-        for c in configs:
+        for c in _timing_order(configs):
             net = c["model"].eval()
             if tkw["prepack"]:
                 net = prepack_linears(net, x)
@@ -142,6 +142,15 @@ def run_interleaved(configs: list[dict], tkw: dict, duration_s: float, log) -> N
     for c in configs:
         c["times"], c["flanks"] = times[_key(c)], flanks.get(_key(c))
     log(f"  {len(configs[1]['times']) if len(configs) > 1 else 0} rounds")
+
+
+def _timing_order(configs: list[dict]) -> list[dict]:
+    """The baseline, then per schedule ToMe and PYRA next to each other (one reference sample apart, and the
+    round's rotation keeps them so in all but one round of each cycle), then the rest as built."""
+    paired = [c for sch in dict.fromkeys(c["schedule"] for c in configs) for m in ("tome", "pyra")
+              for c in configs if c["method"] == m and c["schedule"] == sch]
+    taken = {id(c) for c in paired}
+    return [configs[0], *paired, *(c for c in configs[1:] if id(c) not in taken)]
 
 
 def _key(c: dict) -> str:
@@ -189,7 +198,8 @@ def markdown(rep: dict) -> str:
          f"batch {s['batch_size']}, {s['dtype']}{', torch.compile' if s['compile'] else ''}"
          f"{', Linear weights pre-packed for MKL (every config)' if s.get('prepack') else ''}, whole forwards "
          f"between device syncs, all configs in one interleaved run with an unmerged (PEFT) sample between "
-         f"every two others, the others' order rotated every round: {rep['rounds']} rounds after "
+         f"every two others (ToMe and PYRA of a schedule next to each other), the others' order rotated every "
+         f"round: {rep['rounds']} rounds after "
          f"{s['warmup_rounds']} warm-up round(s) ({s['duration_s']:g} s timed)"
          f"{'; a sample of a fast config is k forwards back to back (k = the slowest warm-up forward / its own), so every sample spans about the same time and a stall of the machine costs each config the same share' if s.get('balance') else ''}. "
          f"img/s = batch / median forward time; speedup = median over a config's samples of the flanking PEFT "

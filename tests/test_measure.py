@@ -265,6 +265,11 @@ def test_benchmark_scripts_run_in_quick_mode(script, tmp_path, capsys):
     assert isinstance(report, dict) and "peft" in out and "pyra" in out and "tome" in out
     if script == "bench_speedup.py":  # (bench_training writes its report only outside --quick)
         assert list(tmp_path.glob("*.json")) and list(tmp_path.glob("*.md"))
+        built = [{"method": m, "schedule": s} for m, s in [("peft", "none"), ("pyra", "low"), ("pyra", "high"),
+                                                           ("rap", "low"), ("tome", "low"), ("tome", "high")]]
+        order = [(c["method"], c["schedule"]) for c in mod._timing_order(built)]
+        assert order == [("peft", "none"), ("tome", "low"), ("pyra", "low"), ("tome", "high"), ("pyra", "high"),
+                         ("rap", "low")]  # PYRA's samples sit next to ToMe's at the same schedule
 
 
 # ---------------------------------------------------------------------------------------------------------
