@@ -6,17 +6,18 @@ Builds the unmerged model (``peft``) and each method at each schedule (``low``/`
 whole forwards under the authors' protocol (eval, ``torch.inference_mode``, one random input, device sync
 after each forward). All configurations are timed in one interleaved run in which a sample of the
 unmerged model sits between every two samples of the others, whose order rotates every round, ToMe and
-PYRA of a schedule next to each other (:func:`pyra_bench.measure.time_sandwiched`): a config's speedup is the median over its samples of the
-two flanking unmerged samples' mean time over its own, and PYRA / ToMe the median over rounds of their
-speedups' ratio, so the drift of a shared machine cancels on the scale of seconds. A sample of a fast
-configuration is k forwards back to back (k = the slowest warm-up forward / its own), so every sample
-spans about the same time and a stall of the machine costs each configuration the same share
-(``--no-balance``: one forward per sample). On the CPU every configuration's Linear weights are
-pre-packed for MKL's GEMM (:mod:`pyra_bench.models.prepack`; ``--no-prepack`` times them as they are):
-repacking a weight costs as much as a GEMM at a merged block's few rows, and would be charged to the
-merged models most. Reported: img/s, speedup, the MACs ratio, speedup / (1 / MACs ratio) -- the share
-of the FLOPs reduction that turns into speed (targets: >= 100 % at low, >= 98 % at high) -- and PYRA's
-speed relative to ToMe (target: at most 1 % slower). Where the time goes: ``scripts/profile_merge.py``.
+PYRA of a schedule next to each other (:func:`pyra_bench.measure.time_sandwiched`): a config's speedup
+is the median over its samples of the two flanking unmerged samples' mean time over its own, and PYRA /
+ToMe the median over rounds of their speedups' ratio, so the drift of a shared machine cancels on the
+scale of seconds. A sample of a fast configuration is k forwards back to back (k = the slowest warm-up
+forward / its own), so every sample spans about the same time and a stall of the machine costs each
+configuration the same share (``--no-balance``: one forward per sample). On the CPU every
+configuration's Linear weights are pre-packed for MKL's GEMM (:mod:`pyra_bench.models.prepack`;
+``--no-prepack`` times them as they are): repacking a weight costs as much as a GEMM at a merged block's
+few rows, and would be charged to the merged models most. Reported: img/s, speedup, the MACs ratio,
+speedup / (1 / MACs ratio) -- the share of the FLOPs reduction that turns into speed (targets: >= 100 %
+at low, >= 98 % at high) -- and PYRA's speed relative to ToMe (target: at most 1 % slower). Where the
+time goes: ``scripts/profile_merge.py``.
 
 Writes ``results/bench/speedup_<device-slug>.md`` and ``.json``.
 
