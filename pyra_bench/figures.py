@@ -37,7 +37,7 @@ def make_figure(groups: list[Group], backbone: str, metric_label: str = ""):
     neither throughput nor MACs are recorded for every point."""
     from matplotlib.figure import Figure
 
-    from .tables import STRATA, TASKS, backbone_display, method_display, setting_suffix, shared_paper_keys
+    from .tables import STRATA, TASKS, backbone_display, method_display, setting_suffix
 
     def y_of(g: Group) -> tuple[float, float, bool]:
         c = g.mean_cell(STRATA)
@@ -51,7 +51,6 @@ def make_figure(groups: list[Group], backbone: str, metric_label: str = ""):
     mine = [g for g in vtab if g.backbone == bb]
     small = _smaller(bb)
     refs = [g for g in vtab if not g.compressed and g.backbone in (bb, small)]
-    shared = shared_paper_keys(vtab)
     curves: dict[tuple, list[Group]] = {}
     for g in mine:
         if g.compressed:
@@ -79,13 +78,12 @@ def make_figure(groups: list[Group], backbone: str, metric_label: str = ""):
         c = sorted(c, key=x_of)
         xs, ys, es = [x_of(g) for g in c], [y_of(g)[0] for g in c], [y_of(g)[1] for g in c]
         ax.errorbar(xs, ys, yerr=yerr(es), marker=marker, linestyle=ls, capsize=3,
-                    label=method_display(c[0]) + setting_suffix(c[0], c[0].key in shared))
+                    label=method_display(c[0]) + setting_suffix(c[0]))
         for g, x, y in zip(c, xs, ys):
             ax.annotate(g.schedule, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     for g, marker in zip(sorted(refs, key=lambda g: (g.backbone != bb, g.key)), itertools.cycle(["*", "P", "X"])):
         x, (y, e, _) = x_of(g), y_of(g)
-        name = (f"{method_display(g)}{setting_suffix(g, g.key in shared)} "
-                f"({backbone_display(g.backbone, g.backbone_label)})")
+        name = f"{method_display(g)}{setting_suffix(g)} ({backbone_display(g.backbone, g.backbone_label)})"
         ax.errorbar([x], [y], yerr=yerr([e]), marker=marker, markersize=11, linestyle="none", capsize=3,
                     color="k" if g.backbone == bb else "0.5", label=name)
     ax.set_xlabel("throughput (img/s)" if use_tp else "GMACs per image (lower is faster)")

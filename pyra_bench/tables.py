@@ -180,6 +180,9 @@ class Group:
     weights: set[str] = field(default_factory=set)
     devices: set[str] = field(default_factory=set)
     off_budget: dict[str, set[int]] = field(default_factory=dict)  # task -> seeds whose record missed its budget
+    #: another group of the same paper key is the one :func:`by_paper_key` takes: labels name this one's
+    #: method key so that the rows tell apart (set by :func:`group_records`)
+    shares_paper_key: bool = False
 
     @property
     def key(self) -> tuple[str, ...]:
@@ -321,26 +324,21 @@ def by_paper_key(groups: Iterable[Group]) -> dict[tuple, Group]:
     """One group per :attr:`Group.paper_key`: the one a paper row (or a reference of the paired tables) stands
     for. Groups that share a paper key differ only in their method key (old and new records of one setting,
     or two method classes under one name): the one with today's key for its options wins, else the first by
-    key; the others are rows of their own (:func:`shared_paper_keys`), never dropped."""
+    key; the others are rows of their own (:attr:`Group.shares_paper_key`), never dropped."""
     out: dict[tuple, Group] = {}
     for g in sorted(groups, key=lambda g: (g.method_key != _canonical_method_key(g.method, g.options), g.key)):
         out.setdefault(g.paper_key, g)
     return out
 
 
-def shared_paper_keys(groups: Iterable[Group], first: dict[tuple, Group] | None = None) -> set[tuple]:
-    """The keys of the groups that share their paper key with the group :func:`by_paper_key` takes for it
-    (and are not that group): their labels name their method key, so that the rows tell apart. ``first``:
-    :func:`by_paper_key` of the same groups, when the caller has it."""
-    groups = list(groups)
-    first = by_paper_key(groups) if first is None else first
-    return {g.key for g in groups if first[g.paper_key] is not g}
-
-
 def group_records(records: Iterable[dict], metric: str = "last") -> tuple[dict[tuple, Group], list[str]]:
-    """Final-protocol records with an accuracy, grouped by :func:`record_key` -> ({key: Group}, problems)."""
+    """Final-protocol records with an accuracy, grouped by :func:`record_key` -> ({key: Group}, problems);
+    a group whose paper key another group stands for is marked :attr:`Group.shares_paper_key`."""
     rows, problems = _record_rows(records, metric)
     groups, more = _group_rows(rows)
+    first = by_paper_key(groups.values())
+    for g in groups.values():
+        g.shares_paper_key = first[g.paper_key] is not g
     return groups, problems + more
 
 
@@ -384,9 +382,11 @@ def backbone_display(name: str, record_label: str | None = None) -> str:
     return record_label if record_label and record_label != name else BACKBONE_LABELS.get(name, name)
 
 
-def setting_suffix(g: Group, show_key: bool = False) -> str:
-    """`` (options) [run tag]`` of a row's label; ``show_key`` adds the method key (rows that differ only in it)."""
-    opts = [f"{k}={v}" for k, v in sorted(g.option_dict.items())] + ([f"method key {g.method_key}"] if show_key else [])
+def setting_suffix(g: Group) -> str:
+    """`` (options) [run tag]`` of a row's label, with the method key when another row differs from this one
+    only in it (:attr:`Group.shares_paper_key`)."""
+    opts = [f"{k}={v}" for k, v in sorted(g.option_dict.items())] + (
+        [f"method key {g.method_key}"] if g.shares_paper_key else [])
     return (f" ({', '.join(opts)})" if opts else "") + (f" [{g.run_tag}]" if g.run_tag else "")
 
 
@@ -544,16 +544,16 @@ def _blocks(rows: list[PaperRow]) -> list[tuple[str, str]]:
             for i, r in enumerate(rows)]
 
 
-def _extra_label(g: Group, main: str, label_of: dict[str, str], show_key: bool = False) -> str:
-    name = method_display(g) + setting_suffix(g, show_key)
+def _extra_label(g: Group, main: str, label_of: dict[str, str]) -> str:
+    name = method_display(g) + setting_suffix(g)
     if g.backbone != main:
         name += f"* ({backbone_display(g.backbone, label_of.get(g.backbone))})"
     return name
 
 
 def _extra_row(g: Group, block: str, main: str, cols, kind: str, label_of: dict[str, str],
-               in_paper: bool = False, show_key: bool = False) -> Row:
-    name = _extra_label(g, main, label_of, show_key)
+               in_paper: bool = False) -> Row:
+    name = _extra_label(g, main, label_of)
     return make_row(name, escape(name) + ("" if in_paper else r"$^\dagger$"), g, cols, kind, block=block,
                     backbone=backbone_display(g.backbone, g.backbone_label), schedule=g.schedule,
                     ranked=g.compressed, in_paper=in_paper)
@@ -565,7 +565,6 @@ def build_paper_table(table: str, rows: list[PaperRow], groups: dict[tuple, Grou
     kind = TABLE_KIND[table]
     cols = _value_cols(kind)
     by_paper = by_paper_key(groups.values())
-    shared = shared_paper_keys(groups.values(), by_paper)
     label_of = {g.backbone: g.backbone_label for g in groups.values() if g.backbone_label}
     blocks = _blocks(rows)
     out: list[Row] = []
@@ -587,8 +586,7 @@ def build_paper_table(table: str, rows: list[PaperRow], groups: dict[tuple, Grou
                             backbone=backbone_display(pr.backbone, label_of.get(pr.backbone)),
                             schedule=pr.schedule, ranked=pr.schedule != "none" or kind == "groups", paper=pr.values))
         if kind != "groups" and (i + 1 == len(rows) or blocks[i + 1] != (main, sched)):
-            out += [_extra_row(eg, block, main, cols, kind, label_of, show_key=eg.key in shared)
-                    for eg in extras.get((main, sched), [])]
+            out += [_extra_row(eg, block, main, cols, kind, label_of) for eg in extras.get((main, sched), [])]
     text_cols = ["# params", "# params (paper)"] if kind == "groups" else ["# params", "Throughput"]
     t = Table(f"table{table}", f"Table {table} ({label})", cols, text_cols, out, kind=kind, wide=kind == "tasks")
     if kind == "groups":
@@ -636,7 +634,6 @@ def other_points_table(rest: list[Group], groups: dict[tuple, Group], label: str
     cols = _value_cols("tasks")
     label_of = {g.backbone: g.backbone_label for g in groups.values() if g.backbone_label}
     in_rest = {g.key for g in rest}
-    shared = shared_paper_keys(groups.values())
     rows: list[Row] = []
     for bb in sorted({g.backbone for g in rest}):
         refs = sorted((g for g in groups.values() if g.backbone == bb and not g.compressed and g.vtab()),
@@ -646,8 +643,8 @@ def other_points_table(rest: list[Group], groups: dict[tuple, Group], label: str
             block = f"{backbone_display(bb, label_of.get(bb))}, {p}"
             members = refs + sorted((g for g in rest if g.backbone == bb and g.schedule == p and g.compressed),
                                     key=lambda g: g.key)
-            rows += [_extra_row(g, block, bb, cols, "tasks", label_of, in_paper=g.key not in in_rest,
-                                show_key=g.key in shared) for g in members]
+            rows += [_extra_row(g, block, bb, cols, "tasks", label_of, in_paper=g.key not in in_rest)
+                     for g in members]
     t = Table("other_points", f"Operating points no paper table has ({label})", cols, ["# params", "Throughput"],
               rows, kind="tasks", wide=True)
     t.notes.append(f"† / Note: {NOT_IN_PAPER}")
@@ -663,7 +660,6 @@ def other_tasks_tables(groups: dict[tuple, Group], label: str) -> list[Table]:
             if t not in TASKS:
                 sets.setdefault(s, set()).add(t)
     out = []
-    shared = shared_paper_keys(groups.values())
     for s in sorted(sets):
         tasks = sorted(sets[s])
         cols = [(t, TASK_REGISTRY.get(t).display if t in TASK_REGISTRY else t, 1) for t in tasks] + [("mean", "Mean", 2)]
@@ -671,7 +667,7 @@ def other_tasks_tables(groups: dict[tuple, Group], label: str) -> list[Table]:
                          key=lambda g: (g.backbone, g.compressed, g.schedule, g.key))
         rows = []
         for g in members:
-            name = method_display(g) + setting_suffix(g, g.key in shared)
+            name = method_display(g) + setting_suffix(g)
             bb = backbone_display(g.backbone, g.backbone_label)
             rows.append(make_row(name, escape(name), g, cols, "other", block=bb, backbone=bb, schedule=g.schedule,
                                  ranked=g.compressed))
@@ -726,7 +722,6 @@ def paired_comparisons(groups: dict[tuple, Group], reference: str | None, also: 
 
     vtab = [g for g in groups.values() if g.vtab()]
     by_paper = by_paper_key(vtab)  # the references
-    shared = shared_paper_keys(vtab, by_paper)
 
     def find(g: Group, method: str) -> Group | None:
         for sched in dict.fromkeys((g.schedule, "none")):
@@ -745,8 +740,7 @@ def paired_comparisons(groups: dict[tuple, Group], reference: str | None, also: 
             res = compare(g.vtab(), ref.vtab(), STRATA, resample, n_resamples, confidence, seed)
             if res.n_tasks == 0:
                 continue
-            a = method_display(g) + setting_suffix(g, g.key in shared)
-            b = method_display(ref) + setting_suffix(ref, ref.key in shared)
+            a, b = method_display(g) + setting_suffix(g), method_display(ref) + setting_suffix(ref)
             what = "Average" if res.n_tasks == len(TASKS) else f"mean of {res.n_tasks} tasks"
             lo, hi = res.ci
             bb = backbone_display(g.backbone, g.backbone_label)
