@@ -369,7 +369,7 @@ def method_display(g_or_method: Group | str, record_label: str | None = None) ->
     ``method_label``, else the paper's name for it, else the registered name."""
     from .methods import display_name
 
-    if isinstance(g_or_method, Group):
+    if not isinstance(g_or_method, str):  # a Group (duck-typed: robust to a module loaded twice)
         method, record_label = g_or_method.method, g_or_method.method_label
     else:
         method = g_or_method
@@ -1046,4 +1046,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the package's module, not this ``__main__`` copy of it: the figures and LaTeX renderers import
+    # ``pyra_bench.tables``, and a second copy's classes (Group, Table) would not be theirs.
+    from pyra_bench.tables import main as _main
+
+    _main()
