@@ -1,6 +1,6 @@
 """Weights & Biases: a run's results in its summary, runs grouped per experiment, tagged, typed per stage.
 
-A pyra_bench run is one W&B run (offline unless ``logger.wandb.mode=online``; its id derived from the run
+A pyra_bench run is one W&B run (offline unless ``logger.wandb.offline=false``; its id derived from the run
 id, so a resumed run continues it). What this module adds to Lightning's ``WandbLogger``:
 
 * :func:`wandb_kwargs` -- ``group`` (the experiment, e.g. ``table2_vit_b``, so one table's runs are one
@@ -84,6 +84,14 @@ def wandb_tags(cfg: Any) -> list[str]:
 def wandb_kwargs(cfg: Any, stage: str | None = None) -> dict[str, Any]:
     """The ``WandbLogger`` / ``wandb.init`` keyword arguments this module decides: group, job_type, tags."""
     return {"group": wandb_group(cfg), "job_type": wandb_job_type(cfg, stage), "tags": wandb_tags(cfg)}
+
+
+def logger_kwargs(cfg: Any, entry: Any) -> dict[str, Any]:
+    """What a logger config entry gets on top of its own keys when it is built: a ``WandbLogger``'s tags are
+    :func:`wandb_tags` (the experiment's ``tags:`` merged with ``logger.wandb.tags``, so that
+    ``'logger.wandb.tags=[mytag]'`` adds a tag instead of replacing the experiment's); others nothing."""
+    target = str(_get(entry, "_target_", ""))
+    return {"tags": wandb_tags(cfg)} if target.rsplit(".", 1)[-1] == "WandbLogger" else {}
 
 
 def register_resolvers() -> None:

@@ -101,3 +101,24 @@ def test_experiment_configs_tag_and_group_their_runs():
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=table2_vit_b", "logger=wandb"])
     assert tracking.wandb_tags(cfg) == ["table2"]
+
+
+@pytest.mark.parametrize("extra, expected", [([], ["table2"]), (["logger.wandb.tags=[mytag]"], ["table2", "mytag"])])
+def test_wandb_tags_on_the_command_line_add_to_the_experiments(tmp_path, extra, expected):
+    """``'logger.wandb.tags=[mytag]'`` on ``experiment=table2_vit_b``: the W&B logger that the run builds is
+    tagged with both (the override once replaced the experiment's tags); the README's online switch
+    (``logger.wandb.offline=false``) is a key of the logger config."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from pyra_bench.factory import make_loggers
+    from pyra_bench.paths import CONF_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=table2_vit_b", "logger=wandb", *extra,
+                                          f"run_dir={tmp_path}", "run_id=r", "logger.wandb.offline=false"])
+    wb = [lg for lg in make_loggers(cfg) if type(lg).__name__ == "WandbLogger"]
+    assert len(wb) == 1
+    assert wb[0]._wandb_init["tags"] == expected
+    assert wb[0]._offline is False
