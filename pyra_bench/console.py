@@ -138,6 +138,15 @@ def progress_bar_enabled(stream: Any = None) -> bool:
         return False
 
 
+def progress(iterable: Any = None, *, enabled: bool = True, **kwargs: Any):
+    """A tqdm bar for work outside Lightning (image checks, caches, TFDS preparation, the demo's
+    pre-training), drawn only where :func:`progress_bar_enabled` says (a terminal; ``PYRA_PROGRESS``) and
+    ``enabled``; elsewhere tqdm's no-op bar, so a batch log gets no carriage-return frames."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, disable=not (enabled and progress_bar_enabled()), **kwargs)
+
+
 def _scalar(v: Any) -> float | None:
     try:
         x = float(v.item() if hasattr(v, "item") else v)

@@ -80,8 +80,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
 
 def pretrain_demo_backbone(recipe: dict[str, Any], progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
     """Train the demo ViT on MNIST with ``recipe``; return ``(state_dict, metrics)``. Deterministic on CPU."""
-    from tqdm import tqdm
-
+    from .console import progress as progress_bar
     from .data.embedded import mnist_source
 
     train, held = mnist_source(recipe["image_size"], recipe["normalization"], held_out=recipe["held_out"])
@@ -104,8 +103,8 @@ def pretrain_demo_backbone(recipe: dict[str, Any], progress: bool = True) -> tup
         gen = torch.Generator().manual_seed(recipe["seed"])
         model.train()
         step = 0
-        bar = tqdm(total=total, desc="pre-training the demo ViT on MNIST (once; cached)", unit="step",
-                   disable=not progress)
+        bar = progress_bar(enabled=progress, total=total, desc="pre-training the demo ViT on MNIST (once; cached)",
+                           unit="step")
         while step < total:
             perm = torch.randperm(len(y), generator=gen)
             for b in range(steps_per_epoch):

@@ -301,3 +301,22 @@ def test_recorded_schedule_wins_on_restore():
     x = torch.randn(2, 3, 32, 32)
     model.eval(), other.eval()
     torch.testing.assert_close(other(x), model(x))
+
+
+def test_every_compressing_method_defaults_to_the_papers_low_point():
+    """No ``compression``/``budget`` given: every compressing method runs at ``low`` (ToMe and PYRA once
+    defaulted to ``high`` while the budget baselines took ``low``, so ``-m method=tome,spvit`` compared two
+    operating points); a sweep's ``budget`` still sets all of them; PEFT stays uncompressed."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from pyra_bench import factory  # noqa: F401  (registers the config resolvers, as train does)
+    from pyra_bench.paths import CONF_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        for method in ("tome", "pyra", "diffrate", "spvit", "rap", "peft"):
+            cfg = compose("train", overrides=[f"method={method}"])
+            assert cfg.compression == ("none" if method == "peft" else "low"), method
+            cfg = compose("train", overrides=[f"method={method}", "budget=high"])
+            assert cfg.compression == ("none" if method == "peft" else "high"), method

@@ -173,10 +173,9 @@ def _write_images(dataset: VTABFolderDataset, path: Path, image_size: int, inter
 
     with ThreadPoolExecutor(max(1, int(workers))) as pool:
         done = pool.map(fill, range(n))
-        if progress:
-            from tqdm import tqdm
+        from ..console import progress as progress_bar
 
-            done = tqdm(done, total=n, desc=f"cache {dataset.task}/{dataset.split}", unit="img")
+        done = progress_bar(done, enabled=progress, total=n, desc=f"cache {dataset.task}/{dataset.split}", unit="img")
         for _ in done:
             pass
     arr.flush()

@@ -338,10 +338,10 @@ def verify_images(dataset: VTABFolderDataset, progress: bool = False, max_errors
 
     with ThreadPoolExecutor(max(1, int(workers))) as pool:
         results = pool.map(check, range(len(dataset)), chunksize=64)
-        if progress:
-            from tqdm import tqdm
+        from ..console import progress as progress_bar
 
-            results = tqdm(results, total=len(dataset), desc=f"verify {dataset.task}/{dataset.split}", unit="img")
+        results = progress_bar(results, enabled=progress, total=len(dataset),
+                               desc=f"verify {dataset.task}/{dataset.split}", unit="img")
         bad = [msg for msg in results if msg is not None]
     if bad:
         more = f" (first {max_errors} shown)" if len(bad) > max_errors else ""

@@ -322,11 +322,9 @@ def _write_split(reader: ExampleReader, ranges: list[tuple[str, int, int]], spec
     total = sum(b - a for _, a, b in ranges)
     entries: list[tuple[str, int]] = []
     pending: deque[Future] = deque()
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    from ..console import progress as progress_bar
 
-        bar = tqdm(total=total, desc=f"{spec.name}/{split}", unit="img", leave=False)
+    bar = progress_bar(enabled=progress, total=total, desc=f"{spec.name}/{split}", unit="img", leave=False)
     try:
         for tfds_split, a, b in ranges:
             for k, ex in enumerate(reader.read(tfds_split, a, b)):
@@ -344,13 +342,11 @@ def _write_split(reader: ExampleReader, ranges: list[tuple[str, int, int]], spec
                 entries.append((rel, label))
                 while len(pending) > 64:
                     pending.popleft().result()
-                if bar is not None:
-                    bar.update()
+                bar.update()
         while pending:
             pending.popleft().result()
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     if len(entries) != total:
         raise PrepareError(f"{spec.name}/{split}: read {len(entries)} examples, expected {total}")
     return entries
