@@ -13,7 +13,7 @@ help:
 	@echo "make test       - create .venv if needed and run the test suite"
 	@echo "make bench      - CPU throughput/FLOPs benchmark of every method at low/high (results/bench/)"
 	@echo "make bench-train - CPU training-step speed of PEFT vs ToMe/PYRA at low/high (results/bench/)"
-	@echo "make tables     - rebuild the paper's tables/figures from results/runs into results/tables"
+	@echo "make tables     - rebuild the paper's tables/figures from results/runs (\$$PYRA_RESULTS) into results/tables"
 	@echo "make prepare-vtab TASKS=all DATA_ROOT=data/vtab-1k - build VTAB-1k folders from TFDS (TASKS=cifar100,dtd: several)"
 	@echo "make info       - list backbones, methods, tasks and experiments (python -m pyra_bench.info)"
 	@echo "make lint       - ruff"
@@ -26,8 +26,10 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# Extra overrides of the demo run, e.g. DEMO_ARGS=trainer=smoke (two short epochs: what the test suite runs).
+DEMO_ARGS ?=
 demo: $(STAMP)
-	$(PY) -m pyra_bench.train
+	$(PY) -m pyra_bench.train $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --durations=15
@@ -41,8 +43,11 @@ bench: $(STAMP)
 bench-train: $(STAMP)
 	$(PY) scripts/bench_training.py
 
+# Where runs write their records (PYRA_RESULTS, as conf/train.yaml's results_dir) and where the tables go.
+RECORDS    ?= $(or $(PYRA_RESULTS),results/runs)
+TABLES_OUT ?= $(or $(PYRA_TABLES),results/tables)
 tables: $(STAMP)
-	$(PY) -m pyra_bench.tables records=results/runs out=results/tables
+	$(PY) -m pyra_bench.tables records=$(RECORDS) out=$(TABLES_OUT)
 
 TASKS ?= all
 DATA_ROOT ?= data/vtab-1k

@@ -605,18 +605,3 @@ def test_latex_compiles_and_marks_the_best_entry_in_bold(tmp_path):
     assert (out / "tables.pdf").stat().st_size > 1000
     assert re.search(r"Output written on tables.pdf \((\d+) pages?", run.stdout)
 
-
-def test_python_m_tables_draws_the_figures(tmp_path):
-    """``python -m pyra_bench.tables`` as a user types it, figures on: the module runs as ``__main__`` while
-    the figure renderer imports ``pyra_bench.tables`` (a second copy of the module once crashed the figure
-    step with ``unhashable type: 'Group'``)."""
-    runs = tmp_path / "runs"
-    for method, sched in (("tome", "low"), ("pyra", "low"), ("peft", "none")):
-        for task in tables.TASKS:
-            _rec(runs, task, 70.0, method, sched, throughput={"img_per_s": 500.0})
-    p = subprocess.run([sys.executable, "-m", "pyra_bench.tables", f"records={runs}", "out=out", "tables=[3]",
-                        "formats=[md]", "paired.n_resamples=100"], cwd=tmp_path, capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "Traceback" not in p.stderr
-    assert (tmp_path / "out" / f"fig_{BB}.png").stat().st_size > 1000
-    assert (tmp_path / "out" / "table3.md").exists()
