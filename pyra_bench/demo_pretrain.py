@@ -135,8 +135,7 @@ def ensure_demo_backbone(cache_dir: str | os.PathLike | None = None, epochs: int
     A cached file for the same architecture + recipe is returned at once (no training) unless ``force``.
     Written atomically (temporary file + rename), so concurrent runs at worst train twice.
     """
-    from safetensors.torch import save_file
-
+    from .fileio import atomic_save_tensors
     from .records import atomic_write_json
 
     recipe = make_recipe(epochs=epochs, **recipe_overrides)
@@ -149,12 +148,7 @@ def ensure_demo_backbone(cache_dir: str | os.PathLike | None = None, epochs: int
     state, metrics = pretrain_demo_backbone(recipe, progress=progress)
     print(f"[pyra_bench] demo backbone: MNIST held-out top-1 {metrics['mnist_heldout_top1']:.1f}% "
           f"(chance 10%) after {metrics['train_steps']} steps, {metrics['train_seconds']:.0f} s -> {path}")
-    tmp = folder / f".{path.name}.{os.getpid()}.tmp"
-    try:
-        save_file(state, str(tmp), metadata={"recipe_key": recipe_key(recipe)})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_save_tensors(path, state, metadata={"recipe_key": recipe_key(recipe)})
     atomic_write_json(info, {"file": path.name, "architecture": "timm VisionTransformer", "kwargs": DEMO_VIT_KWARGS,
                              "num_classes": 10, "includes_head": True, "recipe": recipe, **metrics})
     return path

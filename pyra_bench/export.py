@@ -34,18 +34,13 @@ FORMAT = 2
 
 def save_inference_model(run_dir: str | os.PathLike, infer: nn.Module, method: Any, cfg: DictConfig | dict) -> Path:
     """Write ``infer`` (the merged inference model), ``method.state()`` and ``cfg`` to ``run_dir``."""
-    from safetensors.torch import save_file
+    from .fileio import atomic_save_tensors
 
     folder = Path(run_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    path, tmp = folder / FILE_NAME, folder / f".{FILE_NAME}.tmp"
+    path = folder / FILE_NAME
     config = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    try:
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in infer.state_dict().items()}, str(tmp),
-                  metadata={"format": str(FORMAT)})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_save_tensors(path, {k: v.detach().cpu().contiguous().clone() for k, v in infer.state_dict().items()},
+                        metadata={"format": str(FORMAT)})
     atomic_write_json(folder / META_NAME, {"format": FORMAT, "tensors": FILE_NAME, "tensors_bytes": path.stat().st_size,
                                            "method_state": method.state(), "config": config})
     return path

@@ -134,6 +134,29 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
+def atomic_save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
+    """``safetensors.torch.save_file`` to ``path`` atomically, like :func:`atomic_write_bytes`: a uniquely
+    named temporary file (another process writing the same path never shares it), fsynced, renamed, the
+    folder fsynced; the file ends with ``0o666 & ~umask`` (safetensors' own writer would leave 0600 through
+    a private temporary file). On failure the temporary file is removed and the old ``path`` is untouched."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    folder = make_dir(path.parent)
+    fd, tmp = _temp_file(folder, path.name)
+    mode = os.fstat(fd).st_mode & 0o777  # what open() gives under the user's umask (and default ACL)
+    os.close(fd)
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)  # replaces the file, as 0600
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(folder)
+    return path
+
+
 def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
     """:func:`atomic_write_bytes` of ``text`` encoded (no newline translation)."""
     return atomic_write_bytes(path, text.encode(encoding))

@@ -146,17 +146,11 @@ def stage_paths(folder: str | os.PathLike, name: str) -> tuple[Path, Path]:
 def save_stage(folder: str | os.PathLike, name: str, state_dict: Mapping[str, torch.Tensor],
                meta: Mapping[str, Any]) -> Path:
     """Write a finished stage: tensors first, then the JSON that makes the stage count as finished."""
-    from safetensors.torch import save_file
+    from .fileio import atomic_save_tensors
 
     tensors_path, meta_path = stage_paths(folder, name)
-    tensors_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tensors_path.with_name(f".{tensors_path.name}.tmp")
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
-    try:
-        save_file(tensors, str(tmp), metadata={"format": str(STAGE_FORMAT)})
-        _replace_atomically(tmp, tensors_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_save_tensors(tensors_path, tensors, metadata={"format": str(STAGE_FORMAT)})
     atomic_write_json(meta_path, {"format": STAGE_FORMAT, "stage": name, "tensors": tensors_path.name,
                                   "tensors_bytes": tensors_path.stat().st_size, **meta})
     return meta_path

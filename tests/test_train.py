@@ -38,7 +38,8 @@ COMPRESSION = {"peft": "none", "spvit": "flops:0.7", "diffrate": "flops:0.8"}
 
 
 @pytest.mark.parametrize("method", METHODS.names())
-def test_every_method_trains_and_writes_a_record(tmp_path, method):
+def test_every_method_trains_and_writes_a_record(tmp_path, method, umask):
+    umask(0o022)
     cfg = _cfg(tmp_path, f"method={method}", f"compression={COMPRESSION.get(method, 'low')}",
                "export_inference_model=true")
     rec = _train(cfg)
@@ -68,6 +69,12 @@ def test_every_method_trains_and_writes_a_record(tmp_path, method):
         assert c["images_timed"] == 2 * 8 * c["epochs_timed"], stage
         assert c["img_per_s"] == pytest.approx(c["images_timed"] / c["seconds_timed"], rel=1e-2)
         assert c["peak_mem_gib"] is None and c["device"]  # CPU
+    # every file the run wrote follows the umask (0644 under 022), tensors included (safetensors' own writer
+    # leaves 0600), and no temporary file is left
+    files = [f for d in (Path(cfg.run_dir), Path(cfg.results_dir)) for f in d.rglob("*") if f.is_file()]
+    assert any(f.suffix == ".safetensors" for f in files)
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in files if f.stat().st_mode & 0o777 != 0o644} == {}
+    assert not [f for f in files if f.name.endswith(".tmp")]
 
 
 def test_rerun_skips_a_finished_run(tmp_path, caplog):
