@@ -171,6 +171,7 @@ class Group:
     run_tag: str
     values: dict[str, dict[int, float]] = field(default_factory=dict)
     groups_of: dict[str, str] = field(default_factory=dict)  # task -> task set (record "group")
+    task_labels: dict[str, str] = field(default_factory=dict)  # task -> column title (record "task_label")
     method_label: str | None = None
     backbone_label: str | None = None
     params_pct: list[float] = field(default_factory=list)
@@ -242,7 +243,7 @@ def _num(v: Any) -> float | None:
     return None if math.isnan(f) else f
 
 
-FRAME_COLUMNS = [*KEY, "task", "seed", "acc", "group", "method_label", "backbone_label", "params_pct",
+FRAME_COLUMNS = [*KEY, "task", "seed", "acc", "group", "task_label", "method_label", "backbone_label", "params_pct",
                  "method_params", "throughput", "gmacs", "weights", "device", "off_budget", "path"]
 
 
@@ -263,7 +264,8 @@ def _record_rows(records: Iterable[dict], metric: str) -> tuple[list[dict[str, A
         params, tp = r.get("params") or {}, r.get("throughput") or {}
         w = r.get("weights")
         rows.append({**record_key(r), "task": str(r["task"]), "seed": int(r.get("seed") or 0), "acc": acc,
-                     "group": str(r.get("group") or "other"), "method_label": r.get("method_label"),
+                     "group": str(r.get("group") or "other"), "task_label": r.get("task_label"),
+                     "method_label": r.get("method_label"),
                      "backbone_label": r.get("backbone_label"), "params_pct": _num(params.get("paper_pct")),
                      "method_params": _num(params.get("method_paper")), "throughput": _num(tp.get("img_per_s")),
                      "gmacs": _num((r.get("flops") or {}).get("gmacs")),
@@ -293,6 +295,8 @@ def _group_rows(rows: Iterable[dict[str, Any]]) -> tuple[dict[tuple, Group], lis
             continue
         g.values.setdefault(task, {})[seed] = float(row["acc"])
         g.groups_of[task] = row["group"]
+        if not _null(row.get("task_label")):
+            g.task_labels.setdefault(task, str(row["task_label"]))
         g.method_label = g.method_label or row["method_label"]
         g.backbone_label = g.backbone_label or row["backbone_label"]
         for attr in ("params_pct", "method_params", "throughput", "gmacs"):
@@ -380,6 +384,15 @@ def method_display(g_or_method: Group | str, record_label: str | None = None) ->
 def backbone_display(name: str, record_label: str | None = None) -> str:
     """A backbone's name in tables and figures: the records' ``backbone_label``, else the paper's name."""
     return record_label if record_label and record_label != name else BACKBONE_LABELS.get(name, name)
+
+
+def task_display(task: str, groups: Iterable[Group] = ()) -> str:
+    """A task's column title: its records' ``task_label`` (the task config's ``display``: config-only folder
+    tasks are in no registry), else the registered task's, else its name."""
+    label = next((g.task_labels[task] for g in groups if task in g.task_labels), None)
+    if label:
+        return label
+    return TASK_REGISTRY.get(task).display if task in TASK_REGISTRY else task
 
 
 def setting_suffix(g: Group) -> str:
@@ -662,7 +675,7 @@ def other_tasks_tables(groups: dict[tuple, Group], label: str) -> list[Table]:
     out = []
     for s in sorted(sets):
         tasks = sorted(sets[s])
-        cols = [(t, TASK_REGISTRY.get(t).display if t in TASK_REGISTRY else t, 1) for t in tasks] + [("mean", "Mean", 2)]
+        cols = [(t, task_display(t, groups.values()), 1) for t in tasks] + [("mean", "Mean", 2)]
         members = sorted((g for g in groups.values() if any(t in g.values for t in tasks)),
                          key=lambda g: (g.backbone, g.compressed, g.schedule, g.key))
         rows = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -160,3 +161,12 @@ def test_task_from_config_trains_and_is_recorded_in_its_own_group(tmp_path):
     (record,) = [json.loads(p.read_text()) for p in (tmp_path / "results").glob("*.json")]
     assert record["status"] == "completed" and record["task"] == "custom_folder_example"
     assert record["group"] == "custom" and record["metrics"]["test_images"] == 20
+    # the tables title its column with the config's `display` (config-only tasks are in no task registry)
+    from pyra_bench import tables
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        tcfg = compose("tables", overrides=[f"records={tmp_path}/results", f"out={tmp_path}/tables", "figures=false",
+                                            "tables=[3]", "formats=[csv]"])
+    tables.run(tcfg)
+    columns = pd.read_csv(tmp_path / "tables" / "other_tasks_custom.csv").columns
+    assert "Custom example" in columns and "custom_folder_example" not in columns
