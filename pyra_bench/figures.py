@@ -32,9 +32,16 @@ def figure_backbones(groups: list[Group]) -> list[str]:
     return sorted({g.backbone for g in groups if g.vtab() and g.compressed})
 
 
-def make_figure(groups: list[Group], backbone: str, metric_label: str = ""):
+def drawn(g: Group, methods: list[str] | None) -> bool:
+    """Whether ``g``'s curve is drawn: ``methods`` None draws every one; else an entry names a method (its
+    default options, any run tag) or a method key (one variant, e.g. ``pyra-wd_sigmoid``)."""
+    return methods is None or g.method_key in methods or (g.method in methods and g.options == "{}")
+
+
+def make_figure(groups: list[Group], backbone: str, metric_label: str = "", methods: list[str] | None = None):
     """The figure of one backbone (a :class:`matplotlib.figure.Figure`, made without pyplot), or None when
-    neither throughput nor MACs are recorded for every point."""
+    neither throughput nor MACs are recorded for every point. ``methods``: the curves drawn (:func:`drawn`;
+    the command's default is the paper's, ToMe and PYRA); PEFT and PEFT* are always reference points."""
     from matplotlib.figure import Figure
 
     from .tables import STRATA, TASKS, backbone_display, method_display, setting_suffix
@@ -53,7 +60,7 @@ def make_figure(groups: list[Group], backbone: str, metric_label: str = ""):
     refs = [g for g in vtab if not g.compressed and g.backbone in (bb, small)]
     curves: dict[tuple, list[Group]] = {}
     for g in mine:
-        if g.compressed:
+        if g.compressed and drawn(g, methods):
             curves.setdefault((g.method, g.method_key, g.options, g.run_tag), []).append(g)
     points = [g for c in curves.values() for g in c] + refs
     use_tp = all(not math.isnan(g.mean_throughput) for g in points)
@@ -98,12 +105,13 @@ def make_figure(groups: list[Group], backbone: str, metric_label: str = ""):
     return fig
 
 
-def draw_figures(groups: list[Group], out: Path, metric_label: str = "") -> list[Path]:
-    """One figure per backbone with compressed records on VTAB tasks (:func:`make_figure`); returns the files
-    written."""
+def draw_figures(groups: list[Group], out: Path, metric_label: str = "", methods: list[str] | None = None
+                 ) -> list[Path]:
+    """One figure per backbone with compressed records of the chosen ``methods`` on VTAB tasks
+    (:func:`make_figure`); returns the files written."""
     paths: list[Path] = []
-    for bb in figure_backbones(groups):
-        fig = make_figure(groups, bb, metric_label)
+    for bb in figure_backbones([g for g in groups if not g.compressed or drawn(g, methods)]):
+        fig = make_figure(groups, bb, metric_label, methods)
         if fig is None:
             continue
         out.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ Schema (``schema: 1``). Fields that a run did not measure are absent or null, ne
       "run_id": "cifar100__vit_b16_in21k__pyra__high__seed0",
       "status": "completed",                 # or "failed" (with "error")
       "task": "cifar100", "group": "natural",   # natural | specialized | structured | demo
-      "task_label": "CIFAR-100",                # the task config's display: the tables' column title
+      "task_label": "Cifar100",                 # the task config's display: the tables' column title
       "backbone": "vit_b16_in21k",
       "method": "pyra", "method_key": "pyra-wd_sigmoid", "method_label": "PYRA",
       "method_options": {"variant": "wd_sigmoid"},   # result-changing options that differ from the defaults

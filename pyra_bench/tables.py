@@ -692,6 +692,36 @@ def other_tasks_tables(groups: dict[tuple, Group], label: str) -> list[Table]:
     return out
 
 
+def with_paper_beside(table: Table) -> Table:
+    """``table`` with the published numbers in it (``paper_beside=true``): below each paper row, the paper's
+    row ("<label> — paper") and the difference ("<label> — Δ", ours minus paper); both unranked, so the best
+    / second-best marks stay those of our rows."""
+    rows: list[Row] = []
+    for r in table.rows:
+        rows.append(r)
+        if not r.in_paper:
+            continue
+        paper_cells = {k: Cell(r.paper.get(k, math.nan)) for k, _, _ in table.value_cols}
+        diff_cells = {k: Cell(r.cells[k].mean - c.mean) for k, c in paper_cells.items()}
+        for suffix, tex, cells, costs in (
+                ("paper", "paper", paper_cells, {"# params": r.paper.get("params_pct", math.nan),
+                                                 "Throughput": r.paper.get("throughput", math.nan)}),
+                ("Δ", r"$\Delta$", diff_cells, {})):
+            extra = Row(f"{r.label} — {suffix}", f"{r.label_tex} --- {tex}", r.block, r.backbone, r.schedule, cells=cells, ranked=False, in_paper=True, paper=r.paper)
+            if table.kind == "groups":
+                p = r.paper.get("modulation_params", math.nan)
+                extra.text["# params"] = _fmt_k(p) if suffix == "paper" else ""
+                extra.text["# params (paper)"] = ""
+            else:
+                extra.costs.update(costs)
+                extra.text["# params"] = _fmt_pct(costs.get("# params", math.nan)) if costs else ""
+                extra.text["Throughput"] = _fmt_int(costs.get("Throughput", math.nan)) if costs else ""
+            extra.text["Note"] = "published" if suffix == "paper" else "ours − paper"
+            rows.append(extra)
+    return Table(table.name, table.title + " (with the paper's rows)", table.value_cols, table.text_cols, rows,
+                 table.kind, table.wide, [*table.notes, "— paper: the published numbers; — Δ: ours minus paper"])
+
+
 def vs_paper(table: Table) -> pd.DataFrame:
     """Measured beside published, per paper row and column: the values, "# params" and throughput."""
     out = []
@@ -914,6 +944,8 @@ class Options:
     formats: set[str]
     paper: Path
     figures: bool
+    figure_methods: list[str] | None  # None: every compressing method and variant with records
+    paper_beside: bool
     reference: str | None
     also: dict[str, list[str]]
     resample: str
@@ -954,11 +986,16 @@ def check_options(cfg: Any) -> Options:
     ch.writable_dir("out")
     ch.raise_if_any("tables config")
     also = {str(k): [str(x) for x in _as_list(v)] for k, v in dict(p.get("also") or {}).items()}
+    fm = [str(m).strip() for m in _as_list(cfg.get("figure_methods", ["tome", "pyra"]))]
+    if not fm or "" in fm:
+        raise ConfigError("figure_methods= is empty; give method names or method keys (e.g. [tome,pyra] or "
+                          "[pyra,pyra-wd_sigmoid]), or all")
     records = [str(r) for r in _as_list(cfg.get("records"))]
     if not records:
         raise ConfigError("records= is empty; give a folder or file of run records, e.g. records=results/runs")
     return Options(records, Path(str(cfg.get("out"))), tables, metric, formats, paper,
-                   bool(cfg.get("figures", True)), None if _null(p.get("reference")) else str(p.get("reference")),
+                   bool(cfg.get("figures", True)), None if fm == ["all"] else fm, bool(cfg.get("paper_beside", False)),
+                   None if _null(p.get("reference")) else str(p.get("reference")),
                    also, resample, int(p.get("n_resamples", 10000)), float(p.get("confidence", 0.95)),
                    int(p.get("seed", 0)))
 
@@ -1001,7 +1038,7 @@ def build(o: Options) -> list[Path]:
     for t in o.tables:
         table = build_paper_table(t, prows[t], groups, extras.get(t, {}), label)
         table.mark_best()
-        written += write_table(table, o.out, o.formats)
+        written += write_table(with_paper_beside(table) if o.paper_beside else table, o.out, o.formats)
         written += write_frame(vs_paper(table), o.out, f"{table.name}_vs_paper", o.formats,
                                f"Table {t}: measured vs paper ({label})")
         tex_tables += [table.name, f"{table.name}_vs_paper"]
@@ -1038,7 +1075,7 @@ def build(o: Options) -> list[Path]:
     if o.figures:
         from .figures import draw_figures
 
-        for p in draw_figures(list(groups.values()), o.out, label):
+        for p in draw_figures(list(groups.values()), o.out, label, o.figure_methods):
             print(f"[tables] figure -> {p}")
             written.append(p)
     return written

@@ -461,6 +461,7 @@ def test_transcribed_csv_matches_the_paper_text():
     ("metric=worst", "unknown metric 'worst'; valid choices: last, best"),
     ("paper=/nonexistent/paper.csv", "the paper's numbers are missing"),
     ("paired.resample=jackknife", "unknown paired.resample 'jackknife'; valid choices: seeds, tasks"),
+    ("figure_methods=[]", r"figure_methods= is empty; give method names or method keys \(e.g. \[tome,pyra\]"),
 ])
 def test_bad_settings_fail_before_anything_is_written(tmp_path, override, match):
     out = tmp_path / "out"
@@ -605,3 +606,54 @@ def test_latex_compiles_and_marks_the_best_entry_in_bold(tmp_path):
     assert (out / "tables.pdf").stat().st_size > 1000
     assert re.search(r"Output written on tables.pdf \((\d+) pages?", run.stdout)
 
+
+
+@pytest.mark.parametrize("methods, expected", [
+    (None, {"ToMe", "PYRA", "DiffRate", "PYRA (variant=wd_sigmoid)"}),
+    (["tome", "pyra"], {"ToMe", "PYRA"}),
+    (["pyra", "pyra-wd_sigmoid"], {"PYRA", "PYRA (variant=wd_sigmoid)"}),
+])
+def test_figure_draws_the_chosen_methods_and_always_the_references(methods, expected):
+    """``figure_methods``: method names (their default options) or method keys (one variant); PEFT and
+    PEFT* are drawn whatever is chosen."""
+    from pyra_bench.figures import make_figure
+
+    recs = _figure_records("throughput", seeds=(0,))
+    recs += [_record(t, 50.0, "diffrate", "low", throughput={"img_per_s": 710.0}) for t in tables.TASKS]
+    recs += [_record(t, 71.0, "pyra", "low", method_key="pyra-wd_sigmoid", method_options={"variant": "wd_sigmoid"},
+                     throughput={"img_per_s": 695.0}) for t in tables.TASKS]
+    groups, _ = tables.group_records(recs)
+    (ax,) = make_figure(list(groups.values()), BB, methods=methods).axes
+    assert set(_curves(ax)) == expected | {"PEFT (ViT-B/16)", "PEFT (ViT-S/16)"}
+
+
+def test_the_command_draws_the_papers_curves_by_default_and_can_put_the_paper_beside(tmp_path):
+    """The command's defaults: the figure shows ToMe and PYRA (the paper's curves), not DiffRate;
+    ``paper_beside=true`` puts the published row and ours minus paper below each paper row of a table."""
+    p = _paper()
+    pub = p[(p.table == "3") & (p.method == "tome") & (p.schedule == "high") & (p.backbone == BB)]
+    pub = dict(zip(pub.column, pub.value))
+    for t in tables.TASKS:  # ToMe high at the published numbers, DTD one point above
+        _rec(tmp_path, t, pub[t] + (1.0 if t == "dtd" else 0.0), "tome", "high", throughput={"img_per_s": 1400.0})
+    for method in ("pyra", "diffrate"):
+        for t in tables.TASKS:
+            _rec(tmp_path, t, 60.0, method, "high", throughput={"img_per_s": 1300.0})
+    out = tmp_path / "out"
+    with initialize_config_dir(config_dir=str(paths.CONF_DIR), version_base="1.3"):
+        cfg = compose("tables", overrides=[f"records={tmp_path}", f"out={out}", "tables=[3]", "formats=[csv,md]",
+                                           "paper_beside=true", "paired.n_resamples=100"])
+    tables.run(cfg)
+    df = pd.read_csv(out / "table3.csv")
+    rows = df[(df.Backbone == "ViT-B/16") & df.Method.str.startswith("ToMe")]
+    assert list(rows.Method) == ["ToMe", "ToMe — paper", "ToMe — Δ"]
+    assert list(rows.DTD) == [pytest.approx(pub["dtd"] + 1.0), pytest.approx(pub["dtd"]), pytest.approx(1.0)]
+    assert list(rows["Cifar100"]) == [pytest.approx(pub["cifar100"]), pytest.approx(pub["cifar100"]), 0.0]
+    assert "ToMe — Δ" in (out / "table3.md").read_text()
+    o = tables.check_options(cfg)
+    assert o.figure_methods == ["tome", "pyra"]
+    from pyra_bench.figures import make_figure
+
+    groups, _ = tables.group_records(iter_records([tmp_path]))
+    (ax,) = make_figure(list(groups.values()), BB, methods=o.figure_methods).axes
+    assert set(_curves(ax)) == {"ToMe", "PYRA"}
+    assert (out / f"fig_{BB}.png").is_file()
