@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -95,6 +96,33 @@ def _replace_atomically(tmp: Path, path: Path) -> None:
         pass
 
 
+class RunClock:
+    """A run's wall time and processes across resumes, kept in ``<run_dir>/clock.json``: each process that
+    opens the run folder counts itself and adds its time; the time is saved with every checkpoint and stage
+    file, so a killed process's time counts up to its last save (what the resumed run builds on)."""
+
+    FILE = "clock.json"
+
+    def __init__(self, run_dir: str | os.PathLike, fresh: bool = False):
+        self.path = Path(run_dir) / self.FILE
+        try:
+            prev = {} if fresh or not self.path.exists() else json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            prev = {}
+        try:
+            self.before, self.processes = float(prev.get("seconds", 0.0)), int(prev.get("processes", 0)) + 1
+        except (TypeError, ValueError, AttributeError):  # a hand-edited or foreign file: start counting anew
+            self.before, self.processes = 0.0, 1
+        self._t0 = time.monotonic()
+        self.save()
+
+    def seconds(self) -> float:
+        return self.before + time.monotonic() - self._t0
+
+    def save(self) -> None:
+        atomic_write_json(self.path, {"processes": self.processes, "seconds": round(self.seconds(), 3)})
+
+
 class EpochCheckpoint(Checkpoint):
     """Save the whole training state (weights that train, optimiser, scheduler, loop progress, evaluation
     history, settings) to ``path`` every ``every`` epochs and after the stage's last epoch.
@@ -102,9 +130,10 @@ class EpochCheckpoint(Checkpoint):
     A subclass of Lightning's ``Checkpoint``, so it runs after the module's ``on_train_epoch_end`` (where
     the evaluation of that epoch happens): a resumed run never repeats or loses an evaluation."""
 
-    def __init__(self, path: str | os.PathLike, every: int = 1):
+    def __init__(self, path: str | os.PathLike, every: int = 1, on_save: Any = None):
         self.path = Path(path)
         self.every = max(1, int(every))
+        self.on_save = on_save  # called after each save on rank 0 (the run's clock)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
@@ -117,6 +146,8 @@ class EpochCheckpoint(Checkpoint):
             trainer.save_checkpoint(tmp, weights_only=False)
             if trainer.is_global_zero:
                 _replace_atomically(tmp, self.path)
+                if self.on_save is not None:
+                    self.on_save()
         finally:
             if trainer.is_global_zero:
                 tmp.unlink(missing_ok=True)

@@ -225,13 +225,16 @@ class TrainingCost(L.Callback):
     callbacks see before the module evaluates), and the images are counted from batch shapes (no host-device sync).
 
     ``summary()``: images per second of training (forward + backward + optimiser step + data loading),
-    over the epochs after the first when there are several (the first pays for warm-up, cudnn autotuning
-    and loader start-up), the peak memory allocated on a CUDA device (GiB), and the device name.
-    Only the epochs run in this process are timed (a resumed run times what it trains).
+    over the epochs after the first of each process when there are several (a process's first epoch pays
+    for warm-up, cudnn autotuning and loader start-up), the peak memory allocated on a CUDA device (GiB),
+    and the device name. The epochs of earlier processes of a resumed run are kept in its checkpoints
+    (Lightning's callback state), so the summary covers the whole stage: ``epochs_run`` counts every epoch,
+    ``processes`` how many processes trained it.
     """
 
     def __init__(self) -> None:
         self.epochs: list[tuple[int, float]] = []  # (images, seconds) per timed epoch
+        self.process_starts: list[int] = [0]  # index in ``epochs`` of each process's first epoch
         self._t0: float | None = None
         self._n = 0
         self._device: torch.device | None = None
@@ -261,10 +264,19 @@ class TrainingCost(L.Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._stop()
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"epochs": [list(e) for e in self.epochs], "process_starts": list(self.process_starts)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A resumed run: the earlier processes' epochs; this process starts after them."""
+        self.epochs = [(int(n), float(s)) for n, s in state.get("epochs", [])]
+        self.process_starts = [*(int(i) for i in state.get("process_starts", [0])), len(self.epochs)]
+
     def summary(self) -> dict[str, Any] | None:
         if not self.epochs:
             return None
-        timed = self.epochs[1:] if len(self.epochs) > 1 else self.epochs
+        firsts = set(self.process_starts)
+        timed = [e for i, e in enumerate(self.epochs) if i not in firsts] or self.epochs
         images, seconds = sum(n for n, _ in timed), sum(s for _, s in timed)
         dev = self._device or torch.device("cpu")
         from .measure import device_name
@@ -273,6 +285,7 @@ class TrainingCost(L.Callback):
             "img_per_s": images / seconds if seconds > 0 else None,
             "images_timed": images, "seconds_timed": seconds, "epochs_timed": len(timed),
             "epochs_run": len(self.epochs), "first_epoch_s": self.epochs[0][1],
+            "processes": len({i for i in self.process_starts if i < len(self.epochs)}),
             "peak_mem_gib": (torch.cuda.max_memory_allocated(dev) / 2**30) if dev.type == "cuda" else None,
             "device": device_name(dev),
             "includes": "forward + backward + optimiser step + data loading, per device (DDP: one rank)",

@@ -47,6 +47,7 @@ from .identity import (
 )
 from .lifecycle import (
     EpochCheckpoint,
+    RunClock,
     load_stage,
     quarantine,
     read_checkpoint_meta,
@@ -58,7 +59,7 @@ from .records import atomic_write_json, atomic_write_text, read_record, write_re
 
 log = logging.getLogger("pyra_bench")
 
-RUN_STATE = ("ckpt", "stages", "inference_model.safetensors", "inference_model.json")  # cleared by force=true
+RUN_STATE = ("ckpt", "stages", "inference_model.safetensors", "inference_model.json", "clock.json")  # cleared by force=true
 
 
 @dataclass
@@ -85,6 +86,7 @@ class Plan:
     skip: dict[str, Any] | None = None
     git: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
+    clock: Any = None  # lifecycle.RunClock, from when the run folder is opened
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -252,6 +254,8 @@ def open_run_folder(plan: Plan) -> None:
                 path.unlink()
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(plan.run_dir / "config.json", OmegaConf.to_container(plan.cfg, resolve=True))
+    if _is_global_zero():
+        plan.clock = RunClock(plan.run_dir, fresh=plan.fresh)
     if plan.git.get("diff"):
         atomic_write_text(plan.run_dir / "git.diff", plan.git["diff"])
     attach_run_log(plan.run_dir)
@@ -353,6 +357,8 @@ def run_stages(plan: Plan, model, loggers: list) -> StageResults:
                     "method_state": method.state(), "settings": plan.settings,
                     "eval_history": {str(k): v for k, v in out.history.items() if offset < k <= offset + n_epochs},
                     "eval_images": out.eval_images, "training_cost": cost})
+                if plan.clock is not None:
+                    plan.clock.save()
             if cost:
                 out.training_cost[stage.name] = cost
         offset += n_epochs
@@ -373,7 +379,8 @@ def _fit_stage(plan: Plan, model, stage, index: int, n_epochs: int, offset: int,
                         eval_precision=str(t.get("eval_precision", "auto")), eval_data=plan.datamodule)
     ckpt = plan.run_dir / "ckpt" / stage.name / "last.ckpt"
     cost = cost_cls()
-    callbacks = [cost, ScheduledEvaluation(), EpochCheckpoint(ckpt, int(t.get("checkpoint_every") or 1)),
+    callbacks = [cost, ScheduledEvaluation(),
+                 EpochCheckpoint(ckpt, int(t.get("checkpoint_every") or 1), on_save=plan.clock and plan.clock.save),
                  *factory.make_callbacks(cfg, with_loggers=bool(loggers))]
     trainer = factory.make_trainer(cfg, max_epochs=n_epochs, callbacks=callbacks, loggers=loggers,
                                    run_dir=plan.run_dir)
@@ -486,7 +493,8 @@ def make_record(plan: Plan, model, results: StageResults, measured: dict[str, An
         "config": OmegaConf.to_container(cfg, resolve=True),
         "git_rev": (plan.git.get("rev", "") + ("+dirty" if plan.git.get("dirty") else "")) or None,
         "git": {k: v for k, v in plan.git.items() if k != "diff"},
-        "created": utc_now(), "versions": software_versions(), "wall_time_s": round(time.time() - plan.started, 1),
+        "created": utc_now(), "versions": software_versions(), "wall_time_s": round(plan.clock.seconds() if plan.clock else time.time() - plan.started, 1),
+        "resumes": plan.clock.processes - 1 if plan.clock else 0,  # processes after the first that worked on it
         "run_dir": str(plan.run_dir),
     }
 

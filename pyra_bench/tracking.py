@@ -86,6 +86,52 @@ def wandb_kwargs(cfg: Any, stage: str | None = None) -> dict[str, Any]:
     return {"group": wandb_group(cfg), "job_type": wandb_job_type(cfg, stage), "tags": wandb_tags(cfg)}
 
 
+def resumable_csv_logger(save_dir: str, name: str = "logs", **kwargs: Any):
+    """Lightning's :class:`~lightning.pytorch.loggers.CSVLogger` with one ``metrics.csv`` per run
+    (``conf/logger/csv.yaml``): version 0 always, and a writer that keeps an existing ``metrics.csv``
+    (Lightning's deletes it) and continues it, so a resumed run appends to the killed one's curve instead of
+    starting ``version_1``; the rows that the killed process logged after its last checkpoint (steps the
+    resumed process trains again) are dropped, so every step appears once."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+    from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+    class _Writer(ExperimentWriter):
+        def _check_log_dir_exists(self) -> None:  # keep the curve: read its header, trim on the first save
+            self._trim = self._fs.isfile(self.metrics_file_path)
+            if self._trim:
+                with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                    self.metrics_keys = list(csv.DictReader(f).fieldnames or [])
+
+        def save(self) -> None:
+            if getattr(self, "_trim", False) and self.metrics:
+                first = min(int(m["step"]) for m in self.metrics)
+                with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                    rows = list(csv.DictReader(f))
+                keep = [r for r in rows if r.get("step") not in (None, "") and int(float(r["step"])) < first]
+                if len(keep) < len(rows):
+                    with self._fs.open(self.metrics_file_path, "w", newline="") as f:
+                        w = csv.DictWriter(f, fieldnames=self.metrics_keys)
+                        w.writeheader()
+                        w.writerows(keep)
+                self._trim = False
+            super().save()
+
+    class _Logger(CSVLogger):
+        @property
+        @rank_zero_experiment
+        def experiment(self):
+            if self._experiment is None:
+                self._fs.makedirs(self.root_dir, exist_ok=True)
+                self._experiment = _Writer(log_dir=self.log_dir)
+            return self._experiment
+
+    kwargs.setdefault("version", 0)
+    return _Logger(save_dir=save_dir, name=name, **kwargs)
+
+
 def logger_kwargs(cfg: Any, entry: Any) -> dict[str, Any]:
     """What a logger config entry gets on top of its own keys when it is built: a ``WandbLogger``'s tags are
     :func:`wandb_tags` (the experiment's ``tags:`` merged with ``logger.wandb.tags``, so that

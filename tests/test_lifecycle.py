@@ -2,12 +2,14 @@
 uninterrupted run ends; stale state (other settings, corrupt files, another weights source) is never
 taken for a result; Trainer options reach the Trainer."""
 
+import csv
 import json
 import logging
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -69,7 +71,8 @@ def test_a_run_stopped_and_killed_mid_stage_resumes_at_its_last_epoch(tmp_path, 
 
     from pyra_bench.train import cli
 
-    cmd = [*_interrupt("term", tmp_path, 1, signal.SIGTERM), *_interrupt("kill", tmp_path, 3, signal.SIGKILL)]
+    cmd = [*_interrupt("term", tmp_path, 1, signal.SIGTERM), *_interrupt("kill", tmp_path, 3, signal.SIGKILL),
+           "logger=csv"]
     with caplog.at_level(logging.INFO, logger="pyra_bench"):
         code, out, err = run_entry_point(cli, "pyra_bench/train.py", _overrides(tmp_path, *cmd), tmp_path,
                                          monkeypatch, capsys, env={"HYDRA_FULL_ERROR": "0"})
@@ -79,13 +82,28 @@ def test_a_run_stopped_and_killed_mid_stage_resumes_at_its_last_epoch(tmp_path, 
     second = _cli(tmp_path, *cmd)
     assert second.returncode == -signal.SIGKILL, second.stderr[-3000:]
     assert "resuming after epoch 1" in second.stdout + second.stderr
+    t0 = time.monotonic()
     with caplog.at_level(logging.INFO, logger="pyra_bench"):
         _train(_cfg(tmp_path, *cmd))
+    last_process_s = time.monotonic() - t0
     assert "resuming after epoch 3" in caplog.text
     rec = read_record(tmp_path / "results" / f"{reference['run_id']}.json")
     assert rec["metrics"]["test_top1_by_epoch"] == reference["metrics"]["test_top1_by_epoch"]
     assert rec["metrics"]["test_top1"] == reference["metrics"]["test_top1"]
-    assert rec["training_cost"]["train"]["epochs_run"] == 1, "only the remaining epoch was trained"
+    # the record accounts for the whole run: every epoch of the three processes (1 + 2 + 1), timed without
+    # each process's first epoch (its warm-up: epochs 1, 2 and 4 -> only epoch 3 timed), its wall time
+    # beyond the last process's own, and two resumes
+    cost = rec["training_cost"]["train"]
+    assert (cost["epochs_run"], cost["processes"], cost["epochs_timed"]) == (4, 3, 1)
+    assert rec["resumes"] == 2 and rec["wall_time_s"] > last_process_s + 0.2
+    # one metrics curve, every training step once, every epoch in it
+    (curve,) = (tmp_path / "runs" / reference["run_id"] / "logs").glob("version_*/metrics.csv")
+    assert curve.parent.name == "version_0"
+    rows = list(csv.DictReader(curve.open()))
+    for key in ("train/acc", "test/top1"):
+        steps = [int(float(r["step"])) for r in rows if r.get(key)]
+        assert len(steps) == 4 and steps == sorted(set(steps)), (key, rows)  # once per epoch, in order
+    assert {int(float(r["epoch"])) for r in rows if r.get("epoch")} == {0, 1, 2, 3}
 
 
 def test_a_retried_transient_failure_resumes_the_same_way(tmp_path, reference, caplog):
