@@ -25,7 +25,6 @@ import colorsys
 import csv
 import glob
 import io
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -272,9 +271,8 @@ def draw_image(run: Run, trace, b: int, image: np.ndarray, title: str):
                              fontsize=7)
         if i in mod:
             s = blk.modulation[b].cpu().numpy().reshape(grid)
-            vmax = max(float(np.nanmax(np.abs(s))) if np.isfinite(s).any() else 0.0, 1e-6)
-            cmap = colormaps["coolwarm"].copy()
-            cmap.set_bad("0.85")
+            vmax = max(float(np.nanmax(np.abs(s))) if np.isfinite(s).any() else 0.0, 0.01)
+            cmap = colormaps["coolwarm"].with_extremes(bad="0.85")
             im = axes[1, j].imshow(np.ma.masked_invalid(s), cmap=cmap, vmin=-vmax, vmax=vmax, interpolation="nearest")
             axes[1, j].set_title(f"block {i}: modulation", fontsize=7)
             fig.colorbar(im, ax=axes[1, j], fraction=0.046, pad=0.04).ax.tick_params(labelsize=6)

@@ -78,11 +78,18 @@ def test_visualize_on_the_demo_run_as_a_user_types_it(demo_run, tmp_path):
 def test_visualize_on_a_vtab_folder_task(tmp_path):
     """A run whose task is a VTAB-1k folder: images of a split are read from the folder; two runs (PYRA,
     SPViT) in one call give one line each and each run's pictures in its own sub-folder."""
-    from pyra_bench.data import write_digits_folder
+    import numpy as np
+    from PIL import Image
+
     from pyra_bench.visualize import run
 
-    write_digits_folder(tmp_path / "vtab", image_format="png")
-    common = ["task.source=folder", f"data_root={tmp_path}/vtab", "backbone=vit_tiny_test", "backbone.image_size=32"]
+    folder = tmp_path / "vtab" / "custom_folder_example"
+    (folder / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(folder / "images" / f"{i}.png")
+    (folder / "val.txt").write_text("images/0.png 1\nimages/1.png 3\n")
+    common = ["task=custom_folder_example", f"data_root={tmp_path}/vtab", "backbone=vit_tiny_test"]
     a = export_run(tmp_path / "runs" / "pyra", "method=pyra", "compression=low", *common)
     b = export_run(tmp_path / "runs" / "spvit", "method=spvit", "compression=flops:0.7", *common)
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
