@@ -173,10 +173,12 @@ def check_options(cfg: DictConfig) -> Options:
     for r in runs:
         r.blocks = _blocks(cfg.get("blocks"), len(r.model.blocks), f"run {r.name}" if len(runs) > 1 else "")
     first = runs[0].model.pyra_config
-    size = {int(r.model.pyra_config["backbone"]["image_size"]) for r in runs}
-    if len(size) > 1:
-        raise ConfigError(f"run=: the runs take different image sizes ({sorted(size)}); draw them separately")
-    norm = first["backbone"]["normalization"]
+    inputs = {(int(r.model.pyra_config["backbone"]["image_size"]), str(r.model.pyra_config["backbone"]["normalization"]))
+              for r in runs}
+    if len(inputs) > 1:
+        raise ConfigError(f"run=: the runs take different inputs (image size, normalization: {sorted(inputs)}); "
+                          "draw them separately")
+    (size, norm), = inputs
     spec = _as_list(cfg.get("images"))
     if len(spec) == 1 and str(spec[0]) in SPLITS:
         loaded = _split_images(first, str(spec[0]), int(n), cfg.get("data_root"))
@@ -188,8 +190,8 @@ def check_options(cfg: DictConfig) -> Options:
         if not files:
             raise InputFileNotFoundError(f"images={spec}: no file matches; give image files or a split name "
                                          f"({', '.join(SPLITS)})")
-        loaded = [(f.stem, _load_file(f, size.pop() if len(size) == 1 else 224, norm)) for f in files]
-        size = {loaded[0][1].shape[-1]}
+        names = [f.stem if [g.stem for g in files].count(f.stem) == 1 else f"{f.stem}_{i}" for i, f in enumerate(files)]
+        loaded = [(name, _load_file(f, size, norm)) for name, f in zip(names, files)]
     images = [(name, x, _display(x, norm)) for name, x in loaded]
     out = cfg.get("out")
     if out is None:
@@ -272,12 +274,12 @@ def draw_image(run: Run, trace, b: int, image: np.ndarray, title: str):
         if i in mod:
             s = blk.modulation[b].cpu().numpy().reshape(grid)
             vmax = max(float(np.nanmax(np.abs(s))) if np.isfinite(s).any() else 0.0, 0.01)
-            cmap = colormaps["coolwarm"].with_extremes(bad="0.85")
+            cmap = colormaps["coolwarm"].with_extremes(bad="0.3")
             im = axes[1, j].imshow(np.ma.masked_invalid(s), cmap=cmap, vmin=-vmax, vmax=vmax, interpolation="nearest")
             axes[1, j].set_title(f"block {i}: modulation", fontsize=7)
             fig.colorbar(im, ax=axes[1, j], fraction=0.046, pad=0.04).ax.tick_params(labelsize=6)
     if mod:
-        axes[1, 0].text(0.0, 0.5, "PYRA: mean gate of\neach merged source\n(grey: not merged\nin that block)",
+        axes[1, 0].text(0.0, 0.5, "PYRA: mean gate of\neach merged source\n(dark: not merged\nin that block)",
                         fontsize=7, va="center")
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()

@@ -102,6 +102,11 @@ def test_visualize_on_a_vtab_folder_task(tmp_path):
     assert {r["run"] for r in rows} == {"pyra", "spvit"} and len(rows) == 2 * 3
     spvit = [r for r in rows if r["run"] == "spvit"]
     assert float(spvit[-1]["fused_patches"]) > 0 and float(spvit[-1]["patches_kept"]) == 16
+    # image files instead of a split (names from the files), out defaulting to the run folder
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("visualize", overrides=[f"run={a}", f"images=[{folder}/images/*.png]", "blocks=[1]"])
+    run(cfg)
+    assert sorted(p.name for p in (a / "visualize").glob("*.png")) == ["0.png", "1.png", "tokens_per_block.png"]
 
 
 def _main():
