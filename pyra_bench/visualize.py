@@ -288,12 +288,14 @@ def draw_image(run: Run, trace, b: int, image: np.ndarray, title: str):
 
 def tokens_plot(rows: list[dict[str, Any]]):
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(5, 3.5))
     ax = fig.subplots()
     for label in dict.fromkeys(r["run"] for r in rows):
         mine = [r for r in rows if r["run"] == label]
         ax.plot([r["block"] for r in mine], [r["tokens"] for r in mine], marker="o", label=mine[0]["label"])
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("block")
     ax.set_ylabel("tokens after the block")
     ax.grid(alpha=0.3)
