@@ -434,14 +434,16 @@ def _time_calls(fn, device: torch.device, warmup_s: float, duration_s: float, mi
     return times, warm_iters, warm_elapsed
 
 
-def _timed_sample(fn, repeats: int, device: torch.device) -> float:
-    """Seconds of ``repeats`` back-to-back calls of ``fn`` between device synchronisations."""
+def _timed_sample(fn, repeats: int, device: torch.device, clock=None) -> float:
+    """Seconds of ``repeats`` back-to-back calls of ``fn`` between device synchronisations (``clock``:
+    default ``time.perf_counter``, wall time)."""
+    clock = clock or time.perf_counter
     _sync(device)
-    t = time.perf_counter()
+    t = clock()
     for _ in range(repeats):
         fn()
     _sync(device)
-    return time.perf_counter() - t
+    return clock() - t
 
 
 def _balanced_repeats(warm: dict[str, float]) -> dict[str, int]:
@@ -451,8 +453,8 @@ def _balanced_repeats(warm: dict[str, float]) -> dict[str, int]:
 
 
 def time_sandwiched(fns: dict[str, Any], reference: str, device: str | torch.device, duration_s: float,
-                    min_rounds: int = 3, warmup_rounds: int = 1,
-                    balance: bool = True) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+                    min_rounds: int = 3, warmup_rounds: int = 1, balance: bool = True,
+                    clock=None) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Interleaved timing in which a sample of ``reference`` sits between every two samples of the others:
     ``ref, a, ref, b, ref, c, ref, ...`` (the order of the others rotated every round). Returns
     ``(times, flanks)``: each call's time per call, round by round (``times[reference]`` holds every
@@ -465,7 +467,10 @@ def time_sandwiched(fns: dict[str, Any], reference: str, device: str | torch.dev
     the slowest call's warm-up time over this one's (rounded, at least 1), and records the time per call.
     Every sample then spans about the same wall time, so a stall of the machine costs every call the same
     share of its sample instead of costing a fast call a larger share than a slow one -- which biases
-    ratios against the fast call."""
+    ratios against the fast call.
+
+    ``clock`` (default ``time.perf_counter``) measures the samples, e.g. ``time.process_time`` for the CPU
+    time of a single-threaded call, which a shared machine's other jobs inflate far less than wall time."""
     device = torch.device(device)
     if reference not in fns:
         raise ValueError(f"reference {reference!r} is not one of the calls: {sorted(fns)}")
@@ -474,11 +479,11 @@ def time_sandwiched(fns: dict[str, Any], reference: str, device: str | torch.dev
     others = [k for k in fns if k != reference]
     times: dict[str, list[float]] = {k: [] for k in fns}
     flanks: dict[str, list[float]] = {k: [] for k in others}
-    warm = {k: _timed_sample(fns[k], 1, device) for r in range(warmup_rounds) for k in fns}
+    warm = {k: _timed_sample(fns[k], 1, device, clock) for r in range(warmup_rounds) for k in fns}
     repeats = _balanced_repeats(warm) if balance else {k: 1 for k in fns}
 
     def ref_sample() -> float:
-        t = _timed_sample(fns[reference], repeats[reference], device) / repeats[reference]
+        t = _timed_sample(fns[reference], repeats[reference], device, clock) / repeats[reference]
         times[reference].append(t)
         return t
 
@@ -486,7 +491,7 @@ def time_sandwiched(fns: dict[str, Any], reference: str, device: str | torch.dev
     while rnd < min_rounds or total < duration_s:
         for j in range(len(others)):
             k = others[(j + rnd) % len(others)]
-            dt = _timed_sample(fns[k], repeats[k], device)
+            dt = _timed_sample(fns[k], repeats[k], device, clock)
             times[k].append(dt / repeats[k])
             after = ref_sample()
             flanks[k].append((before + after) / 2)

@@ -413,3 +413,22 @@ def test_sandwiched_timing_flanks_every_sample_with_the_reference(monkeypatch):
         measure.time_sandwiched(fns, "x", "cpu", duration_s=0.0)
     with pytest.raises(ValueError, match="warm-up round"):
         measure.time_sandwiched(fns, "ref", "cpu", duration_s=0.0, warmup_rounds=0, balance=True)
+
+
+def test_time_sandwiched_times_with_the_given_clock():
+    """``clock=`` replaces wall time in every sample (e.g. ``time.process_time``); the default stays wall time."""
+    from pyra_bench import measure
+
+    ticks = [0.0]
+
+    def clock():
+        return ticks[0]
+
+    def call(seconds):
+        def fn():
+            ticks[0] += seconds
+        return fn
+
+    times, flanks = measure.time_sandwiched({"ref": call(2.0), "a": call(1.0)}, "ref", "cpu", duration_s=0.0,
+                                            min_rounds=2, warmup_rounds=1, balance=False, clock=clock)
+    assert times == {"ref": [2.0] * 3, "a": [1.0] * 2} and flanks == {"a": [2.0, 2.0]}

@@ -124,25 +124,38 @@ def class_attention(q: torch.Tensor, k: torch.Tensor, size: torch.Tensor | None)
     return logits.softmax(dim=-1).mean(dim=1)[:, 0]
 
 
+def importance_order(importance: torch.Tensor, num_protected: int) -> torch.Tensor:
+    """Token indices (B, N): protected tokens first (in order), then the others by descending ``importance``."""
+    B = importance.shape[0]
+    order = importance[:, num_protected:].argsort(dim=1, descending=True) + num_protected
+    if num_protected:
+        front = torch.arange(num_protected, device=importance.device).expand(B, num_protected)
+        order = torch.cat([front, order], dim=1)
+    return order
+
+
 def sort_by_importance(x: torch.Tensor, size: torch.Tensor, importance: torch.Tensor, num_protected: int):
     """Protected tokens first (in order), then the others by descending ``importance`` (B, N)."""
     B, N, D = x.shape
-    order = importance[:, num_protected:].argsort(dim=1, descending=True) + num_protected
-    if num_protected:
-        front = torch.arange(num_protected, device=x.device).expand(B, num_protected)
-        order = torch.cat([front, order], dim=1)
+    order = importance_order(importance, num_protected)
     return x.gather(1, order[..., None].expand(B, N, D)), size.gather(1, order[..., None])
+
+
+def merge_targets(x: torch.Tensor, kept: int, num_protected: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For sorted tokens ``x``: each of tokens ``kept:``'s cosine similarity to, and index of, its most similar
+    token among ``:kept`` that is not protected (B, N - kept each)."""
+    metric = F.normalize(x.detach().float(), dim=-1)
+    sim = metric[:, kept:] @ metric[:, :kept].transpose(-1, -2)  # (B, N - kept, kept)
+    if num_protected:
+        sim[..., :num_protected] = -math.inf
+    return sim.max(dim=-1)
 
 
 def merge_into_kept(x: torch.Tensor, size: torch.Tensor, kept: int, num_protected: int):
     """DiffRate's merge of sorted tokens: tokens ``kept:`` go to their most similar token among ``:kept``
     (never a protected one); unweighted mean including the destination; similarity-scaled sizes."""
     B, N, D = x.shape
-    metric = F.normalize(x.detach().float(), dim=-1)
-    sim = metric[:, kept:] @ metric[:, :kept].transpose(-1, -2)  # (B, N - kept, kept)
-    if num_protected:
-        sim[..., :num_protected] = -math.inf
-    node_max, node_idx = sim.max(dim=-1)
+    node_max, node_idx = merge_targets(x, kept, num_protected)
     idx = node_idx[..., None]
     dst = x[:, :kept].scatter_reduce(1, idx.expand(B, N - kept, D), x[:, kept:], reduce="mean", include_self=True)
     grow = size[:, kept:] * node_max.clamp(min=0)[..., None].to(size.dtype)
@@ -167,11 +180,26 @@ class DiffRateReducer(TokenReducer):
             return x, size
         if size is None:
             size = x.new_ones(B, N, 1, dtype=torch.float32)
-        x, size = sort_by_importance(x, size, class_attention(q, k, size), self.num_protected)
+        importance = class_attention(q, k, size)
+        x, size = sort_by_importance(x, size, importance, self.num_protected)
         x, size = x[:, :n], size[:, :n]
+        if self.trace is not None:
+            self._trace(x, importance, n, m)
         if m < n:
             x, size = merge_into_kept(x, size, m, self.num_protected)
         return x, size
+
+    @torch.no_grad()
+    def _trace(self, x_sorted: torch.Tensor, importance: torch.Tensor, n: int, m: int) -> None:
+        """Report to ``self.trace``: tokens sorted by importance, those past ``n`` dropped, those in
+        ``[m, n)`` merged into their most similar kept token (``x_sorted``: the ``n`` sorted tokens)."""
+        B, N = importance.shape
+        order = importance_order(importance, self.num_protected)
+        ar = torch.arange(N, device=order.device).expand(B, N)
+        pos = torch.where(ar < n, ar, -1)
+        if m < n:
+            pos[:, m:n] = merge_targets(x_sorted, m, self.num_protected)[1]
+        self.trace.move(torch.empty_like(order).scatter_(1, order, pos))
 
     def extra_repr(self) -> str:
         return f"prune_kept={self.prune_kept}, merge_kept={self.merge_kept}"

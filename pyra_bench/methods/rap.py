@@ -44,6 +44,9 @@ What the method does
   ``lora`` gives plain LoRA. :meth:`paper_param_count` counts these extra parameters (LoRA, sliced with
   the qkv rows, is counted apart by :func:`~pyra_bench.models.params.count_parameters`).
 
+Source tracing (:func:`pyra_bench.models.merging.trace_sources`): RaP prunes channels, never tokens, so every
+patch keeps its own token through every block (``tests/test_trace.py``).
+
 Stages: ``lora`` (LoRA + head on the full model) -> ``prune`` (selection + pruning at its start; then
 ``prune_epochs`` of recovery training -- the trainer runs at least one epoch) -> ``retrain``.
 

@@ -240,7 +240,20 @@ class SPViTSelector(TokenReducer):
             count = s_sp.new_zeros(B, 1, 1)
         x_out = torch.cat([x_pre, kept_x, x_pk, pkg], dim=1)
         size_out = torch.cat([s_pre, kept_s, s_pk, count.clamp_min(EPS)], dim=1)
+        if self.trace is not None:
+            self._trace(idx, x_pre.shape[1], n_sp, x_pk.shape[1])
         return x_out, size_out
+
+    @torch.no_grad()
+    def _trace(self, idx: torch.Tensor, p: int, n_sp: int, n_pk: int) -> None:
+        """Report the top-k selection to ``self.trace``: kept tokens in order, the others fused into the new
+        package token (after the earlier packages), prefix and earlier packages unchanged."""
+        B, k = idx.shape
+        package = p + k + n_pk
+        ar = torch.arange(p + n_sp + n_pk, device=idx.device).expand(B, -1)
+        spatial = torch.full((B, n_sp), package, dtype=torch.long, device=idx.device).scatter(1, idx, ar[:, p:p + k])
+        new_of_old = torch.cat([ar[:, :p], spatial, package - n_pk + ar[:, :n_pk]], dim=1)
+        self.trace.move(new_of_old, fused_token=package if k < n_sp else None)
 
     def extra_repr(self) -> str:
         return f"index={self.index}, keep={self.keep}, prefix={self.num_prefix}, train_mode={self.train_mode}"

@@ -15,11 +15,20 @@ In a block with ``r > 0`` the tokens are merged *after the attention residual an
 Everything is batched gather / scatter: no Python loop over tokens or images.
 A *modulator* (PYRA, :mod:`pyra_bench.models.pyra`) may rewrite the size-weighted source tokens
 ``M_s`` given their pre-merge destinations ``M_t`` before the scatter.
+
+**Source tracing** (ToMe's ``trace_source``, here as index maps): inside ``with trace_sources(model) as
+trace:`` every forward records, block by block, which input patch each token holds (merged groups),
+which patches were dropped and which sit in a fused (package) token, and PYRA's modulation strength
+(:class:`SourceTrace`). Each reducer reports its own token moves (``TokenReducer.trace``); off (the
+default, ``trace is None``) a reducer does no extra tensor work.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -103,14 +112,98 @@ def merge_wavg(
     return torch.cat([unm, dst], dim=1), torch.cat([s_unm, s_dst], dim=1)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Source tracing
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class BlockSources:
+    """Where the input patches are after one block (``B`` images, ``P`` input patches, ``tokens`` tokens out).
+
+    ``groups`` (B, P) long: the index of the token holding each patch (prefix tokens included in the
+    numbering), -1 for a dropped patch. ``fused`` (B, P) bool: the patch is held by a fused token (an
+    EViT-style package of dropped tokens). ``modulation`` (B, P) float or None: in this block's merge,
+    the modulation strength (mean over channels of the gate) of the merged source token that held the
+    patch, NaN where the patch was in no modulated source; None where the block modulates nothing.
+    """
+
+    tokens: int
+    groups: torch.Tensor
+    fused: torch.Tensor
+    modulation: torch.Tensor | None = None
+
+
+class SourceTrace:
+    """Which input patches each token holds, block by block, for the last forward of a model.
+
+    Filled by :func:`trace_sources`; ``blocks[l]`` is a :class:`BlockSources` after block ``l``. Reducers
+    call :meth:`move` (tokens moved, merged or dropped) and :meth:`modulate` (before their move).
+    """
+
+    def __init__(self, num_prefix: int):
+        self.num_prefix = int(num_prefix)
+        self.blocks: list[BlockSources] = []
+
+    def start(self, x: torch.Tensor) -> None:
+        """A new forward: every patch is its own token (``x``: the first block's input, (B, N, D))."""
+        B, N = x.shape[:2]
+        P = N - self.num_prefix
+        self.blocks = []
+        self._groups = torch.arange(self.num_prefix, N, device=x.device).expand(B, P).clone()
+        self._fused = torch.zeros(B, P, dtype=torch.bool, device=x.device)
+        self._modulation: torch.Tensor | None = None
+
+    def move(self, new_of_old: torch.Tensor, fused_token: int | None = None) -> None:
+        """Token ``i`` before becomes token ``new_of_old[:, i]`` (B, N_old) after (-1: dropped); several
+        old tokens with one new index are merged. ``fused_token``: the new index of a fused token."""
+        held = self._groups >= 0
+        moved = new_of_old.gather(1, self._groups.clamp_min(0))
+        self._groups = torch.where(held, moved, -1)
+        if fused_token is not None:
+            self._fused |= self._groups == fused_token
+
+    def modulate(self, strength: torch.Tensor) -> None:
+        """The modulation strength per token before this block's move (B, N_old), NaN where unmodulated."""
+        held = self._groups >= 0
+        s = strength.float().gather(1, self._groups.clamp_min(0))
+        self._modulation = torch.where(held, s, torch.nan)
+
+    def end_block(self, tokens: int) -> None:
+        self.blocks.append(BlockSources(int(tokens), self._groups.clone(), self._fused.clone(), self._modulation))
+        self._modulation = None
+
+
+@contextlib.contextmanager
+def trace_sources(model: nn.Module) -> Iterator[SourceTrace]:
+    """Trace the sources of every forward of a token-reducing ViT (:func:`pyra_bench.models.vit.patch_vit`)
+    while the context is open; the trace holds the last forward. Hooks and reducer slots are cleared on
+    exit, so an untraced forward runs exactly the code it ran before."""
+    trace = SourceTrace(model.num_prefix_tokens)
+    blocks = list(model.blocks)
+    handles = [blocks[0].register_forward_pre_hook(lambda m, args: trace.start(args[0]))]
+    handles += [blk.register_forward_hook(lambda m, args, out: trace.end_block(out[0].shape[1])) for blk in blocks]
+    reducers = [blk.token_reducer for blk in blocks if getattr(blk, "token_reducer", None) is not None]
+    for red in reducers:
+        red.trace = trace
+    try:
+        yield trace
+    finally:
+        for h in handles:
+            h.remove()
+        for red in reducers:
+            del red.trace  # back to the class default (None)
+
+
 class TokenReducer(nn.Module):
     """Base class of the per-block token reduction step between attention and MLP.
 
     ``forward(x, size, q, k)`` gets the block's residual stream ``x`` (B, N, D), the token sizes (or None)
     and the attention's queries and keys (B, H, N, head_dim), and returns the new ``(x, size)``.
     ``tokens_out(n)`` tells the token count it leaves for ``n`` input tokens (used for schedule checks,
-    FLOP estimates and tests).
+    FLOP estimates and tests). ``trace``: a :class:`SourceTrace` to report token moves to, set only inside
+    :func:`trace_sources` (None otherwise: no tracing work).
     """
+
+    trace: SourceTrace | None = None
 
     def tokens_out(self, n: int) -> int:
         raise NotImplementedError
@@ -136,7 +229,34 @@ class ToMeMerge(TokenReducer):
             return x, size
         metric = k.mean(dim=1)  # (B, N, head_dim): keys averaged over heads
         m = bipartite_matching(metric, r, self.class_token, self.distill_token)
+        if self.trace is not None:
+            self._trace(x, size, m)
         return merge_wavg(x, size, m, self.modulator, self.distill_token)
+
+    @torch.no_grad()
+    def _trace(self, x: torch.Tensor, size: torch.Tensor | None, m: Matching) -> None:
+        """Report the merge of matching ``m`` (and, with a modulator, its strength) to ``self.trace``."""
+        B, N, D = x.shape
+        n_unm, r, n_b = m.unm_idx.shape[1], m.src_idx.shape[1], N // 2
+        ar = torch.arange(N, device=x.device).expand(B, N)
+        new_a = torch.empty(B, N - n_b, dtype=torch.long, device=x.device)
+        new_a.scatter_(1, m.unm_idx[..., 0], ar[:, :n_unm])
+        new_a.scatter_(1, m.src_idx[..., 0], n_unm + m.dst_idx[..., 0])
+        new_of_old = torch.empty(B, N, dtype=torch.long, device=x.device)
+        new_of_old[:, ::2], new_of_old[:, 1::2] = new_a, n_unm + ar[:, :n_b]
+        if self.distill_token:  # output order: class, distillation, the rest of A, the rest of B
+            c = new_of_old
+            new_of_old = torch.where(c == n_unm, 1, torch.where((c > 0) & (c < n_unm), c + 1, c))
+        if self.modulator is not None:
+            s_all = x.new_ones(B, N, 1) if size is None else size
+            s_src = s_all[:, ::2].gather(1, m.src_idx)
+            src = x[:, ::2].gather(1, m.src_idx.expand(B, r, D)) * s_src
+            dst = (x[:, 1::2] * s_all[:, 1::2]).gather(1, m.dst_idx.expand(B, r, D))
+            strength = torch.broadcast_to(self.modulator.gate(src, dst).mean(dim=-1), (B, r))
+            per_token = torch.full((B, N), math.nan, device=x.device)
+            per_token[:, ::2] = per_token[:, ::2].scatter(1, m.src_idx[..., 0], strength.float())
+            self.trace.modulate(per_token)
+        self.trace.move(new_of_old)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, protected={self.num_protected}"

@@ -63,6 +63,11 @@ class _Modulator(nn.Module):
     def info(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.norm(s + t)
 
+    def gate(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The modulation weight ``w`` with ``forward(s, t) = s + w * s`` (broadcastable to ``s``); its mean over
+        channels is the per-token modulation strength that source tracing records."""
+        raise NotImplementedError
+
     def paper_param_count(self) -> int:
         """Parameters the paper counts for token modulation (generators only, not the LayerNorm)."""
         return sum(p.numel() for n, p in self.named_parameters() if not n.startswith("norm."))
@@ -93,6 +98,10 @@ class PYRA(_Modulator):
         delta_r = m @ self.w_d.t()  # M_info W_D^T: (B, r, 1)
         return s + (2 * torch.sigmoid(delta_r) - 1) * (2 * torch.sigmoid(delta_d) * s)
 
+    def gate(self, s, t):
+        m = self.info(s, t)
+        return (2 * torch.sigmoid(m @ self.w_d.t()) - 1) * (2 * torch.sigmoid((m * self.w_r).sum(dim=1, keepdim=True)))
+
 
 class _SingleGenerator(_Modulator):
     sigmoid = True
@@ -103,9 +112,12 @@ class _SingleGenerator(_Modulator):
     def weight(self, m: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, s, t):
+    def gate(self, s, t):
         w = self.weight(self.info(s, t))
-        return s + ((2 * torch.sigmoid(w) - 1) if self.sigmoid else w) * s
+        return (2 * torch.sigmoid(w) - 1) if self.sigmoid else w
+
+    def forward(self, s, t):
+        return s + self.gate(s, t) * s
 
 
 @MODULATORS.register("wr")
@@ -150,6 +162,10 @@ class PlainWrWd(PYRA):
         delta_r = m @ self.w_d.t()
         return s + delta_r * delta_d * s
 
+    def gate(self, s, t):
+        m = self.info(s, t)
+        return (m @ self.w_d.t()) * (m * self.w_r).sum(dim=1, keepdim=True)
+
 
 @MODULATORS.register("direct")
 class DirectW(_SingleGenerator):
@@ -161,8 +177,8 @@ class DirectW(_SingleGenerator):
         super().__init__(r, dim, ln_eps)
         self.w = nn.Parameter(torch.zeros(r, dim))
 
-    def forward(self, s, t):
-        return s + (2 * torch.sigmoid(self.w) - 1) * s
+    def gate(self, s, t):
+        return 2 * torch.sigmoid(self.w) - 1
 
 
 @MODULATORS.register("gated")
