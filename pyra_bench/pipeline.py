@@ -474,7 +474,7 @@ def make_record(plan: Plan, model, results: StageResults, measured: dict[str, An
     backbone_label = str(cfg.backbone.get("display_name") or (spec.label if spec is not None else cfg.backbone.name))
     return {
         "run_id": plan.run_id, "status": "completed", "task": cfg.task.name, "group": plan.datamodule.spec.group,
-        "task_label": getattr(plan.datamodule.spec, "display", cfg.task.name),
+        "task_label": plan.datamodule.spec.display,
         "backbone": cfg.backbone.name, "backbone_label": backbone_label,
         "method": cfg.method.name, "method_key": method_key(cfg.method), "method_label": type(method).label(),
         "method_options": method_options(cfg.method),

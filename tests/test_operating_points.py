@@ -229,9 +229,9 @@ def _record_has_the_choice(model, state, cache, tmp_path):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=["backbone=vit_demo_mnist", "task=digits", "method=pyra",
                                           "compression=speedup:2"])
-    plan = SimpleNamespace(cfg=cfg, run_id="digits__speedup", weights=None, settings={}, git={}, started=0.0,
+    plan = SimpleNamespace(cfg=cfg, run_id="digits__speedup", weights=None, settings={}, git={}, started=0.0, clock=None,
                            run_dir=tmp_path / "run", datamodule=SimpleNamespace(
-                               spec=SimpleNamespace(group="demo"), data_format="sklearn", describe=dict))
+                               spec=SimpleNamespace(group="demo", display="Digits"), data_format="sklearn", describe=dict))
     rec = read_record(write_record(tmp_path / "records", make_record(plan, model, StageResults({1: 90.0}), {})))
     target = rec["method_state"]["target"]
     assert rec["method_state"]["schedule"] == model.pyra_method.schedule == target["schedule"] == state["schedule"]
