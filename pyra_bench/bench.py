@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import factory  # noqa: F401  (registers the config resolvers the method configs use)
 from .errors import InputError, exit_on_input_error
 from .identity import compression_str, git_state, method_key, method_options, run_id, utc_now
+from .info import register_help_resolver
 from .paths import CONF_DIR
 
 log = logging.getLogger("pyra_bench.bench")
@@ -204,6 +205,9 @@ def format_report(rec: dict[str, Any]) -> str:
     return "\n".join([line, *(f"{k:<{w}}  {v}" for k, v in rows), line])
 
 
+register_help_resolver()  # --help names the program as started (hydra.help.app_name)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="bench")
 def main(cfg: DictConfig) -> float | None:
     try:
@@ -222,8 +226,10 @@ def main(cfg: DictConfig) -> float | None:
 
 def cli() -> None:
     """The console entry point: unknown group choices exit with status 2 before Hydra starts."""
-    from .cli import precheck
+    from .cli import fast_help, precheck
 
+    if fast_help("bench"):
+        return
     precheck("pyra_bench.bench", ("backbone", "method"))
     main()
 

@@ -199,11 +199,15 @@ class SummaryCallback(Callback):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pyra_bench.sweep", description=__doc__,
+    from .cli import prog_name
+
+    ap = argparse.ArgumentParser(prog=prog_name("pyra_bench.sweep"), description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", choices=["dry-run", "summary"])
-    ap.add_argument("overrides", nargs="*", help="Hydra overrides, as given to `python -m pyra_bench.train -m`")
-    a = ap.parse_args(argv)
+    ap.add_argument("overrides", nargs="*", help="Hydra key=value overrides, as given to `python -m pyra_bench.train -m`")
+    ap.add_argument("-m", "--multirun", action="store_true",
+                    help="accepted and ignored (a sweep's train command line can be pasted as it is)")
+    a = ap.parse_intermixed_args(argv)
     from .cli import precheck
     from .errors import InputError, exit_on_input_error
     from .train import GROUPS

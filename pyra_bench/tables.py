@@ -52,6 +52,7 @@ from . import paths
 from .data.tasks import GROUPS, VTAB_TASKS
 from .data.tasks import TASKS as TASK_REGISTRY
 from .errors import ConfigError, InputError, InputFileNotFoundError, exit_on_input_error
+from .info import register_help_resolver
 from .latex import escape, frame_to_latex, latex_document, table_to_latex
 from .records import iter_records
 from .stats import mean_std, per_seed_means, stratified_mean
@@ -1034,6 +1035,9 @@ def build(o: Options) -> list[Path]:
 def run(cfg: Any) -> list[Path]:
     """Check the config, then build (what the Hydra entry point calls; tests call it with a composed config)."""
     return build(check_options(cfg))
+
+
+register_help_resolver()  # --help names the program as started (hydra.help.app_name)
 
 
 @hydra.main(version_base="1.3", config_path=str(paths.CONF_DIR), config_name="tables")

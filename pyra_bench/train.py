@@ -161,8 +161,10 @@ GROUPS = ("task", "method", "backbone", "trainer", "logger", "callbacks", "exper
 def cli() -> None:
     """The console entry point: unknown group choices, and invalid settings of the run or of any job of a
     sweep, exit with status 2 before Hydra starts (nothing written)."""
-    from .cli import precheck, precheck_runs
+    from .cli import fast_help, precheck, precheck_runs
 
+    if fast_help("train"):
+        return
     precheck("pyra_bench.train", GROUPS)
     precheck_runs("pyra_bench.train")
     main()

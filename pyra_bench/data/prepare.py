@@ -633,7 +633,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m pyra_bench.data.prepare [key=value ...]`` (``--help`` lists the options). ``argv``: the
     overrides as a list, run without Hydra's command line, returning the exit status."""
     if argv is None:
-        _hydra_app()()  # parses sys.argv; a non-zero status exits through SystemExit
+        from ..cli import fast_help
+
+        if not fast_help("prepare"):
+            _hydra_app()()  # parses sys.argv; a non-zero status exits through SystemExit
         return 0
     return run(compose_config(argv))
 

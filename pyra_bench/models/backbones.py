@@ -16,15 +16,14 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
-
-import timm
-import torch
-from timm.models.vision_transformer import VisionTransformer
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, InputFileNotFoundError
 from ..registry import Registry, UnknownChoiceError
+
+if TYPE_CHECKING:  # the registry is read without torch or timm (listings, --help); building imports them
+    from timm.models.vision_transformer import VisionTransformer
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -132,6 +131,8 @@ def backbone_spec_from_config(bcfg: Mapping[str, Any]) -> BackboneSpec:
             raise UnknownChoiceError(f"schedule family of backbone {name!r}", str(fam), [*PRESETS, "none"])
     if "kwargs" in given and not isinstance(given["kwargs"], Mapping):
         raise ConfigError(f"backbone {name!r}: kwargs must be a mapping of timm.create_model arguments")
+    import timm
+
     if "timm_name" in given and not timm.is_model(given["timm_name"]):
         raise ConfigError(f"backbone {name!r}: timm has no model {given['timm_name']!r} (list candidates with "
                           f"python -c \"import timm; print(timm.list_models('*{given['timm_name'].split('.')[0]}*'))\")")
@@ -172,6 +173,9 @@ def create_backbone(
         if not checkpoint.is_file():
             raise InputFileNotFoundError(f"checkpoint file not found: {checkpoint}")
     kwargs = {**spec.kwargs, **overrides, "drop_path_rate": drop_path_rate}
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
     try:
         if spec.timm_name is None:
             model = VisionTransformer(num_classes=num_classes, **kwargs)
@@ -248,5 +252,7 @@ def load_checkpoint(model: VisionTransformer, path: str | os.PathLike, backbone:
         if unexpected:
             lines.append(f"  {len(unexpected)} unexpected key(s), e.g. {', '.join(unexpected[:5])}")
         raise CheckpointError("\n".join(lines))
+    import torch
+
     with torch.no_grad():
         model.load_state_dict(state, strict=False)
