@@ -309,13 +309,16 @@ def config_help(name: str, conf_dir: Path | None = None, indent: str = "  ") -> 
 
 
 def _resolve_help(section: str = "all", name: str | None = None) -> str:
+    if section == "conf_path":  # where a file of the configs really is (a checkout's conf/, or the install's)
+        return str(CONF_DIR / str(name)).replace("$", "$$")
     text = config_help(str(name)) if section == "config" else help_text(str(section))
     return text.replace("$", "$$")  # Hydra fills the help template with string.Template
 
 
 def register_help_resolver(name: str = "pyra_help") -> None:
     """Register ``${pyra_help:<section>}`` (e.g. in ``hydra.help.template``) -> :func:`help_text`,
-    ``${pyra_help:config,<name>}`` -> :func:`config_help` (a config's options with their comments), and
+    ``${pyra_help:config,<name>}`` -> :func:`config_help` (a config's options with their comments),
+    ``${pyra_help:conf_path,<file>}`` -> the path of a file of the configs (checkout or installed), and
     ``${pyra_prog:<module>}`` (``hydra.help.app_name``) -> the program as started
     (:func:`pyra_bench.cli.prog_name`: ``pyra-train`` or ``python -m pyra_bench.train``)."""
     from omegaconf import OmegaConf

@@ -150,8 +150,9 @@ def main(cfg: DictConfig) -> float | None:
         from .records import read_record
 
         rec = read_record(rec["path"])
-    m = rec.get("metrics") or {}
-    return m.get("test_top1") if m.get("test_top1") is not None else m.get("val_top1")
+    from .records import objective
+
+    return objective(rec, cfg.get("optimized_metric") or "top1")  # to a sweeper (Optuna): conf/hparams_search/
 
 
 #: Config groups whose choices are checked before Hydra starts (:mod:`pyra_bench.cli`).
