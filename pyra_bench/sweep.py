@@ -198,6 +198,24 @@ class SummaryCallback(Callback):
             raise SystemExit(1)
 
 
+class OptunaLogging(Callback):
+    """Hydra callback of ``hparams_search=optuna`` (conf/hparams_search/optuna.yaml), before the sweeper
+    (and with it Optuna) is loaded: alembic, which Optuna's storage imports, logs nothing below a warning
+    (not its seven "setup plugin alembic..." lines); and when stderr is not a terminal (a batch log),
+    Optuna's own lines ("A new study created ...") go through the sweep's logging -- Hydra's handler, plain
+    text -- instead of Optuna's colour handler, which writes ANSI escape codes. On a terminal Optuna keeps
+    its colours."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger("alembic").level))
+        if sys.stderr.isatty():
+            return
+        import optuna
+
+        optuna.logging.disable_default_handler()
+        optuna.logging.enable_propagation()
+
+
 def main(argv: list[str] | None = None) -> int:
     from .cli import prog_name
 

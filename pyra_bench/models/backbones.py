@@ -12,8 +12,10 @@ handle (register tokens, no class token, pooled heads) are refused by name when 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +26,8 @@ from ..registry import Registry, UnknownChoiceError
 if TYPE_CHECKING:  # the registry is read without torch or timm (listings, --help); building imports them
     from timm.models.vision_transformer import VisionTransformer
     from torch import nn
+
+log = logging.getLogger("pyra_bench")
 
 
 @dataclass(frozen=True)
@@ -195,6 +199,26 @@ def _head_keys(model: nn.Module) -> set[str]:
     return {k for k in model.state_dict() if k.startswith(("head.", "head_dist.", "fc_norm."))}
 
 
+class _DropTimmLoadLine(logging.Filter):
+    """timm's ``load_state_dict`` logs ``Loaded <key> from checkpoint '<file>'``, where ``<key>`` is the
+    wrapper key the weights sat under -- empty for a plain state dict (``Loaded  from checkpoint``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (str(record.msg).startswith("Loaded ") and " from checkpoint '" in str(record.msg))
+
+
+@contextlib.contextmanager
+def _own_load_line() -> Iterator[None]:
+    """While reading a checkpoint through timm: its load line is dropped (:func:`load_checkpoint` logs one
+    naming the backbone instead)."""
+    timm_log, drop = logging.getLogger("timm.models._helpers"), _DropTimmLoadLine()
+    timm_log.addFilter(drop)
+    try:
+        yield
+    finally:
+        timm_log.removeFilter(drop)
+
+
 def load_checkpoint(model: VisionTransformer, path: str | os.PathLike, backbone: str = "?") -> None:
     """Load backbone weights from a local file, refusing clearly a file that does not fit.
 
@@ -229,9 +253,11 @@ def load_checkpoint(model: VisionTransformer, path: str | os.PathLike, backbone:
             return load_state_dict(str(path))
 
     try:
-        state = read()
+        with _own_load_line():
+            state = read()
     except Exception as e:  # noqa: BLE001 - any read error becomes a clear message
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+    log.info("backbone %s: weights from checkpoint '%s' (%d tensors)", backbone, path, len(state))
     try:
         state = checkpoint_filter_fn(state, model)
     except Exception as e:  # noqa: BLE001
