@@ -17,13 +17,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from . import factory  # noqa: F401  (registers the config resolvers the method configs use)
+from .cli import hydra_app
 from .errors import InputError, exit_on_input_error
 from .identity import compression_str, git_state, method_key, method_options, run_id, utc_now
-from .info import register_help_resolver
 from .paths import CONF_DIR
 
 log = logging.getLogger("pyra_bench.bench")
@@ -205,10 +204,7 @@ def format_report(rec: dict[str, Any]) -> str:
     return "\n".join([line, *(f"{k:<{w}}  {v}" for k, v in rows), line])
 
 
-register_help_resolver()  # --help names the program as started (hydra.help.app_name)
-
-
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="bench")
+@hydra_app(config_path=str(CONF_DIR), config_name="bench")  # hydra.main; --help alone: cli.fast_help
 def main(cfg: DictConfig) -> float | None:
     try:
         from .checks import check_bench_config
@@ -226,10 +222,8 @@ def main(cfg: DictConfig) -> float | None:
 
 def cli() -> None:
     """The console entry point: unknown group choices exit with status 2 before Hydra starts."""
-    from .cli import fast_help, precheck
+    from .cli import precheck
 
-    if fast_help("bench"):
-        return
     precheck("pyra_bench.bench", ("backbone", "method"))
     main()
 

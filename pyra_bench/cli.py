@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import difflib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from .paths import CONF_DIR
 
@@ -24,6 +25,32 @@ def prog_name(module: str) -> str:
     file, or ``-c``)."""
     name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
     return name if name and not name.endswith(".py") and not name.startswith("-") else f"python -m {module}"
+
+
+def hydra_app(config_name: str, config_path: str = str(CONF_DIR)) -> Callable[[Callable], Callable[[], Any]]:
+    """``@hydra.main(version_base="1.3", config_path=..., config_name=...)`` whose ``--help`` alone is
+    printed by :func:`fast_help` (without Hydra's composition); every other command line goes to Hydra.
+    Registers the help resolvers (``${pyra_help:...}``, ``${pyra_prog:...}``) the help templates use."""
+    import functools
+
+    import hydra
+
+    from .info import register_help_resolver
+
+    register_help_resolver()
+
+    def deco(task: Callable) -> Callable[[], Any]:
+        app = hydra.main(version_base="1.3", config_path=config_path, config_name=config_name)(task)
+
+        @functools.wraps(task)
+        def main(*args: Any, **kwargs: Any) -> Any:
+            if args or kwargs or not fast_help(config_name, conf_dir=Path(config_path)):
+                return app(*args, **kwargs)
+            return None
+
+        return main
+
+    return deco
 
 
 def group_choices(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
@@ -51,16 +78,18 @@ def fast_help(config_name: str, argv: Sequence[str] | None = None, conf_dir: Pat
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv not in (["--help"], ["-h"]):
         return False
-    import re
     import string
 
     from omegaconf import OmegaConf
 
     from .info import register_help_resolver
 
-    register_help_resolver()
+    register_help_resolver()  # (also registered by hydra_app; fast_help may be called on its own)
     template = OmegaConf.select(OmegaConf.load(Path(conf_dir) / f"{config_name}.yaml"), "hydra.help.template")
-    if not isinstance(template, str) or set(re.findall(r"\$\{?([A-Z_]+)", template)) - {"APP_CONFIG_GROUPS"}:
+    if not isinstance(template, str):
+        return False
+    names = {m["named"] or m["braced"] for m in string.Template.pattern.finditer(template)} - {None}
+    if names - {"APP_CONFIG_GROUPS"}:
         return False
     print(string.Template(template).substitute(APP_CONFIG_GROUPS=app_config_groups(conf_dir)))
     return True

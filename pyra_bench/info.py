@@ -183,10 +183,11 @@ _ENTRY = re.compile(r"^(?P<indent>\s*)(?P<key>[A-Za-z_]\w*):\s*(?P<value>[^#]*?)
 
 def yaml_entries(path: Path, block: str | None = None) -> list[tuple[str, str, str]]:
     """``(key, value as written, comment)`` of the scalar entries of a config file: the top-level ones, or
-    those inside the top-level mapping ``block``. The comment is the line's own, else the comment lines
-    just above the entry (not the comment block that heads the file)."""
+    those directly inside the top-level mapping ``block`` (not those of a mapping nested in it). The comment
+    is the line's own, else the comment lines just above the entry (not the comment block that heads the
+    file)."""
     rows: list[tuple[str, str, str]] = []
-    inside, pending, started = block is None, [], False
+    inside, pending, started, depth = block is None, [], False, None
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         comment = line.strip().startswith("#")
         top = bool(line) and not line[0].isspace() and not comment
@@ -206,10 +207,20 @@ def yaml_entries(path: Path, block: str | None = None) -> list[tuple[str, str, s
                 pending.append(text)
             continue
         m = _ENTRY.match(line)
-        if m and m["value"] and m["key"] != "defaults" and not m["key"].startswith("_"):
+        if m and block is not None:
+            depth = len(m["indent"]) if depth is None else depth
+        if m and m["value"] and m["key"] != "defaults" and not m["key"].startswith("_") and (
+                block is None or len(m["indent"]) == depth):
             rows.append((m["key"], m["value"], m["comment"] or " ".join(pending)))
         pending = []
     return rows
+
+
+def yaml_blocks(path: Path) -> list[str]:
+    """The top-level mappings of a config file (``data:``, ``bench:``), Hydra's ``defaults`` and ``hydra``
+    excepted."""
+    found = re.findall(r"^([A-Za-z]\w*):\s*(?:#.*)?$", Path(path).read_text(encoding="utf-8"), re.M)
+    return [b for b in found if b not in ("defaults", "hydra")]
 
 
 def method_options(name: str, conf_dir: Path | None = None) -> list[tuple[str, str, str]]:
@@ -303,9 +314,12 @@ def help_text(section: str = "all", conf_dir: Path | None = None, indent: str = 
 
 
 def config_help(name: str, conf_dir: Path | None = None, indent: str = "  ") -> str:
-    """The top-level options of ``conf/<name>.yaml``, one line each: ``key=value`` and its comment."""
+    """The options of ``conf/<name>.yaml``, one line each, ``key=value`` and its comment: the top-level
+    ones, then those of each top-level mapping (``bench.device=cpu``, :func:`yaml_blocks`)."""
     path = Path(conf_dir or CONF_DIR) / f"{name}.yaml"
-    return format_rows([(f"{k}={v}", c) for k, v, c in yaml_entries(path)], indent)
+    rows = [(f"{k}={v}", c) for k, v, c in yaml_entries(path)]
+    rows += [(f"{b}.{k}={v}", c) for b in yaml_blocks(path) for k, v, c in yaml_entries(path, b)]
+    return format_rows(rows, indent)
 
 
 def _resolve_help(section: str = "all", name: str | None = None) -> str:

@@ -190,7 +190,7 @@ def test_installed_bench_and_sweep_scripts(install):
     torch and timm for the run ids: ~15 s more; tests/test_sweeps.py runs it in-process.)"""
     p = _run(install, _script(install, "pyra-bench"), "--help")
     assert p.returncode == 0, p.stderr
-    assert "backbone:" in p.stdout and "vit_b16_in21k" in p.stdout and "bench:" in p.stdout
+    assert "backbone:" in p.stdout and "vit_b16_in21k" in p.stdout and "\n  bench.device=cpu " in p.stdout
     p = _run(install, _script(install, "pyra-sweep"), "--help")
     assert p.returncode == 0, p.stderr
     assert "{dry-run,summary}" in p.stdout and "experiment=table2_vit_b" in p.stdout

@@ -611,14 +611,10 @@ def run(cfg: Any) -> int:
 
 
 def _hydra_app():
-    import hydra
-
-    from ..info import register_help_resolver
+    from ..cli import hydra_app
     from ..paths import CONF_DIR
 
-    register_help_resolver()  # --help lists the options with their comments
-
-    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="prepare")
+    @hydra_app(config_path=str(CONF_DIR), config_name="prepare")  # hydra.main; --help alone: cli.fast_help
     def app(cfg) -> None:
         code = run(cfg)
         if code:
@@ -648,10 +644,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m pyra_bench.data.prepare [key=value ...]`` (``--help`` lists the options). ``argv``: the
     overrides as a list, run without Hydra's command line, returning the exit status."""
     if argv is None:
-        from ..cli import fast_help
-
-        if not fast_help("prepare"):
-            _hydra_app()()  # parses sys.argv; a non-zero status exits through SystemExit
+        _hydra_app()()  # parses sys.argv; a non-zero status exits through SystemExit
         return 0
     return run(compose_config(argv))
 
