@@ -90,7 +90,7 @@ def _script(install, name: str) -> str:
 #: Modules whose distribution is named otherwise.
 DISTRIBUTIONS = {"hydra": "hydra-core", "sklearn": "scikit-learn", "PIL": "pillow"}
 #: Imported by the package, installed by a declared dependency that requires it: module -> that dependency.
-PROVIDED = {"numpy": "pandas", "PIL": "torchvision", "huggingface_hub": "timm"}
+PROVIDED = {"numpy": "pandas", "PIL": "torchvision", "huggingface_hub": "timm", "optuna": "hydra-optuna-sweeper"}
 
 
 def _dist(name: str) -> str:
