@@ -6,7 +6,11 @@ its own start-up.
 For ``train`` (:func:`precheck_runs`) also every run the command makes -- the run, or each job of a grid
 sweep (``-m``) as :mod:`pyra_bench.sweep` expands it -- is composed and checked
 (:func:`pyra_bench.jobs.check_job`) before Hydra's launcher makes the sweep folder, without importing
-Lightning."""
+Lightning.
+
+``--help`` of every Hydra entry point (:func:`hydra_app`, :func:`fast_help`) is printed from the help
+template without Hydra's composition, and names the program as it was started (:func:`prog_name`), so
+that it takes less time than ``import torch`` (``scripts/bench_cli.py``)."""
 
 from __future__ import annotations
 
