@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from . import factory  # noqa: F401  (registers the config resolvers the method configs use)
+from .cli import hydra_app
 from .errors import InputError, exit_on_input_error
 from .identity import compression_str, git_state, method_key, method_options, run_id, utc_now
 from .paths import CONF_DIR
@@ -204,7 +204,7 @@ def format_report(rec: dict[str, Any]) -> str:
     return "\n".join([line, *(f"{k:<{w}}  {v}" for k, v in rows), line])
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="bench")
+@hydra_app(config_path=str(CONF_DIR), config_name="bench")  # hydra.main; --help alone: cli.fast_help
 def main(cfg: DictConfig) -> float | None:
     try:
         from .checks import check_bench_config

@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigCheckError, HubUnreachableError, InputError
+from .records import OPTIMIZED_METRICS
 
 #: The evaluation protocols of a run. A copy of the keys of ``pyra_bench.train.PROTOCOLS`` (which also maps
 #: each to its training and evaluated split); a test keeps the two in step.
@@ -698,6 +699,7 @@ def check_run_config(cfg: DictConfig, machine: bool = True) -> None:
         ch.add("experiment", choice, why)
     ch.integer("seed", 0, SEED_LIMIT, meaning="the random seed; 2**32 = 4294967296", example=0)
     ch.choice("protocol", PROTOCOLS, meaning="protocol")
+    ch.choice("optimized_metric", (None, *OPTIMIZED_METRICS), meaning="metric a sweep's job returns")
     ch.integer("retries", 0, meaning="re-tries of a failed run; 0 = none", example=1)
     for key in RUN_FLAGS:
         ch.flag(key)

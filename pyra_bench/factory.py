@@ -8,7 +8,7 @@ Trainer; a misspelt option is refused by :func:`check_trainer_options` before an
 does; an entry set to null (``logger.wandb=null``) or with ``enabled: false`` is left out.
 
 Importing this module registers the OmegaConf resolvers the configs use (``first``, ``gpu_count``,
-``wandb_id``), so every entry point that composes a config imports it first.
+``wandb_id``, ``short_hash``), so every entry point that composes a config imports it first.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError, InputFileNotFoundError
-from .identity import PROTOCOLS, wandb_id
+from .identity import PROTOCOLS, short_hash, wandb_id
 
 log = logging.getLogger("pyra_bench")
 
@@ -60,6 +60,7 @@ def _gpu_count() -> int:
 OmegaConf.register_new_resolver("first", _first, replace=True)
 OmegaConf.register_new_resolver("gpu_count", _gpu_count, replace=True)
 OmegaConf.register_new_resolver("wandb_id", wandb_id, replace=True)
+OmegaConf.register_new_resolver("short_hash", short_hash, replace=True)
 
 
 def _register_tracking_resolvers() -> None:

@@ -208,6 +208,13 @@ def software_versions() -> dict[str, str]:
             "lightning": lightning.__version__}
 
 
+def short_hash(*values: Any) -> str:
+    """8 hex digits naming a set of values in a run id (``${short_hash:${trainer.lr},${trainer.weight_decay}}``:
+    an Optuna trial's ``run_tag``): the SHA-1 of the values as JSON; the values themselves are in the
+    run's config and record."""
+    return hashlib.sha1(json.dumps(list(values), default=str).encode()).hexdigest()[:8]
+
+
 def wandb_id(rid: str) -> str:
     """The W&B run id of a run id (stable: a resumed or retried run continues the same W&B run)."""
     return hashlib.sha1(rid.encode()).hexdigest()[:16]

@@ -1,8 +1,8 @@
-"""``python -m pyra_bench.info backbones|methods|tasks|experiments|options|recipe|launchers``: the choices.
+"""``python -m pyra_bench.info [section=]backbones|methods|tasks|experiments|options|recipe|launchers``: the choices.
 
 One line per choice, with its description from where it is defined: a backbone's spec in the registry
-(:mod:`pyra_bench.models.backbones`), the first line of a method's docstring (its class's, else its
-module's), a task's display name, group and class count (:mod:`pyra_bench.data.tasks`), an experiment
+(:mod:`pyra_bench.models.backbones`), the first line of a method's docstring (its module's, else its
+class's), a task's display name, group and class count (:mod:`pyra_bench.data.tasks`), an experiment
 config's first comment line. Only choices with a config in ``conf/<group>/`` can be given on the command
 line (``backbone=<name>``); a registered name without one is marked. ``options`` lists each method's
 ``method.kwargs.*`` options with their defaults and comments (from ``conf/method/<name>.yaml``),
@@ -10,9 +10,12 @@ line (``backbone=<name>``); a registered name without one is marked. ``options``
 (``hydra/launcher=``, ``conf/hydra/launcher/``).
 
 :func:`help_text` gives the same text for ``--help`` (the Hydra resolver ``${pyra_help:<section>}``,
-registered by :func:`register_help_resolver`; ``${pyra_help:config,<name>}``: a config's options). ``--help``
-must stay fast, so the resolver reads the built-in methods from their source files (:func:`source_methods`:
-the same names, descriptions and options as the registry, without importing torch).
+registered by :func:`register_help_resolver`; ``${pyra_help:config,<name>}``: a config's options). A
+listing and ``--help`` must be faster than ``import torch`` (``scripts/bench_cli.py``), so nothing here
+imports torch or timm: the backbones and tasks come from their registries, which are plain data
+(:mod:`pyra_bench.models.backbones`, :mod:`pyra_bench.data.tasks`), and the built-in methods from their
+source files (:func:`source_methods`: the names, docstrings and constructor signatures the method registry
+gets when they are imported).
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from __future__ import annotations
 import argparse
 import ast
 import functools
-import inspect
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -50,11 +52,6 @@ def first_comment_line(path: Path) -> str:
     return ""
 
 
-def first_doc_line(obj: object) -> str:
-    doc = inspect.getdoc(obj) or ""
-    return doc.strip().splitlines()[0].strip() if doc.strip() else ""
-
-
 def _merge(group: str, configs: list[str], registered: list[str], describe: Callable[[str], str],
            conf_dir: Path | None = None) -> list[Row]:
     """Config names (what the command line accepts) first, then registered names without a config. A
@@ -69,33 +66,13 @@ def _merge(group: str, configs: list[str], registered: list[str], describe: Call
 
 
 def backbones(conf_dir: Path | None = None) -> list[Row]:
-    from .models.backbones import BACKBONES
+    from .models.backbones import BACKBONES  # the registry alone (no torch / timm import)
 
     def describe(name: str) -> str:
         spec = BACKBONES.get(name)
         return spec.description + (f" [timm {spec.timm_name}]" if spec.timm_name else "")
 
     return _merge("backbone", _config_names("backbone", conf_dir), BACKBONES.names(), describe, conf_dir)
-
-
-def method_class(name: str) -> type:
-    from .methods import METHODS
-
-    return METHODS.get(name)
-
-
-def method_description(name: str) -> str:
-    """The first line of the docstring of the method's module (one method, one file), else of its class."""
-    cls = method_class(name)
-    text = first_doc_line(sys.modules[cls.__module__]) or first_doc_line(cls)
-    label = getattr(cls, "display_name", None)
-    return f"{text} [{label}]" if label and label != name and label not in text else text
-
-
-def methods(conf_dir: Path | None = None) -> list[Row]:
-    from .methods import METHODS
-
-    return _merge("method", _config_names("method", conf_dir), METHODS.names(), method_description, conf_dir)
 
 
 #: Where the built-in methods are defined (one module each, registered with ``@METHODS.register("<name>")``).
@@ -132,8 +109,9 @@ def _class_attr(cls: ast.ClassDef, name: str) -> object:
     return None
 
 
-def _source_description(tree: ast.Module, cls: ast.ClassDef) -> str:
-    """:func:`method_description` from the source: the module's docstring, else the class's."""
+def method_description(tree: ast.Module, cls: ast.ClassDef) -> str:
+    """The first line of the docstring of the method's module (one method, one file), else of its class,
+    with its ``display_name`` where the name does not say it."""
     doc = (ast.get_docstring(tree) or "").strip() or (ast.get_docstring(cls) or "").strip()
     text = doc.splitlines()[0].strip() if doc else ""
     label, name = _class_attr(cls, "display_name"), _class_attr(cls, "name")
@@ -154,8 +132,8 @@ def _source_init(cls: ast.ClassDef, classes: dict[str, ast.ClassDef]) -> ast.Fun
 
 
 def _source_signature(cls: ast.ClassDef, classes: dict[str, ast.ClassDef]) -> list[tuple[str, str]]:
-    """``(name, default)`` of the constructor options, as :func:`method_options` reads them from
-    :func:`inspect.signature` (no ``self``, no ``*args`` / ``**kwargs``; no default: ``""``)."""
+    """``(name, default)`` of the constructor options, as :func:`inspect.signature` has them (no ``self``,
+    no ``*args`` / ``**kwargs``; no default: ``""``)."""
     init = _source_init(cls, classes)
     if init is None:
         return []
@@ -174,12 +152,13 @@ def _source_signature(cls: ast.ClassDef, classes: dict[str, ast.ClassDef]) -> li
     return out
 
 
-def methods_from_source(conf_dir: Path | None = None) -> list[Row]:
-    """:func:`methods` without importing the registry (for ``--help``): the built-in methods from their
-    source files; a method known only to the registry (a plug-in) is listed when it has a config."""
+def methods(conf_dir: Path | None = None) -> list[Row]:
+    """The built-in methods, read from their source files (:func:`source_methods`: the names, docstrings
+    and constructors the registry gets when they are imported, without importing torch), and every method
+    config; a method known only to the registry (a plug-in) is listed when it has a config."""
     found = source_methods()
     return _merge("method", _config_names("method", conf_dir), sorted(found),
-                  lambda n: _source_description(*found[n][:2]), conf_dir)
+                  lambda n: method_description(*found[n][:2]), conf_dir)
 
 
 def tasks(conf_dir: Path | None = None) -> list[Row]:
@@ -204,10 +183,11 @@ _ENTRY = re.compile(r"^(?P<indent>\s*)(?P<key>[A-Za-z_]\w*):\s*(?P<value>[^#]*?)
 
 def yaml_entries(path: Path, block: str | None = None) -> list[tuple[str, str, str]]:
     """``(key, value as written, comment)`` of the scalar entries of a config file: the top-level ones, or
-    those inside the top-level mapping ``block``. The comment is the line's own, else the comment lines
-    just above the entry (not the comment block that heads the file)."""
+    those directly inside the top-level mapping ``block`` (not those of a mapping nested in it). The comment
+    is the line's own, else the comment lines just above the entry (not the comment block that heads the
+    file)."""
     rows: list[tuple[str, str, str]] = []
-    inside, pending, started = block is None, [], False
+    inside, pending, started, depth = block is None, [], False, None
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         comment = line.strip().startswith("#")
         top = bool(line) and not line[0].isspace() and not comment
@@ -227,44 +207,43 @@ def yaml_entries(path: Path, block: str | None = None) -> list[tuple[str, str, s
                 pending.append(text)
             continue
         m = _ENTRY.match(line)
-        if m and m["value"] and m["key"] != "defaults" and not m["key"].startswith("_"):
+        if m and block is not None:
+            depth = len(m["indent"]) if depth is None else depth
+        if m and m["value"] and m["key"] != "defaults" and not m["key"].startswith("_") and (
+                block is None or len(m["indent"]) == depth):
             rows.append((m["key"], m["value"], m["comment"] or " ".join(pending)))
         pending = []
     return rows
 
 
-def method_options(name: str, conf_dir: Path | None = None, from_source: bool = False) -> list[tuple[str, str, str]]:
-    """``(key, default, comment)`` of each ``kwargs`` entry of ``conf/method/<name>.yaml``, then the
-    method's other constructor options (default from the signature, no comment). ``from_source``: the
-    signature of a built-in method is read from its source file (no import; see :func:`source_methods`)."""
+def yaml_blocks(path: Path) -> list[str]:
+    """The top-level mappings of a config file (``data:``, ``bench:``), Hydra's ``defaults`` and ``hydra``
+    excepted."""
+    found = re.findall(r"^([A-Za-z]\w*):\s*(?:#.*)?$", Path(path).read_text(encoding="utf-8"), re.M)
+    return [b for b in found if b not in ("defaults", "hydra")]
+
+
+def method_options(name: str, conf_dir: Path | None = None) -> list[tuple[str, str, str]]:
+    """``(key, default, comment)`` of each ``kwargs`` entry of ``conf/method/<name>.yaml``, then the other
+    constructor options of a built-in method (default from its signature, read from its source file; see
+    :func:`source_methods`), no comment. A plug-in method: its config's options."""
     path = Path(conf_dir or CONF_DIR) / "method" / f"{name}.yaml"
     rows = yaml_entries(path, "kwargs") if path.is_file() else []
     known = {k for k, _, _ in rows}
-    if from_source:
-        found = source_methods().get(name)
-        params = _source_signature(*found[1:]) if found else []
-        return rows + [(k, v, "") for k, v in params if k not in known and k != "schedule"]
-    try:
-        sig = inspect.signature(method_class(name).__init__)
-    except Exception:  # noqa: BLE001 - an unknown method: the config's options only
-        return rows
-    for p in list(sig.parameters.values())[1:]:
-        if p.name in known or p.name == "schedule" or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
-            continue
-        rows.append((p.name, "" if p.default is p.empty else _hydra_value(p.default), ""))
-    return rows
+    found = source_methods().get(name)
+    params = _source_signature(*found[1:]) if found else []
+    return rows + [(k, v, "") for k, v in params if k not in known and k != "schedule"]
 
 
 def _hydra_value(v: object) -> str:
     return {None: "null", True: "true", False: "false"}.get(v, str(v)) if isinstance(v, (bool, type(None))) else str(v)
 
 
-def options(conf_dir: Path | None = None, from_source: bool = False) -> list[Row]:
-    """One line per method option: ``method=<name> method.kwargs.<key>=<default>`` and its comment
-    (``from_source``: the built-in methods read from their source files, see :func:`source_methods`)."""
+def options(conf_dir: Path | None = None) -> list[Row]:
+    """One line per method option: ``method=<name> method.kwargs.<key>=<default>`` and its comment."""
     rows: list[Row] = []
-    for name, _ in (methods_from_source if from_source else methods)(conf_dir):
-        opts = method_options(name, conf_dir, from_source)
+    for name, _ in methods(conf_dir):
+        opts = method_options(name, conf_dir)
         if not opts:
             rows.append((f"method={name}", "(no options)"))
         rows += [(f"method={name} method.kwargs.{k}={v}", c) for k, v, c in opts]
@@ -314,10 +293,6 @@ SECTIONS: dict[str, Callable[..., list[Row]]] = {
     "backbones": backbones, "methods": methods, "tasks": tasks, "experiments": experiments,
     "options": options, "recipe": recipe, "launchers": launchers,
 }
-#: The sections as ``--help`` lists them: from the files alone, nothing heavy imported (see the module doc).
-FAST_SECTIONS: dict[str, Callable[..., list[Row]]] = {
-    **SECTIONS, "methods": methods_from_source, "options": lambda conf_dir=None: options(conf_dir, True),
-}
 
 
 def format_rows(rows: Sequence[Row], indent: str = "") -> str:
@@ -325,10 +300,8 @@ def format_rows(rows: Sequence[Row], indent: str = "") -> str:
     return "\n".join(f"{indent}{n:<{width}}  {d}".rstrip() for n, d in rows)
 
 
-def help_text(section: str = "all", conf_dir: Path | None = None, indent: str = "  ", fast: bool = False) -> str:
-    """The text of one section (or ``all``) for ``--help``: a ``== Title ==`` line and its rows. ``fast``:
-    the methods and their options from the source files (:data:`FAST_SECTIONS`; backbones and tasks
-    still import their registries)."""
+def help_text(section: str = "all", conf_dir: Path | None = None, indent: str = "  ") -> str:
+    """The text of one section (or ``all``) for ``--help``: a ``== Title ==`` line and its rows."""
     if section != "all" and section not in SECTIONS:
         from .errors import ConfigError
 
@@ -337,37 +310,57 @@ def help_text(section: str = "all", conf_dir: Path | None = None, indent: str = 
     titles = {"backbones": "Backbones (backbone=)", "methods": "Methods (method=)", "tasks": "Tasks (task=)",
               "experiments": "Experiments (experiment=; sweep with -m)", "options": "Method options",
               "recipe": "The paper's recipe (trainer=paper)", "launchers": "Launchers (hydra/launcher=; with -m)"}
-    sections = FAST_SECTIONS if fast else SECTIONS
-    return "\n".join(f"== {titles[n]} ==\n{format_rows(sections[n](conf_dir), indent)}" for n in names)
+    return "\n".join(f"== {titles[n]} ==\n{format_rows(SECTIONS[n](conf_dir), indent)}" for n in names)
 
 
 def config_help(name: str, conf_dir: Path | None = None, indent: str = "  ") -> str:
-    """The top-level options of ``conf/<name>.yaml``, one line each: ``key=value`` and its comment."""
+    """The options of ``conf/<name>.yaml``, one line each, ``key=value`` and its comment: the top-level
+    ones, then those of each top-level mapping (``bench.device=cpu``, :func:`yaml_blocks`)."""
     path = Path(conf_dir or CONF_DIR) / f"{name}.yaml"
-    return format_rows([(f"{k}={v}", c) for k, v, c in yaml_entries(path)], indent)
+    rows = [(f"{k}={v}", c) for k, v, c in yaml_entries(path)]
+    rows += [(f"{b}.{k}={v}", c) for b in yaml_blocks(path) for k, v, c in yaml_entries(path, b)]
+    return format_rows(rows, indent)
 
 
 def _resolve_help(section: str = "all", name: str | None = None) -> str:
-    text = config_help(str(name)) if section == "config" else help_text(str(section), fast=True)
+    if section == "conf_path":  # where a file of the configs really is (a checkout's conf/, or the install's)
+        return str(CONF_DIR / str(name)).replace("$", "$$")
+    text = config_help(str(name)) if section == "config" else help_text(str(section))
     return text.replace("$", "$$")  # Hydra fills the help template with string.Template
 
 
 def register_help_resolver(name: str = "pyra_help") -> None:
-    """Register ``${pyra_help:<section>}`` (e.g. in ``hydra.help.template``) -> :func:`help_text`, and
-    ``${pyra_help:config,<name>}`` -> :func:`config_help` (a config's options with their comments)."""
+    """Register ``${pyra_help:<section>}`` (e.g. in ``hydra.help.template``) -> :func:`help_text`,
+    ``${pyra_help:config,<name>}`` -> :func:`config_help` (a config's options with their comments),
+    ``${pyra_help:conf_path,<file>}`` -> the path of a file of the configs (checkout or installed), and
+    ``${pyra_prog:<module>}`` (``hydra.help.app_name``) -> the program as started
+    (:func:`pyra_bench.cli.prog_name`: ``pyra-train`` or ``python -m pyra_bench.train``)."""
     from omegaconf import OmegaConf
 
+    from .cli import prog_name
+
     OmegaConf.register_new_resolver(name, _resolve_help, replace=True)
+    OmegaConf.register_new_resolver("pyra_prog", prog_name, replace=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pyra_bench.info",
+    """``<section>`` or ``section=<section>`` (the ``key=value`` style of the other entry points)."""
+    from .cli import prog_name
+
+    ap = argparse.ArgumentParser(prog=prog_name("pyra_bench.info"),
                                  description="List what can be chosen, one line each with a description.")
-    ap.add_argument("what", nargs="?", default="all", choices=["all", *SECTIONS],
-                    help="backbones | methods | tasks | experiments | options (each method's options) | "
-                         "recipe (the paper's training recipe) | launchers (hydra/launcher= of a sweep); "
-                         "default: all")
-    a = ap.parse_args(argv)
+    ap.add_argument("what", nargs="?", default="all", choices=["all", *SECTIONS], metavar="section",
+                    help="all (default) | backbones | methods | tasks | experiments | options (each method's "
+                         "options) | recipe (the paper's training recipe) | launchers (hydra/launcher= of a "
+                         "sweep); also written section=<name>")
+    args = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(args):
+        key, sep, value = arg.partition("=")
+        if sep and key != "section":
+            ap.error(f"unknown key {key!r} in {arg!r}; valid keys: section (section=<name>, or the name alone)")
+        if sep:
+            args[i] = value
+    a = ap.parse_args(args)
     if a.what == "all":
         print(help_text("all", indent="  "))
     else:

@@ -49,6 +49,19 @@ from typing import Any
 SCHEMA_VERSION = 1
 
 
+#: What a sweep's job returns to its sweeper (``optimized_metric``, conf/hparams_search/optuna.yaml): the
+#: top-1 of the last evaluated epoch (the VTAB protocol) or the best evaluated epoch's, on the split the
+#: run evaluates (val200 under the tuning protocol, test otherwise).
+OPTIMIZED_METRICS = ("top1", "top1_best")
+
+
+def objective(record: dict[str, Any], metric: str = "top1") -> float | None:
+    """The record's ``optimized_metric`` (:data:`OPTIMIZED_METRICS`): ``<split>_<metric>`` of its metrics."""
+    m = record.get("metrics") or {}
+    split = "test" if m.get("test_top1") is not None else "val"
+    return m.get(f"{split}_{metric}")
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` atomically, with the user's umask (:func:`pyra_bench.fileio.atomic_write_text`)."""
     from .fileio import atomic_write_text as write

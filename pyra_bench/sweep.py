@@ -198,12 +198,34 @@ class SummaryCallback(Callback):
             raise SystemExit(1)
 
 
+class OptunaLogging(Callback):
+    """Hydra callback of ``hparams_search=optuna`` (conf/hparams_search/optuna.yaml), before the sweeper
+    (and with it Optuna) is loaded: alembic, which Optuna's storage imports, logs nothing below a warning
+    (not its seven "setup plugin alembic..." lines); and when stderr is not a terminal (a batch log),
+    Optuna's own lines ("A new study created ...") go through the sweep's logging -- Hydra's handler, plain
+    text -- instead of Optuna's colour handler, which writes ANSI escape codes. On a terminal Optuna keeps
+    its colours."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger("alembic").level))
+        if sys.stderr.isatty():
+            return
+        import optuna
+
+        optuna.logging.disable_default_handler()
+        optuna.logging.enable_propagation()
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pyra_bench.sweep", description=__doc__,
+    from .cli import prog_name
+
+    ap = argparse.ArgumentParser(prog=prog_name("pyra_bench.sweep"), description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", choices=["dry-run", "summary"])
-    ap.add_argument("overrides", nargs="*", help="Hydra overrides, as given to `python -m pyra_bench.train -m`")
-    a = ap.parse_args(argv)
+    ap.add_argument("overrides", nargs="*", help="Hydra key=value overrides, as given to `python -m pyra_bench.train -m`")
+    ap.add_argument("-m", "--multirun", action="store_true",
+                    help="accepted and ignored (a sweep's train command line can be pasted as it is)")
+    a = ap.parse_intermixed_args(argv)
     from .cli import precheck
     from .errors import InputError, exit_on_input_error
     from .train import GROUPS

@@ -44,11 +44,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import hydra
 import pandas as pd
 from omegaconf import DictConfig
 
 from . import paths
+from .cli import hydra_app
 from .data.tasks import GROUPS, VTAB_TASKS
 from .data.tasks import TASKS as TASK_REGISTRY
 from .errors import ConfigError, InputError, InputFileNotFoundError, exit_on_input_error
@@ -1086,7 +1086,7 @@ def run(cfg: Any) -> list[Path]:
     return build(check_options(cfg))
 
 
-@hydra.main(version_base="1.3", config_path=str(paths.CONF_DIR), config_name="tables")
+@hydra_app(config_path=str(paths.CONF_DIR), config_name="tables")  # hydra.main; --help alone: cli.fast_help
 def main(cfg: DictConfig) -> None:
     """``python -m pyra_bench.tables [key=value ...]`` (``pyra-tables``): see ``conf/tables.yaml``."""
     try:

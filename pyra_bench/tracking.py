@@ -211,3 +211,17 @@ def log_record(record: Mapping[str, Any], target: Any = None) -> bool:
     for run in runs:
         run.summary.update(summary)
     return bool(runs)
+
+
+def wandb_logger(**kwargs: Any) -> Any:
+    """Lightning's ``WandbLogger(**kwargs)``, the ``_target_`` of ``conf/logger/wandb.yaml``, minus the
+    ``anonymous=None`` Lightning always hands to ``wandb.init``: wandb (>= 0.19) answers any value with
+    ``wandb: WARNING The anonymous setting has no effect`` in every run of a sweep. (An explicit
+    ``anonymous=true`` is passed on.)"""
+    from lightning.pytorch.loggers import WandbLogger
+
+    logger = WandbLogger(**kwargs)
+    init = getattr(logger, "_wandb_init", None)  # Lightning's wandb.init arguments, used on first .experiment
+    if isinstance(init, dict) and init.get("anonymous") is None:
+        init.pop("anonymous", None)
+    return logger

@@ -21,19 +21,16 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
 
 from . import factory  # noqa: F401  (registers the config resolvers)
+from .cli import hydra_app
 from .errors import InputError, exit_on_input_error
 from .identity import utc_now
-from .info import register_help_resolver
 from .paths import CONF_DIR
 from .records import atomic_write_json
 
 log = logging.getLogger("pyra_bench")
-
-register_help_resolver()  # --help: ${pyra_help:...} lists the methods, their options, the recipe, the launchers
 
 
 def train(cfg: DictConfig, fresh: bool | None = None) -> dict[str, Any]:
@@ -115,7 +112,7 @@ def _setup_logging() -> None:
     setup_logging()
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+@hydra_app(config_path=str(CONF_DIR), config_name="train")  # hydra.main; --help alone: cli.fast_help
 def main(cfg: DictConfig) -> float | None:
     """One run; in a sweep (``-m``) a failing run is recorded and reported and the sweep goes on."""
     from .lifecycle import RunInterrupted  # (imported here: --help and bad group choices stay fast)
@@ -150,8 +147,9 @@ def main(cfg: DictConfig) -> float | None:
         from .records import read_record
 
         rec = read_record(rec["path"])
-    m = rec.get("metrics") or {}
-    return m.get("test_top1") if m.get("test_top1") is not None else m.get("val_top1")
+    from .records import objective
+
+    return objective(rec, cfg.get("optimized_metric") or "top1")  # to a sweeper (Optuna): conf/hparams_search/
 
 
 #: Config groups whose choices are checked before Hydra starts (:mod:`pyra_bench.cli`).

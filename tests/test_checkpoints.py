@@ -15,7 +15,10 @@ def _source_model(**override):
 
 
 @pytest.mark.parametrize("fmt", ["pth", "pth_nested", "safetensors"])
-def test_local_checkpoint_loads_backbone_not_head(tmp_path, fmt):
+def test_local_checkpoint_loads_backbone_not_head(tmp_path, fmt, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)  # timm logs its "Loaded <key> from checkpoint" line at INFO
     src = _source_model()
     state = src.state_dict()
     path = tmp_path / f"w.{fmt.split('_')[0]}"
@@ -24,6 +27,9 @@ def test_local_checkpoint_loads_backbone_not_head(tmp_path, fmt):
     else:
         torch.save({"model": state} if fmt == "pth_nested" else state, path)
     model = build_model("vit_tiny_test", 4, "peft", checkpoint=path).eval()
+    # one line naming the backbone and the file, not timm's (nameless for a plain state dict: "Loaded  from")
+    assert [r.getMessage() for r in caplog.records if "checkpoint" in r.getMessage()] == [
+        f"backbone vit_tiny_test: weights from checkpoint '{path}' ({len(state)} tensors)"]
     for k in ("blocks.0.attn.qkv.weight", "pos_embed", "cls_token", "norm.weight", "blocks.2.mlp.fc2.bias"):
         torch.testing.assert_close(model.state_dict()[k], state[k])
     assert model.head.weight.shape == (4, 48)  # task head, not the file's 11-class head

@@ -200,8 +200,14 @@ def test_split_names_parser():
     assert P.split_names_in("train[{train@60+train@20}:]") == {"train"}
 
 
-def test_cli(tmp_path, capsys):
-    """The command line: Hydra key=value overrides of conf/prepare.yaml (as for train and bench)."""
+def test_cli(tmp_path, capsys, caplog):
+    """The command line: Hydra key=value overrides of conf/prepare.yaml (as for train and bench). Mock
+    preparation says MOCK DATA, without TFDS's line about the files mock data never has; a run on such a
+    folder says FAKE data in one plain log line, not a warning with its source line."""
+    import logging
+    import warnings
+
+    caplog.set_level(logging.INFO)  # TFDS logs (absl) its "Failed to load ... from files" at INFO
     assert P.main(["tasks=digits", f"data_root={tmp_path}", "verify=true", "progress=false"]) == 0
     assert P.existing_task_status(tmp_path / "digits") == "complete"
     assert P.main(["tasks=cifar1000", f"data_root={tmp_path}"]) == 2
@@ -209,14 +215,22 @@ def test_cli(tmp_path, capsys):
     assert "unknown task 'cifar1000'" in err and "valid choices" in err
     assert P.main(["tasks=digits", f"data_root={tmp_path}", "reader=tfrecord"]) == 2
     assert "valid choices: auto, tf.data, data_source" in capsys.readouterr().err
+    caplog.clear()
     assert P.main(["tasks=patch_camelyon", f"data_root={tmp_path}", "mock_examples=1000", "progress=false",
                    "workers=2"]) == 0
     meta = json.loads((tmp_path / "patch_camelyon" / "meta.json").read_text())
     assert meta["mock_data"] is True and meta["counts"]["test"] == 1000
-    with pytest.warns(UserWarning, match="FAKE data"):
-        from pyra_bench.data import VTABDataModule
+    assert "[MOCK DATA]" in capsys.readouterr().out
+    assert not [r for r in caplog.records if "from files" in r.getMessage() or "non-existing" in r.getMessage()]
+    assert not logging.getLogger("absl").filters  # the filter is gone with the mock
+    caplog.clear()
+    from pyra_bench.data import VTABDataModule
 
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning (it would print "warnings.warn(..." under it)
         VTABDataModule("patch_camelyon", tmp_path, num_workers=0, image_size=32)
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        f"{tmp_path / 'patch_camelyon'} was prepared from FAKE data (mock_examples=...): its accuracy means nothing"]
     # a folder made elsewhere (no meta.json) is left alone; several tasks as a list
     (tmp_path / "patch_camelyon" / "meta.json").unlink()
     assert P.existing_task_status(tmp_path / "patch_camelyon") == "foreign"

@@ -75,6 +75,8 @@ CASES = [
     # seed, protocol, experiment
     ("train-seed", "train", ["seed=-1"], "seed=-1: must be a whole number >= 0 and < 4294967296"),
     ("train-protocol", "train", ["protocol=tune"], "protocol='tune': unknown protocol; valid choices: final, tuning"),
+    ("train-optimized-metric", "train", ["+optimized_metric=top5"],  # conf/hparams_search/optuna.yaml sets it
+     "optimized_metric='top5': unknown metric a sweep's job returns; valid choices: null, top1, top1_best"),
     ("train-experiment", "train", ["experiment=tabel2_vit_b"], "unknown experiment 'tabel2_vit_b' (did you mean"),
     ("sweep-experiment", "sweep", ["dry-run", "experiment=tabel2_vit_b"],
      "unknown experiment 'tabel2_vit_b' (did you mean table2_vit_b"),

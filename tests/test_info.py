@@ -107,18 +107,46 @@ def test_help_resolver_in_a_hydra_help(tmp_path):
     assert "\n  table2_vit_b             Table 2 (vit_b): 19 tasks" in p.stdout
 
 
-def test_help_reads_the_methods_from_their_source_as_the_registry_has_them(tmp_path):
-    """--help's fast sections (no torch import) list what the registry does: names, descriptions, options
-    with their defaults (a signature-only option included: ToMe's flops_tolerance)."""
-    assert info.methods_from_source() == info.methods()
-    assert info.options(from_source=True) == info.options()
-    assert ("flops_tolerance", "0.01", "") in info.method_options("tome", from_source=True)
+def _registry_methods() -> dict[str, tuple[str, list[tuple[str, str]]]]:
+    """The reference: what the method registry holds once the methods are imported -- each name, the first
+    docstring line of its module (else its class) and its constructor options with their defaults."""
+    import inspect
+
+    from pyra_bench.methods import METHODS
+
+    out = {}
+    for name in METHODS.names():
+        cls = METHODS.get(name)
+        doc = inspect.getdoc(sys.modules[cls.__module__]) or inspect.getdoc(cls) or ""
+        params = [(p.name, "" if p.default is p.empty else
+                   {None: "null", True: "true", False: "false"}.get(p.default, str(p.default))
+                   if isinstance(p.default, (bool, type(None))) else str(p.default))
+                  for p in list(inspect.signature(cls.__init__).parameters.values())[1:]
+                  if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "schedule"]
+        out[name] = (doc.splitlines()[0].strip(), params)
+    return out
+
+
+def test_methods_are_read_from_their_source_as_the_registry_has_them(tmp_path):
+    """The listing (and --help) reads the built-in methods from their source files, without importing
+    them: the names, descriptions and constructor options (a signature-only one included: ToMe's
+    flops_tolerance) are those of the imported registry."""
+    reference = _registry_methods()
+    rows = dict(info.methods())
+    assert set(rows) == set(reference)
+    for name, (doc, params) in reference.items():
+        assert rows[name].startswith(doc), name
+        opts = {k: v for k, v, _ in info.method_options(name)}
+        config = {k for k, _, _ in info.yaml_entries(CONF_DIR / "method" / f"{name}.yaml", "kwargs")}
+        assert {k: v for k, v in params if k not in config} == {k: v for k, v in opts.items() if k not in config}, name
+        assert set(opts) == config | {k for k, _ in params}, name
+    assert ("flops_tolerance", "0.01", "") in info.method_options("tome")
     (tmp_path / "method").mkdir()
     (tmp_path / "method" / "mine.yaml").write_text("# My method, from a plug-in\nname: mine\nkwargs:\n  k: 3\n")
-    rows = dict(info.methods_from_source(tmp_path))
+    rows = dict(info.methods(tmp_path))
     assert rows == {"mine": "My method, from a plug-in (defined by its config)",
                     **{n: f"{d} (no conf/ file: Python API only)" for n, d in info.methods()}}
-    assert info.method_options("mine", tmp_path, from_source=True) == [("k", "3", "")]
+    assert info.method_options("mine", tmp_path) == [("k", "3", "")]
 
 
 def test_launchers_are_hydras_default_and_the_launcher_configs():
@@ -150,3 +178,85 @@ def test_list_module_prints_one_line_per_choice(section, group, monkeypatch, cap
     assert len(names) == len(set(names))
     assert {p.stem for p in (CONF_DIR / group).glob("*.yaml")} <= set(names)
     assert names == [n for n, _ in info.SECTIONS[section]()]
+
+
+#: What a listing or --help must not import (each takes longer to import than the whole listing may).
+HEAVY = ("torch", "timm", "lightning", "tensorflow", "tensorflow_datasets")
+#: Each listing command as typed -- a console script (``bin/<name>``: its entry point is called, as the
+#: script does) or ``python -m <module>`` -- and the first line it must print.
+LISTINGS = [
+    (["bin/pyra-info"], "pyra_bench.info:main", "== Backbones (backbone=) =="),
+    (["-m", "section=backbones"], "pyra_bench.info", "deit_b16_distilled "),
+    (["bin/pyra-train", "--help"], "pyra_bench.train:cli", "pyra-train: train and evaluate one run"),
+    (["-m", "--help"], "pyra_bench.bench", "python -m pyra_bench.bench: parameters, MACs"),
+    (["bin/pyra-prepare-vtab", "--help"], "pyra_bench.data.prepare:main", "pyra-prepare-vtab: build VTAB-1k task folders"),
+    (["-m", "--help"], "pyra_bench.tables", "python -m pyra_bench.tables: rebuild the paper's"),
+    (["bin/pyra-sweep", "--help"], "pyra_bench.sweep:main", "usage: pyra-sweep [-h]"),
+]
+
+
+def test_listings_and_help_import_neither_torch_nor_timm_and_name_the_program_as_started(tmp_path):
+    """``pyra-info``, ``python -m pyra_bench.info section=backbones`` and every entry point's ``--help``, run
+    one after another in one fresh interpreter (as ``python -m`` / the console script runs them): each prints
+    its text under the name it was started by, and none imports torch, timm, Lightning or TFDS (how long
+    they take: scripts/bench_cli.py)."""
+    script = f"""
+import importlib, json, runpy, sys, warnings
+from hydra.core.global_hydra import GlobalHydra
+warnings.simplefilter("ignore", RuntimeWarning)  # runpy: the module was imported by the one before
+for argv, entry, first in {LISTINGS!r}:
+    module, _, func = entry.partition(":")
+    sys.argv = list(argv)
+    print("=== " + entry, flush=True)
+    try:
+        if func:  # the console script: sys.exit(<entry point>())
+            sys.exit(getattr(importlib.import_module(module), func)())
+        runpy.run_module(module, run_name="__main__", alter_sys=True)  # python -m <module>
+    except SystemExit as e:
+        assert e.code in (0, None), (argv, e.code)
+    GlobalHydra.instance().clear()
+print("=== heavy " + json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in {HEAVY!r})))
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    outputs = p.stdout.split("=== ")[1:]
+    assert [o.split("\n", 1)[0] for o in outputs[:-1]] == [e for _, e, _ in LISTINGS]
+    for (argv, _, first), out in zip(LISTINGS, outputs):
+        assert out.split("\n", 2)[1].startswith(first), (argv, out[:300])
+    assert outputs[-1].strip() == "heavy []"
+    assert list(tmp_path.iterdir()) == []  # a listing writes nothing
+
+
+@pytest.mark.parametrize("app,shows", [("train", "method: diffrate, peft, pyra, rap, spvit, tome\n"),
+                                       ("bench", "\n  bench.device=cpu ")])
+def test_fast_help_prints_what_hydra_prints(app, shows, tmp_path, monkeypatch, capsys):
+    """``--help`` alone is rendered from the config's help template without Hydra's composition
+    (:func:`pyra_bench.cli.fast_help`); Hydra's own rendering of the same template (any other argument
+    on the line takes Hydra's path) is the reference."""
+    import importlib
+
+    from helpers.cli import run_entry_point
+
+    from pyra_bench.cli import fast_help
+
+    monkeypatch.setattr(sys, "argv", [f"pyra_bench/{app}.py", "--help"])
+    assert fast_help(app) is True
+    fast = capsys.readouterr().out
+    entry = importlib.import_module(f"pyra_bench.{app}").cli
+    code, hydras, err = run_entry_point(entry, f"pyra_bench/{app}.py", ["--help"], tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    assert fast == hydras and shows in fast
+    assert fast_help(app, ["--help", "seed=1"]) is False  # an override: Hydra's help (it may change it)
+    (tmp_path / "app.yaml").write_text("hydra:\n  help:\n    template: 'x $CONFIG'\n")
+    assert fast_help("app", ["--help"], tmp_path) is False  # the composed config: only Hydra has it
+
+
+def test_prog_name_is_the_console_script_or_python_m(monkeypatch):
+    from pyra_bench.cli import prog_name
+
+    for argv0, want in [("/venv/bin/pyra-train", "pyra-train"), ("/src/pyra_bench/train.py", "python -m pyra_bench.train"),
+                        ("-c", "python -m pyra_bench.train"), ("", "python -m pyra_bench.train")]:
+        monkeypatch.setattr(sys, "argv", [argv0])
+        assert prog_name("pyra_bench.train") == want, argv0

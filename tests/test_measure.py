@@ -200,7 +200,7 @@ def test_bench_cli_help_lists_groups():
     out = subprocess.run([sys.executable, "-m", "pyra_bench.bench", "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "backbone:" in out.stdout and "method:" in out.stdout and "bench:" in out.stdout
+    assert "backbone:" in out.stdout and "method:" in out.stdout and "\n  bench.device=cpu " in out.stdout
     assert "vit_b16_in21k" in out.stdout and "tome" in out.stdout
 
 

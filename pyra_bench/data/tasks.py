@@ -45,8 +45,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from ..errors import ConfigError, InputError
 from ..registry import Registry, UnknownChoiceError
 
@@ -355,6 +353,8 @@ def _get(ex: Mapping[str, Any], path: str) -> Any:
 
 def _closest(ex: Mapping[str, Any], path: str, col: str, thresholds: str, filt: str | None = None,
              default: str | None = None) -> int:
+    import numpy as np  # (here: the task table itself is read without it, by listings and --help)
+
     arr = np.asarray(_get(ex, path), dtype=np.float64)
     values = arr.reshape(len(arr), -1)[:, int(col)] if arr.size else np.zeros(0)
     if filt:
@@ -382,6 +382,8 @@ def derive_label(spec: str, ex: Mapping[str, Any]) -> int:
         key, card, classes = args
         return int(math.floor(float(_get(ex, key)) / (int(card) / int(classes))))
     if kind == "count":
+        import numpy as np
+
         path, offset = args
         return int(len(np.asarray(_get(ex, path)).reshape(-1)) + int(offset))
     if kind == "closest":

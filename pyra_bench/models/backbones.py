@@ -12,19 +12,22 @@ handle (register tokens, no class token, pooled heads) are refused by name when 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
-
-import timm
-import torch
-from timm.models.vision_transformer import VisionTransformer
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, InputFileNotFoundError
 from ..registry import Registry, UnknownChoiceError
+
+if TYPE_CHECKING:  # the registry is read without torch or timm (listings, --help); building imports them
+    from timm.models.vision_transformer import VisionTransformer
+    from torch import nn
+
+log = logging.getLogger("pyra_bench")
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,8 @@ def backbone_spec_from_config(bcfg: Mapping[str, Any]) -> BackboneSpec:
             raise UnknownChoiceError(f"schedule family of backbone {name!r}", str(fam), [*PRESETS, "none"])
     if "kwargs" in given and not isinstance(given["kwargs"], Mapping):
         raise ConfigError(f"backbone {name!r}: kwargs must be a mapping of timm.create_model arguments")
+    import timm
+
     if "timm_name" in given and not timm.is_model(given["timm_name"]):
         raise ConfigError(f"backbone {name!r}: timm has no model {given['timm_name']!r} (list candidates with "
                           f"python -c \"import timm; print(timm.list_models('*{given['timm_name'].split('.')[0]}*'))\")")
@@ -172,6 +177,9 @@ def create_backbone(
         if not checkpoint.is_file():
             raise InputFileNotFoundError(f"checkpoint file not found: {checkpoint}")
     kwargs = {**spec.kwargs, **overrides, "drop_path_rate": drop_path_rate}
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
     try:
         if spec.timm_name is None:
             model = VisionTransformer(num_classes=num_classes, **kwargs)
@@ -189,6 +197,26 @@ def create_backbone(
 
 def _head_keys(model: nn.Module) -> set[str]:
     return {k for k in model.state_dict() if k.startswith(("head.", "head_dist.", "fc_norm."))}
+
+
+class _DropTimmLoadLine(logging.Filter):
+    """timm's ``load_state_dict`` logs ``Loaded <key> from checkpoint '<file>'``, where ``<key>`` is the
+    wrapper key the weights sat under -- empty for a plain state dict (``Loaded  from checkpoint``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (str(record.msg).startswith("Loaded ") and " from checkpoint '" in str(record.msg))
+
+
+@contextlib.contextmanager
+def _own_load_line() -> Iterator[None]:
+    """While reading a checkpoint through timm: its load line is dropped (:func:`load_checkpoint` logs one
+    naming the backbone instead)."""
+    timm_log, drop = logging.getLogger("timm.models._helpers"), _DropTimmLoadLine()
+    timm_log.addFilter(drop)
+    try:
+        yield
+    finally:
+        timm_log.removeFilter(drop)
 
 
 def load_checkpoint(model: VisionTransformer, path: str | os.PathLike, backbone: str = "?") -> None:
@@ -225,9 +253,11 @@ def load_checkpoint(model: VisionTransformer, path: str | os.PathLike, backbone:
             return load_state_dict(str(path))
 
     try:
-        state = read()
+        with _own_load_line():
+            state = read()
     except Exception as e:  # noqa: BLE001 - any read error becomes a clear message
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+    log.info("backbone %s: weights from checkpoint '%s' (%d tensors)", backbone, path, len(state))
     try:
         state = checkpoint_filter_fn(state, model)
     except Exception as e:  # noqa: BLE001
@@ -248,5 +278,7 @@ def load_checkpoint(model: VisionTransformer, path: str | os.PathLike, backbone:
         if unexpected:
             lines.append(f"  {len(unexpected)} unexpected key(s), e.g. {', '.join(unexpected[:5])}")
         raise CheckpointError("\n".join(lines))
+    import torch
+
     with torch.no_grad():
         model.load_state_dict(state, strict=False)
