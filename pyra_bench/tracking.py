@@ -136,8 +136,8 @@ def logger_kwargs(cfg: Any, entry: Any) -> dict[str, Any]:
     """What a logger config entry gets on top of its own keys when it is built: a ``WandbLogger``'s tags are
     :func:`wandb_tags` (the experiment's ``tags:`` merged with ``logger.wandb.tags``, so that
     ``'logger.wandb.tags=[mytag]'`` adds a tag instead of replacing the experiment's); others nothing."""
-    target = str(_get(entry, "_target_", ""))
-    return {"tags": wandb_tags(cfg)} if target.rsplit(".", 1)[-1] == "WandbLogger" else {}
+    target = str(_get(entry, "_target_", "")).rsplit(".", 1)[-1]
+    return {"tags": wandb_tags(cfg)} if target in ("WandbLogger", wandb_logger.__name__) else {}
 
 
 def register_resolvers() -> None:

@@ -13,6 +13,8 @@ sandbox (relative paths such as ``data_root=data/mock`` land there). The demo ru
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import re
 import shlex
@@ -33,6 +35,8 @@ RUN = {
         "test_offline_journey",
     "python -m pyra_bench.train -m task=cifar100 data_root=data/mock backbone=vit_demo_mnist method=tome,pyra "
     "trainer=smoke": "test_offline_journey",
+    "python -m pyra_bench.visualize run=outputs/runs/digits__vit_demo_mnist__pyra__low__seed0 num_images=2 "
+    "'blocks=[0,2]'": "test_offline_journey",
     "make tables": "test_offline_journey",
     "python -m pyra_bench.tables metric=best 'tables=[2,3]' 'formats=[md,tex]' figures=false":
         "test_tables_commands",
@@ -71,6 +75,12 @@ SKIP = {
     "seed=0,1": _VTAB + "; 342 full trainings",
     "python -m pyra_bench.tables records=results/runs out=results/tables": "what `make tables` runs (Makefile), "
     "which runs in test_offline_journey",
+    **{c: "a placeholder (<run_dir>, <run_id>) for one's own run; the journey runs visualize on the demo's run "
+       "(test_offline_journey), tests/test_visualize.py the other forms in process" for c in (
+        "python -m pyra_bench.visualize run=outputs/runs/<run_id>",
+        "python -m pyra_bench.visualize run=<run_dir> images=val200 num_images=4 'blocks=[0,3]' out=pictures",
+        "python -m pyra_bench.visualize run=<run_dir> 'images=[cat.jpg,dog.png]'",
+        "python -m pyra_bench.visualize 'run=[<tome_run>,<pyra_run>,<diffrate_run>]' out=compare")},
     "python -m pyra_bench.tables": "the plug-in recipe's tables, after the sweep above (the same command runs "
     "in test_tables_commands)",
 }
@@ -153,7 +163,7 @@ def test_offline_journey(journey, sandbox):
     there, the tables hold Table 2 and the figure of the demo backbone; no batch log holds a carriage
     return (a progress bar's frames)."""
     base, _ = sandbox
-    assert list(journey) == readme_commands()[readme_commands().index("make demo", 1):][:4]  # the README's order
+    assert list(journey) == readme_commands()[readme_commands().index("make demo", 1):][:5]  # the README's order
     runs = base / "results" / "runs"
     names = sorted(p.name for p in runs.glob("*.json"))
     assert names == ["cifar100__vit_demo_mnist__pyra__low__seed0.json", "cifar100__vit_demo_mnist__tome__low__seed0.json",
@@ -164,6 +174,24 @@ def test_offline_journey(journey, sandbox):
     assert (tables / "table2.md").is_file() and "PYRA" in (tables / "table2.md").read_text()
     assert (tables / "fig_vit_demo_mnist.png").stat().st_size > 1000
     assert "ToMe" in (tables / "other_points.md").read_text()
+    # visualize on the demo's run: a PNG per image and the per-block numbers, in <run_dir>/visualize
+    demo = base / "outputs" / "runs" / "digits__vit_demo_mnist__pyra__low__seed0"
+    out = demo / "visualize"
+    assert sorted(f.name for f in out.iterdir()) == ["group_sizes.csv", "test_0000.png", "test_0001.png",
+                                                      "tokens_per_block.csv", "tokens_per_block.png"]
+    from PIL import Image
+
+    for name in ("test_0000.png", "test_0001.png", "tokens_per_block.png"):
+        with Image.open(out / name) as img:
+            assert img.format == "PNG" and min(img.size) > 200
+    # tokens after each block: 64 patches + the class token, minus the recorded merging schedule
+    sched = json.loads((demo / "inference_model.json").read_text())["method_state"]["schedule"]
+    rows = list(csv.DictReader((out / "tokens_per_block.csv").open()))
+    assert [int(r["tokens"]) for r in rows] == [65 - sum(sched[:i + 1]) for i in range(len(sched))]
+    assert all(float(r["patches_kept"]) == 64 and float(r["groups"]) == int(r["tokens"]) - 1 for r in rows)
+    sizes = list(csv.DictReader((out / "group_sizes.csv").open()))
+    assert sum(int(r["group_size"]) * int(r["groups"]) for r in sizes) == 2 * 64, "each patch in one group"
+    assert sum(int(r["groups"]) for r in sizes) == 2 * (65 - sum(sched) - 1)
     for cmd, p in journey.items():
         assert "\r" not in p.stdout + p.stderr, f"{cmd}: carriage returns in a batch log"
 

@@ -6,8 +6,6 @@ of range) is one message, exit status 2, nothing written."""
 from __future__ import annotations
 
 import csv
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -48,31 +46,6 @@ def demo_run(tmp_path_factory) -> Path:
 def _rows(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
-
-
-def test_visualize_on_the_demo_run_as_a_user_types_it(demo_run, tmp_path):
-    import json
-
-    p = subprocess.run([sys.executable, "-m", "pyra_bench.visualize", f"run={demo_run}", "num_images=2",
-                        "blocks=[0,2]"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    out = demo_run / "visualize"  # the default: <run_dir>/visualize
-    assert sorted(f.name for f in out.iterdir()) == ["group_sizes.csv", "test_0000.png", "test_0001.png",
-                                                      "tokens_per_block.csv", "tokens_per_block.png"]
-    from PIL import Image
-
-    for name in ("test_0000.png", "test_0001.png", "tokens_per_block.png"):
-        with Image.open(out / name) as img:
-            assert img.format == "PNG" and min(img.size) > 200
-    assert not list(tmp_path.iterdir()), "nothing is written into the working folder"
-    # tokens after each block: 64 patches + the class token, minus the recorded merging schedule
-    sched = json.loads((demo_run / "inference_model.json").read_text())["method_state"]["schedule"]
-    rows = _rows(out / "tokens_per_block.csv")
-    assert [int(r["tokens"]) for r in rows] == [65 - sum(sched[:i + 1]) for i in range(len(sched))]
-    assert all(float(r["patches_kept"]) == 64 and float(r["groups"]) == int(r["tokens"]) - 1 for r in rows)
-    sizes = _rows(out / "group_sizes.csv")
-    assert sum(int(r["group_size"]) * int(r["groups"]) for r in sizes) == 2 * 64, "each patch in one group"
-    assert sum(int(r["groups"]) for r in sizes) == 2 * (65 - sum(sched) - 1)
 
 
 def test_visualize_on_a_vtab_folder_task(tmp_path):
