@@ -364,7 +364,7 @@ def run_stages(plan: Plan, model, loggers: list) -> StageResults:
 
 def _fit_stage(plan: Plan, model, stage, index: int, n_epochs: int, offset: int, sdm, loggers: list,
                out: StageResults, module_cls, cost_cls, is_last: bool) -> dict | None:
-    from .lit import ScheduledEvaluation
+    from .lit import FiniteLoss, ScheduledEvaluation
 
     cfg, t = plan.cfg, plan.cfg.trainer
     module = module_cls(model, plan.datamodule.num_classes, _optim(cfg), n_epochs, offset,
@@ -373,7 +373,7 @@ def _fit_stage(plan: Plan, model, stage, index: int, n_epochs: int, offset: int,
                         eval_precision=str(t.get("eval_precision", "auto")), eval_data=plan.datamodule)
     ckpt = plan.run_dir / "ckpt" / stage.name / "last.ckpt"
     cost = cost_cls()
-    callbacks = [cost, ScheduledEvaluation(), EpochCheckpoint(ckpt, int(t.get("checkpoint_every") or 1)),
+    callbacks = [FiniteLoss(), cost, ScheduledEvaluation(), EpochCheckpoint(ckpt, int(t.get("checkpoint_every") or 1)),
                  *factory.make_callbacks(cfg, with_loggers=bool(loggers))]
     trainer = factory.make_trainer(cfg, max_epochs=n_epochs, callbacks=callbacks, loggers=loggers,
                                    run_dir=plan.run_dir)

@@ -1,0 +1,146 @@
+"""Safe on a shared cluster: files pyra_bench loads are data (no import chosen by a file), data stays inside
+its root, the input cache verifies what it serves and falls back to the JPEGs on any OS error, OS write
+errors end a run with one message, one writer per run folder, a diverged run is a failure (never a
+result), and the tables skip malformed records by name. Each test makes the failure itself happen: a
+read-only or full file system (a real mount where this user may make one), a real ``ulimit -f``, a real
+SIGKILL, two processes started together."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from pyra_bench.paths import CONF_DIR
+from pyra_bench.records import iter_records
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = ["task=digits", "backbone=vit_tiny_test", "trainer=smoke", "method=tome", "compression=low",
+       "logger=none", "callbacks=none", "verify_images=false"]
+
+
+def _overrides(tmp_path, *extra):
+    return [*RUN, f"results_dir={tmp_path}/results", f"runs_root={tmp_path}/runs", *extra]
+
+
+def _cfg(tmp_path, *extra):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=_overrides(tmp_path, *extra))
+
+
+def _train_cli(tmp_path, monkeypatch, capsys, *extra):
+    """``python -m pyra_bench.train`` in this process: (exit status, stdout + stderr + pyra_bench's log)."""
+    from helpers.cli import run_entry_point
+
+    from pyra_bench.train import cli
+
+    code, out, err = run_entry_point(cli, "pyra_bench/train.py", _overrides(tmp_path, *extra), tmp_path,
+                                     monkeypatch, capsys, env={"HYDRA_FULL_ERROR": "0"})
+    return code, out + err
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]), "HYDRA_FULL_ERROR": "0"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. loaded files are data
+# ---------------------------------------------------------------------------------------------------------
+PROBE = "probe_target_{tag}"
+
+
+def _probe_module(folder: Path, tag: str) -> tuple[str, Path]:
+    """A module in ``folder`` (the current folder, on ``sys.path`` as under ``python -m``) whose import writes
+    a marker file: proof that a file chose code to run."""
+    name, marker = PROBE.format(tag=tag), folder / f"imported_{tag}"
+    (folder / f"{name}.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\nclass Foo:\n    pass\n")
+    return name, marker
+
+
+@pytest.mark.parametrize("method_name", ["pyra", "foo"])
+def test_bench_run_on_an_export_naming_a_target_imports_nothing(tmp_path, monkeypatch, capsys, method_name):
+    from helpers.cli import run_entry_point
+
+    from pyra_bench.bench import cli
+
+    module, marker = _probe_module(tmp_path, method_name)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run = tmp_path / "run"
+    run.mkdir()
+    config = {"method": {"name": method_name, "_target_": f"{module}.Foo", "kwargs": {}}, "task": {"name": "digits"}}
+    (run / "inference_model.json").write_text(json.dumps({"format": 2, "tensors": "inference_model.safetensors",
+                                                          "method_state": {}, "config": config}))
+    (run / "inference_model.safetensors").write_bytes(b"\0" * 64)
+    code, _, err = run_entry_point(cli, "pyra_bench/bench.py", [f"bench.run={run}", f"bench.output_dir={tmp_path}/b"],
+                                   tmp_path, monkeypatch, capsys, env={"HYDRA_FULL_ERROR": "0"})
+    assert code == 2, err[-2000:]
+    assert f"_target_ '{module}.Foo'" in err and "nothing was imported" in err and "Traceback" not in err
+    assert not marker.exists() and module not in sys.modules
+    assert not (tmp_path / "b").exists()
+
+
+def test_the_estimate_and_the_record_check_import_nothing_a_record_names(tmp_path, capsys):
+    from pyra_bench import sweep
+    from pyra_bench.records import write_record
+
+    module, marker = _probe_module(tmp_path, "estimate")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        results = tmp_path / "results"
+        cfg = _cfg(tmp_path)
+        from pyra_bench.identity import run_id
+
+        for rid, method in ((run_id(cfg), "tome"), ("digits__vit_tiny_test__foo__low__seed0", "foo")):
+            write_record(results, {
+                "run_id": rid, "status": "completed", "task": "digits", "backbone": "vit_tiny_test", "method": method,
+                "schedule": "low", "seed": 0, "metrics": {"test_top1": 50.0, "test_images": 797},
+                "training_cost": {"train": {"img_per_s": 100.0, "device": "cpu"}},
+                "config": {"method": {"name": method, "_target_": f"{module}.Foo"}}})
+        assert sweep.main(["dry-run", *_overrides(tmp_path)]) == 0
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert "GPU-h" in capsys.readouterr().out
+    assert not marker.exists() and module not in sys.modules
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. a diverged run is a failure; the tables skip malformed records by name
+# ---------------------------------------------------------------------------------------------------------
+def test_a_diverged_run_ends_non_zero_and_is_recorded_as_failed(tmp_path, monkeypatch, capsys, caplog):
+    with caplog.at_level(logging.INFO, logger="pyra_bench"):
+        code, out = _train_cli(tmp_path, monkeypatch, capsys, "trainer.lr=1e12", "trainer.max_steps_per_epoch=2")
+    text = out + caplog.text
+    assert code == 1, text[-3000:]
+    assert "training diverged: the loss became nan in epoch 2" in text
+    assert "the last finite epoch loss was" in text and "(epoch 1)" in text
+    assert "; lr 5e+11." in text  # epoch 2 of 2 after one warm-up epoch: the cosine's midpoint, 1e12 / 2
+    assert "retry" not in text and "Traceback" not in text
+    failed = json.loads(next((tmp_path / "results" / "failed").glob("*.json")).read_text())
+    assert failed["status"] == "failed" and "diverged" in failed["error"]
+    assert iter_records([tmp_path / "results"]) == [], "no record of the diverged run"
+    assert not list((tmp_path / "runs").rglob("last.ckpt")), "the diverged epoch is not checkpointed"
+
+
+def test_tables_skip_and_name_records_of_the_wrong_types_or_ranges(tmp_path, capsys):
+    import pandas as pd
+    from test_tables import _rec, _row, _tables
+
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        _rec(runs, "dtd", 50.0 + seed, seed=seed)
+    bad_seed = _rec(runs, "dtd", 60.0, seed="abc", run_tag="s")
+    bad_acc = _rec(runs, "dtd", 250.0, seed=2)
+    _tables(runs, tmp_path / "out", "tables=[3]")
+    err = capsys.readouterr().err
+    assert f"{bad_seed} (seed 'abc' is not an integer)" in err
+    assert f"{bad_acc} (test_top1 250.0 is not a number in [0, 100])" in err
+    row = _row(pd.read_csv(tmp_path / "out" / "table3.csv"), "ToMe")
+    assert row["DTD"] == pytest.approx(50.5) and row["DTD std"] == pytest.approx(0.5 ** 0.5)  # seeds 0, 1 only
