@@ -126,7 +126,10 @@ def test_a_diverged_run_ends_non_zero_and_is_recorded_as_failed(tmp_path, monkey
     failed = json.loads(next((tmp_path / "results" / "failed").glob("*.json")).read_text())
     assert failed["status"] == "failed" and "diverged" in failed["error"]
     assert iter_records([tmp_path / "results"]) == [], "no record of the diverged run"
-    assert not list((tmp_path / "runs").rglob("last.ckpt")), "the diverged epoch is not checkpointed"
+    from pyra_bench.lifecycle import read_checkpoint_meta
+
+    (ckpt,) = (tmp_path / "runs").rglob("last.ckpt")
+    assert read_checkpoint_meta(ckpt)["epoch"] == 1, "the last finite epoch is kept, the diverged one not saved"
 
 
 def test_tables_skip_and_name_records_of_the_wrong_types_or_ranges(tmp_path, capsys):
