@@ -75,6 +75,7 @@ class RunError(Exception):
     status 1), the last finished epoch kept on disk."""
 
     exit_code = 1
+    record_failure = True  # written to <results_dir>/failed/<run_id>.json
 
 
 class TrainingDivergedError(RunError):

@@ -39,14 +39,18 @@ def save_inference_model(run_dir: str | os.PathLike, infer: nn.Module, method: A
     """Write ``infer`` (the merged inference model), ``method.state()`` and ``cfg`` to ``run_dir``."""
     from safetensors.torch import save_file
 
+    from .fileio import temp_path, writing
+
     folder = Path(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    path, tmp = folder / FILE_NAME, folder / f".{FILE_NAME}.tmp"
+    path = folder / FILE_NAME
+    tmp = temp_path(path)  # unique per process: two writers never share it
     config = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     try:
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in infer.state_dict().items()}, str(tmp),
-                  metadata={"format": str(FORMAT)})
-        os.replace(tmp, path)
+        with writing(path):
+            save_file({k: v.detach().cpu().contiguous().clone() for k, v in infer.state_dict().items()}, str(tmp),
+                      metadata={"format": str(FORMAT)})
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     atomic_write_json(folder / META_NAME, {"format": FORMAT, "tensors": FILE_NAME, "tensors_bytes": path.stat().st_size,

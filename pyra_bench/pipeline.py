@@ -19,7 +19,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
 import logging
 import os
 import shutil
@@ -50,9 +52,10 @@ from .lifecycle import (
     load_stage,
     quarantine,
     read_checkpoint_meta,
-    read_stage_meta,
+    run_lock,
     save_stage,
     stage_paths,
+    verify_stage,
 )
 from .records import atomic_write_json, atomic_write_text, read_record, write_record
 
@@ -124,7 +127,7 @@ def _check_chaining(cfg: DictConfig, method: str, names: list[str]) -> tuple[str
     if path.stem not in names:
         raise ConfigError(f"init_from={init_from}: {path.stem!r} is not a stage of method {method!r}; its stages: "
                           f"{', '.join(names)}")
-    read_stage_meta(path)  # unreadable / truncated -> a clear error now
+    verify_stage(path)  # unreadable / truncated / changed -> a clear error now, before anything is written
     return stop_after, names.index(path.stem), path
 
 
@@ -137,7 +140,7 @@ def _mismatch(what: Path, diff: list) -> SettingsMismatchError:
 def _check_existing_state(plan: Plan) -> None:
     """Finished stages and the checkpoints of this run folder must have been made with these settings;
     a corrupt one is set aside (moved to ``*.corrupt`` when the run starts) and redone."""
-    kinds = ((sorted((plan.run_dir / "stages").glob("*.json")), read_stage_meta, "the stage is trained again"),
+    kinds = ((sorted((plan.run_dir / "stages").glob("*.json")), verify_stage, "the stage is trained again"),
              (sorted((plan.run_dir / "ckpt").glob("*/last.ckpt")), read_checkpoint_meta,
               "its stage starts again from its first epoch"))
     for paths, read, redo in kinds:
@@ -172,6 +175,39 @@ def _check_record(plan: Plan) -> None:
     plan.skip = {"run_id": plan.run_id, "status": "skipped", "path": str(path)}
 
 
+def _check_run_folder_owner(plan: Plan) -> None:
+    """A run folder holds one run: one whose ``config.json`` names another run id or other settings is refused
+    (``force=true`` takes it over)."""
+    path = plan.run_dir / "config.json"
+    if plan.fresh or not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text())
+        before = result_settings(old) if isinstance(old, dict) else None
+    except (OSError, ValueError, TypeError, AttributeError):
+        return  # unreadable: nothing to compare; the run rewrites it
+    if before is None:
+        return
+    if old.get("run_id") not in (None, plan.run_id):
+        raise ConfigError(f"run_dir={plan.run_dir} holds another run, {old.get('run_id')!r} ({path}); a run folder "
+                          f"holds one run: leave run_dir unset (each run gets <runs_root>/<run_id>), choose another "
+                          f"folder, or force=true to discard that run's state there")
+    diff = settings_diff({k: v for k, v in plan.settings.items() if not k.startswith("weights.")}, before)
+    if diff:
+        raise _mismatch(path, diff)
+
+
+def _check_run_state(plan: Plan) -> None:
+    """The record, the run folder's finished stages and checkpoints, and whose folder it is (see :func:`check`)."""
+    plan.skip, plan.set_aside = None, []
+    _check_record(plan)
+    if plan.skip is not None:
+        return
+    if not plan.fresh:
+        _check_existing_state(plan)
+    _check_run_folder_owner(plan)
+
+
 def check(cfg: DictConfig, fresh: bool = False) -> Plan:
     """Check every input (see the module docstring). Writes nothing (the demo backbone's one-time
     pre-training writes to the user cache)."""
@@ -198,11 +234,9 @@ def check(cfg: DictConfig, fresh: bool = False) -> Plan:
     plan.pretrained, plan.checkpoint = factory.resolve_weights(cfg.backbone)
     plan.weights = weights_source(cfg.backbone.get("weights"), plan.checkpoint, timm_name)
     plan.settings = result_settings(cfg, plan.weights)
-    _check_record(plan)
+    _check_run_state(plan)
     if plan.skip is not None:
         return plan
-    if not fresh:
-        _check_existing_state(plan)
     if cfg.get("verify_images", True):  # the slowest check last: decode every image once (remembered)
         for d in (plan.datamodule, *plan.stage_data.values()):
             d.verify()
@@ -525,6 +559,17 @@ def run(cfg: DictConfig, fresh: bool | None = None) -> dict[str, Any]:
         log.info("%s: record exists (%s), made with the same settings; skipping (force=true to re-run)",
                  plan.run_id, plan.record_path)
         return plan.skip
+    with run_lock(plan.run_dir, plan.run_id) if _is_global_zero() else contextlib.nullcontext():
+        _check_run_state(plan)  # again, under the lock: a run that held it before may have finished
+        if plan.skip is not None:
+            log.info("%s: finished by another process meanwhile (%s); skipping", plan.run_id, plan.record_path)
+            return plan.skip
+        return _run_locked(plan)
+
+
+def _run_locked(plan: Plan) -> dict[str, Any]:
+    """Steps 2-6 of :func:`run`, holding the run folder's lock."""
+    cfg = plan.cfg
     model = build(plan)
     open_run_folder(plan)
     loggers = factory.make_loggers(cfg)

@@ -56,6 +56,17 @@ def train_with_retries(cfg: DictConfig) -> dict[str, Any]:
             return train(cfg, fresh=bool(cfg.get("force", False)) and attempt == 0)  # retries resume
         except (InputError, RunError):
             raise  # the same input fails the same way; a diverged run or a full disk too
+        except OSError as e:
+            from .fileio import WRITE_LIMIT_ERRNOS, write_failure
+
+            if e.errno not in WRITE_LIMIT_ERRNOS:
+                if attempt == retries:
+                    raise
+                log.warning("run failed (%s: %s); retry %d of %d, resuming from its checkpoints",
+                            type(e).__name__, e, attempt + 1, retries)
+                continue
+            where = Path(e.filename) if e.filename else Path(str(cfg.get("run_dir") or ".")) / "(a file)"
+            raise write_failure(where, e) from e  # a write pyra_bench makes itself is named where it happens
         except Exception as e:
             if attempt == retries:
                 raise
@@ -141,7 +152,8 @@ def main(cfg: DictConfig) -> float | None:
             return None
         exit_on_input_error(e, "pyra_bench.train")
     except RunError as e:  # one message, no traceback (it is in results_dir/failed/<run_id>.json)
-        _write_failure(cfg, e)
+        if e.record_failure:
+            _write_failure(cfg, e)
         _write_outcome(job_dir, cfg, "failed", e)
         log.error("%s: run failed: %s", cfg.get("run_id"), e)
         if job_dir is not None:

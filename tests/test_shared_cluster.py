@@ -10,10 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
