@@ -85,3 +85,6 @@ class TrainingDivergedError(RunError):
 class WriteFailedError(RunError, OSError):
     """A file could not be written: the file system is full or read-only, a quota or the file-size limit is
     reached (ENOSPC, EDQUOT, EROFS, EFBIG). The message names the file, its folder and the limit."""
+
+    def __str__(self) -> str:  # the message alone (OSError would add "[Errno N]" and the file name again)
+        return str(self.strerror)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -144,3 +146,110 @@ def test_tables_skip_and_name_records_of_the_wrong_types_or_ranges(tmp_path, cap
     assert f"{bad_acc} (test_top1 250.0 is not a number in [0, 100])" in err
     row = _row(pd.read_csv(tmp_path / "out" / "table3.csv"), "ToMe")
     assert row["DTD"] == pytest.approx(50.5) and row["DTD std"] == pytest.approx(0.5 ** 0.5)  # seeds 0, 1 only
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. one writer per run folder; 4. OS write errors end the run clearly; 7. run folders and stage files
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def digits_folder(tmp_path_factory):
+    """The digits task in the VTAB folder format (JPEGs), shared by the folder-data tests of this module."""
+    from pyra_bench.data import write_digits_folder
+
+    root = tmp_path_factory.mktemp("vtab")
+    write_digits_folder(root)
+    return root
+
+
+def test_two_identical_commands_started_together_train_the_run_once(tmp_path):
+    """Both processes are the same command; whichever takes the run folder's lock holds it (waiting in
+    ``on_fit_start`` for a file the test writes) until the other has exited: that one must exit 75 at once,
+    naming the run, this host and the holder's process id. The holder then ends with the one record."""
+    import socket
+
+    go = tmp_path / "go"
+    cmd = [sys.executable, "-m", "pyra_bench.train", *_overrides(tmp_path, "trainer.max_steps_per_epoch=1",
+           "+callbacks.hold._target_=helpers.lifecycle_callbacks.WaitForFile", f"+callbacks.hold.path={go}")]
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(2)]
+    try:
+        deadline = 240
+
+        t0 = time.monotonic()
+        while all(p.poll() is None for p in procs) and time.monotonic() - t0 < deadline:
+            time.sleep(0.1)
+        go.write_text("go")
+        outs = [p.communicate(timeout=deadline)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 75], "\n----\n".join(o[-3000:] for o in outs)
+    holder, other = (0, 1) if procs[0].returncode == 0 else (1, 0)
+    assert f"is running in another process: host {socket.gethostname()}, process {procs[holder].pid}" in outs[other]
+    assert "Traceback" not in outs[other] and "stage 1/1" not in outs[other], "the second one trained nothing"
+    (rec,) = iter_records([tmp_path / "results"])
+    assert rec["status"] == "completed" and rec["metrics"]["test_top1"] is not None
+    run_dir = Path(rec["run_dir"])
+    assert not list(run_dir.rglob("*.tmp")) and not (run_dir / ".run.owner.json").exists()
+
+
+def test_a_file_size_limit_ends_the_run_with_one_message_and_the_same_command_resumes(tmp_path, digits_folder,
+                                                                                          caplog):
+    """A real ``ulimit -f`` of 100 KiB: above a checkpoint of the tiny ViT (~32 KB), below its input-cache
+    entries (3 MB) and its stage file (~280 KB). The cache build fails with EFBIG (one warning per split, the
+    run reads the JPEGs), both epochs are checkpointed, the stage file fails: one message naming the file and
+    the limit, exit status 1, no retry, no traceback, the last checkpoint intact. Without the limit the same
+    command resumes after epoch 2 and records the run."""
+    import resource
+
+    from pyra_bench.lifecycle import read_checkpoint_meta
+
+    limit = 100 * 1024
+    data = [f"data_root={digits_folder}", "task.source=folder", f"data.cache_dir={tmp_path}/cache",
+            "export_inference_model=false"]
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    p = subprocess.run([sys.executable, "-m", "pyra_bench.train", *_overrides(tmp_path, *data)], cwd=tmp_path,
+                       env=_env(), capture_output=True, text=True, timeout=300, preexec_fn=cap)
+    out = p.stdout + p.stderr
+    assert p.returncode == 1, out[-3000:]
+    assert "Traceback" not in out and "retry" not in out
+    assert out.count("input cache:") == 2 and out.count("File too large") == 3, out[-3000:]
+    assert "reading digits/train800val200 from its JPEG files" in out
+    (ckpt,) = (tmp_path / "runs").rglob("last.ckpt")
+    stages = ckpt.parent.parent.parent / "stages"
+    assert (f"cannot write train.safetensors in {stages}: File too large -- the file-size limit of this process "
+            f"(100.0 KiB, `ulimit -f` 100)") in out
+    assert read_checkpoint_meta(ckpt)["epoch"] == 2, "the last checkpoint is intact"
+    assert not list(tmp_path.rglob("*.tmp*")) and not list((tmp_path / "results").glob("*.json"))
+    with caplog.at_level(logging.INFO, logger="pyra_bench"):
+        from pyra_bench.train import train_with_retries
+
+        rec = train_with_retries(_cfg(tmp_path, *data))
+    assert "resuming after epoch 2" in caplog.text
+    assert rec["status"] == "completed" and (tmp_path / "results" / f"{rec['run_id']}.json").is_file()
+
+
+def test_a_run_dir_holding_another_run_is_refused_and_a_damaged_stage_before_anything_is_written(
+        tmp_path, monkeypatch, capsys):
+    first = ["trainer.epochs=1", "trainer.warmup_epochs=0", "trainer.max_steps_per_epoch=1",
+             "export_inference_model=false", f"run_dir={tmp_path}/shared"]
+    assert _train_cli(tmp_path, monkeypatch, capsys, *first)[0] == 0
+    config = (tmp_path / "shared" / "config.json").read_bytes()
+    code, out = _train_cli(tmp_path, monkeypatch, capsys, *first, "method=pyra")
+    assert code == 2 and f"run_dir={tmp_path}/shared holds another run, 'digits__vit_tiny_test__tome__low__seed0'" in out
+    assert (tmp_path / "shared" / "config.json").read_bytes() == config, "nothing was written there"
+    # a stage file whose tensors changed after it was written: refused by init_from before any run folder
+    tensors = tmp_path / "shared" / "stages" / "train.safetensors"
+    raw = bytearray(tensors.read_bytes())
+    raw[-1] ^= 0xFF
+    tensors.write_bytes(bytes(raw))
+    code, out = _train_cli(tmp_path, monkeypatch, capsys, "trainer.epochs=1", "trainer.max_steps_per_epoch=1",
+                           f"init_from={tmp_path}/shared/stages/train.json", f"runs_root={tmp_path}/other",
+                           f"results_dir={tmp_path}/other_results")
+    assert code == 2 and f"{tensors} does not match its checksum" in out, out[-2000:]
+    assert not (tmp_path / "other").exists() and not (tmp_path / "other_results").exists()

@@ -213,9 +213,14 @@ class VTABDataModule(L.LightningDataModule):
 
                 entry = ensure_cached(ds, self.image_size, self.interpolation, self.cache_dir, self.cache_max_gb,
                                       workers=max(1, self.num_workers))
-                self._cache_entries[split] = entry
                 if entry is not None:
-                    ds = CachedImages(entry.path, ds.targets, name=f"{self.task}/{split}")
+                    try:
+                        ds = CachedImages(entry.path, ds.targets, name=f"{self.task}/{split}")
+                    except (OSError, ValueError) as e:  # e.g. evicted by another process meanwhile
+                        log.warning("input cache: cannot open %s (%s); reading %s/%s from its JPEG files",
+                                    entry.path, e, self.task, split)
+                        entry = None
+                self._cache_entries[split] = entry
             self._served[split] = ds
         return self._served[split]
 
