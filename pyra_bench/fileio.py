@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterator
@@ -158,10 +159,20 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
         yield
     except WriteFailedError:
         raise
-    except OSError as e:
-        if e.errno in WRITE_LIMIT_ERRNOS:
-            raise write_failure(path, e) from e
+    except Exception as e:
+        code = os_errno(e)
+        if code in WRITE_LIMIT_ERRNOS:
+            raise write_failure(path, e if isinstance(e, OSError) else OSError(code, os.strerror(code))) from e
         raise
+
+
+def os_errno(e: BaseException) -> int | None:
+    """The OS error number of ``e``: an ``OSError``'s, or the ``(os error N)`` a Rust library (safetensors)
+    puts in its message."""
+    if isinstance(e, OSError):
+        return e.errno
+    m = re.search(r"\(os error (\d+)\)", str(e))
+    return int(m.group(1)) if m else None
 
 
 def temp_path(path: str | os.PathLike) -> Path:

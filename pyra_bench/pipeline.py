@@ -175,37 +175,34 @@ def _check_record(plan: Plan) -> None:
     plan.skip = {"run_id": plan.run_id, "status": "skipped", "path": str(path)}
 
 
-def _check_run_folder_owner(plan: Plan) -> None:
-    """A run folder holds one run: one whose ``config.json`` names another run id or other settings is refused
-    (``force=true`` takes it over)."""
-    path = plan.run_dir / "config.json"
-    if plan.fresh or not path.is_file():
-        return
+def _run_folder_config(plan: Plan) -> dict | None:
+    """The config of the run that last used the run folder (``config.json``), None if none or unreadable."""
     try:
-        old = json.loads(path.read_text())
-        before = result_settings(old) if isinstance(old, dict) else None
-    except (OSError, ValueError, TypeError, AttributeError):
-        return  # unreadable: nothing to compare; the run rewrites it
-    if before is None:
-        return
-    if old.get("run_id") not in (None, plan.run_id):
-        raise ConfigError(f"run_dir={plan.run_dir} holds another run, {old.get('run_id')!r} ({path}); a run folder "
-                          f"holds one run: leave run_dir unset (each run gets <runs_root>/<run_id>), choose another "
-                          f"folder, or force=true to discard that run's state there")
-    diff = settings_diff({k: v for k, v in plan.settings.items() if not k.startswith("weights.")}, before)
-    if diff:
-        raise _mismatch(path, diff)
+        old = json.loads((plan.run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return old if isinstance(old, dict) else None
 
 
 def _check_run_state(plan: Plan) -> None:
-    """The record, the run folder's finished stages and checkpoints, and whose folder it is (see :func:`check`)."""
+    """The record; whose folder the run folder is (it holds one run: ``config.json`` of another run id or, when
+    no finished stage or checkpoint says more, of other settings is refused; ``force=true`` takes it over);
+    its finished stages and checkpoints (see :func:`check`)."""
     plan.skip, plan.set_aside = None, []
     _check_record(plan)
-    if plan.skip is not None:
+    if plan.skip is not None or plan.fresh:
         return
-    if not plan.fresh:
-        _check_existing_state(plan)
-    _check_run_folder_owner(plan)
+    old = _run_folder_config(plan)
+    if old is not None and old.get("run_id") not in (None, plan.run_id):
+        raise ConfigError(f"run_dir={plan.run_dir} holds another run, {old.get('run_id')!r} (its config.json); a run "
+                          f"folder holds one run: leave run_dir unset (each run gets <runs_root>/<run_id>), choose "
+                          f"another folder, or force=true to discard that run's state there")
+    _check_existing_state(plan)
+    if old is not None:
+        diff = settings_diff({k: v for k, v in plan.settings.items() if not k.startswith("weights.")},
+                             result_settings(old))
+        if diff:
+            raise _mismatch(plan.run_dir / "config.json", diff)
 
 
 def check(cfg: DictConfig, fresh: bool = False) -> Plan:

@@ -56,18 +56,14 @@ def train_with_retries(cfg: DictConfig) -> dict[str, Any]:
             return train(cfg, fresh=bool(cfg.get("force", False)) and attempt == 0)  # retries resume
         except (InputError, RunError):
             raise  # the same input fails the same way; a diverged run or a full disk too
-        except OSError as e:
-            from .fileio import WRITE_LIMIT_ERRNOS, write_failure
-
-            if e.errno not in WRITE_LIMIT_ERRNOS:
-                if attempt == retries:
-                    raise
-                log.warning("run failed (%s: %s); retry %d of %d, resuming from its checkpoints",
-                            type(e).__name__, e, attempt + 1, retries)
-                continue
-            where = Path(e.filename) if e.filename else Path(str(cfg.get("run_dir") or ".")) / "(a file)"
-            raise write_failure(where, e) from e  # a write pyra_bench makes itself is named where it happens
         except Exception as e:
+            from .fileio import WRITE_LIMIT_ERRNOS, os_errno, write_failure
+
+            code = os_errno(e)
+            if code in WRITE_LIMIT_ERRNOS:  # (pyra_bench's own writes are named where they happen)
+                name = getattr(e, "filename", None)
+                where = Path(name) if name else Path(str(cfg.get("run_dir") or ".")) / "(a file)"
+                raise write_failure(where, e if isinstance(e, OSError) else OSError(code, os.strerror(code))) from e
             if attempt == retries:
                 raise
             log.warning("run failed (%s: %s); retry %d of %d, resuming from its checkpoints",

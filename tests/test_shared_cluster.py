@@ -153,11 +153,15 @@ def test_tables_skip_and_name_records_of_the_wrong_types_or_ranges(tmp_path, cap
 # ---------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def digits_folder(tmp_path_factory):
-    """The digits task in the VTAB folder format (JPEGs), shared by the folder-data tests of this module."""
+    """The digits task in the VTAB folder format (JPEGs), its split lists cut to their first 48 images (a
+    48-image cache entry at 32 px is 147 KB), shared by the folder-data tests of this module."""
     from pyra_bench.data import write_digits_folder
 
     root = tmp_path_factory.mktemp("vtab")
     write_digits_folder(root)
+    for split in ("train800", "val200", "train800val200", "test"):
+        f = root / "digits" / f"{split}.txt"
+        f.write_text("\n".join(f.read_text().splitlines()[:48]) + "\n")
     return root
 
 
@@ -198,7 +202,7 @@ def test_two_identical_commands_started_together_train_the_run_once(tmp_path):
 def test_a_file_size_limit_ends_the_run_with_one_message_and_the_same_command_resumes(tmp_path, digits_folder,
                                                                                           caplog):
     """A real ``ulimit -f`` of 100 KiB: above a checkpoint of the tiny ViT (~32 KB), below its input-cache
-    entries (3 MB) and its stage file (~280 KB). The cache build fails with EFBIG (one warning per split, the
+    entries (147 KB) and its stage file (~280 KB). The cache build fails with EFBIG (one warning per split, the
     run reads the JPEGs), both epochs are checkpointed, the stage file fails: one message naming the file and
     the limit, exit status 1, no retry, no traceback, the last checkpoint intact. Without the limit the same
     command resumes after epoch 2 and records the run."""
@@ -248,7 +252,7 @@ def test_a_run_dir_holding_another_run_is_refused_and_a_damaged_stage_before_any
     raw = bytearray(tensors.read_bytes())
     raw[-1] ^= 0xFF
     tensors.write_bytes(bytes(raw))
-    code, out = _train_cli(tmp_path, monkeypatch, capsys, "trainer.epochs=1", "trainer.max_steps_per_epoch=1",
+    code, out = _train_cli(tmp_path, monkeypatch, capsys, *first[:-1],
                            f"init_from={tmp_path}/shared/stages/train.json", f"runs_root={tmp_path}/other",
                            f"results_dir={tmp_path}/other_results")
     assert code == 2 and f"{tensors} does not match its checksum" in out, out[-2000:]
