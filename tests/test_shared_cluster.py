@@ -257,3 +257,38 @@ def test_a_run_dir_holding_another_run_is_refused_and_a_damaged_stage_before_any
                            f"results_dir={tmp_path}/other_results")
     assert code == 2 and f"{tensors} does not match its checksum" in out, out[-2000:]
     assert not (tmp_path / "other").exists() and not (tmp_path / "other_results").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. data stays inside its root
+# ---------------------------------------------------------------------------------------------------------
+def _copy_task(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src / "digits", dst / "digits", symlinks=True)
+    return dst
+
+
+def test_an_image_linked_outside_the_task_folder_is_refused_naming_it(digits_folder, tmp_path):
+    from pyra_bench.data import VTABDataModule
+    from pyra_bench.data.folder import UnsafePathError
+
+    root = _copy_task(digits_folder, tmp_path / "data")
+    rel = (root / "digits" / "test.txt").read_text().split()[0]
+    listed = root / "digits" / rel
+    outside = tmp_path / "elsewhere" / "secret.jpg"
+    outside.parent.mkdir()
+    os.replace(listed, outside)
+    listed.symlink_to(outside)
+    with pytest.raises(UnsafePathError, match=f"resolve outside the task folder {root / 'digits'}") as e:
+        VTABDataModule("digits", root, source="folder", image_size=32, cache=False)
+    assert f"{listed} -> {outside}" in str(e.value) and "data.link_root" in str(e.value)
+    dm = VTABDataModule("digits", root, source="folder", image_size=32, cache=False, link_root=tmp_path / "elsewhere")
+    assert dm._dataset("test").samples[0][0] == listed  # the one named root is allowed
+
+
+def test_a_task_name_that_is_a_path_is_refused(digits_folder, tmp_path, monkeypatch, capsys):
+    code, out = _train_cli(tmp_path, monkeypatch, capsys, "task.source=folder", "task.name=../vtab/digits",
+                           "task.num_classes=10", f"data_root={digits_folder}")
+    assert code == 2 and "task.name='../vtab/digits' is not a plain name" in out, out[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "nothing was written"
