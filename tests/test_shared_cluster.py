@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -222,7 +223,7 @@ def test_a_file_size_limit_ends_the_run_with_one_message_and_the_same_command_re
     out = p.stdout + p.stderr
     assert p.returncode == 1, out[-3000:]
     assert "Traceback" not in out and "retry" not in out
-    assert out.count("input cache:") == 2 and out.count("File too large") == 3, out[-3000:]
+    assert out.count("[WARNING] - input cache: cannot use") == 1 and out.count("File too large") == 3, out[-3000:]
     assert "reading digits/train800val200 from its JPEG files" in out
     (ckpt,) = (tmp_path / "runs").rglob("last.ckpt")
     stages = ckpt.parent.parent.parent / "stages"
@@ -292,3 +293,160 @@ def test_a_task_name_that_is_a_path_is_refused(digits_folder, tmp_path, monkeypa
                            "task.num_classes=10", f"data_root={digits_folder}")
     assert code == 2 and "task.name='../vtab/digits' is not a plain name" in out, out[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == [], "nothing was written"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. the input cache verifies what it serves; OS errors fall back to the JPEGs; dead builders' files
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def fresh_process(monkeypatch):
+    """What a new process knows about the cache: no entry verified yet, no warning given yet."""
+    from pyra_bench.data import cache
+
+    monkeypatch.setattr(cache, "_VERIFIED", set())
+    monkeypatch.setattr(cache, "_WARNED", set())
+
+
+def _mount_tmpfs(path: Path, *options: str) -> None:
+    """A real file system of its own at ``path`` (tmpfs; needs the right to mount, e.g. root)."""
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(options), "tmpfs", str(path)], capture_output=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.decode().strip()})")
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A tmpfs of 512 KiB, unmounted afterwards."""
+    mnt = tmp_path / "fs"
+    _mount_tmpfs(mnt, "size=512k")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A real read-only folder: a read-only mount where this user may mount (root ignores permission bits),
+    else a folder without write permission."""
+    ro = tmp_path / "ro"
+    if os.geteuid() == 0:
+        _mount_tmpfs(ro, "ro", "size=64k")
+        yield ro
+        subprocess.run(["umount", "-l", str(ro)], check=False)
+    else:
+        ro.mkdir()
+        ro.chmod(0o555)
+        yield ro
+        ro.chmod(0o755)
+
+
+def _folder_run(tmp_path, digits_folder, cache_dir, *extra):
+    from pyra_bench.train import train_with_retries
+
+    return train_with_retries(_cfg(tmp_path, f"data_root={digits_folder}", "task.source=folder",
+                                   f"data.cache_dir={cache_dir}", "export_inference_model=false",
+                                   "trainer.max_steps_per_epoch=2", *extra))
+
+
+def test_a_cache_entry_with_one_changed_byte_is_rebuilt_and_the_run_is_unchanged(tmp_path, digits_folder, caplog,
+                                                                                 fresh_process):
+    first = _folder_run(tmp_path / "a", digits_folder, tmp_path / "cache")
+    entries = sorted((tmp_path / "cache").glob("*.npy"))
+    assert len(entries) == 2 and all(e["built_now"] for e in first["data"]["input_cache"].values())
+    for npy in entries:  # bit rot: one pixel byte flipped, the file's size and mtime as they were
+        st = npy.stat()
+        with open(npy, "r+b") as f:
+            f.seek(st.st_size - 7)
+            b = f.read(1)
+            f.seek(st.st_size - 7)
+            f.write(bytes([b[0] ^ 0x10]))
+        os.utime(npy, ns=(st.st_atime_ns, st.st_mtime_ns))
+    from pyra_bench.data import cache
+
+    cache._VERIFIED.clear()  # a new process: nothing checked yet
+    with caplog.at_level(logging.WARNING, logger="pyra_bench.data.cache"):
+        second = _folder_run(tmp_path / "b", digits_folder, tmp_path / "cache")
+    damaged = [r for r in caplog.records if "is damaged" in r.getMessage()]
+    assert len(damaged) == 2 and all("checksum does not match" in r.getMessage() for r in damaged)
+    assert all(e["built_now"] for e in second["data"]["input_cache"].values())
+    assert second["metrics"]["test_top1_by_epoch"] == first["metrics"]["test_top1_by_epoch"]
+
+
+@pytest.mark.parametrize("where", ["read_only", "full"])
+def test_a_read_only_or_full_cache_folder_is_one_warning_and_a_run_from_the_jpegs(tmp_path, digits_folder, caplog,
+                                                                                 fresh_process, request, where):
+    folder = request.getfixturevalue("read_only_dir" if where == "read_only" else "small_fs")
+    if where == "full":
+        (folder / "someone_elses_data").write_bytes(b"\0" * (500 * 1024))  # 12 KiB left of 512
+    with caplog.at_level(logging.WARNING):
+        rec = _folder_run(tmp_path, digits_folder, folder / "cache")
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1, warned
+    assert str(folder) in warned[0] and "digits/train800val200" in warned[0] and "JPEG files" in warned[0]
+    assert ("Read-only file system" if os.geteuid() == 0 and where == "read_only" else
+            "Permission denied" if where == "read_only" else "GB free") in warned[0]
+    assert rec["status"] == "completed" and set(rec["data"]["input_cache"].values()) == {None}
+
+
+def test_a_disk_filling_up_during_a_cache_build_falls_back_to_the_jpegs(tmp_path, digits_folder, small_fs, caplog,
+                                                                        fresh_process, monkeypatch):
+    """ENOSPC after the free-space check: another job fills the file system between the check and the build.
+    (Written into a memory map, that would be a SIGBUS killing the run; the blocks are reserved first.)"""
+    from pyra_bench.data import VTABFolderDataset, cache
+
+    monkeypatch.setattr(cache, "_DISK_MARGIN", 0)  # a 512 KiB file system passes the check for a 147 KB entry
+    ds = VTABFolderDataset(digits_folder, "digits", "test")
+    original = cache._write_images
+
+    def other_job_fills_the_disk_then_build(*args, **kwargs):
+        with open(small_fs / "someone_elses_data", "wb") as f, pytest.raises(OSError, match="No space left"):
+            while True:
+                f.write(b"\0" * 4096)
+                f.flush()
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(cache, "_write_images", other_job_fills_the_disk_then_build)
+    with caplog.at_level(logging.WARNING, logger="pyra_bench.data.cache"):
+        assert cache.ensure_cached(ds, 32, cache_dir=small_fs / "cache") is None
+    assert f"input cache: cannot use {small_fs / 'cache'} (ENOSPC: No space left on device)" in caplog.text
+    assert [p.name for p in (small_fs / "cache").iterdir() if not p.name.endswith(".lock")] == []
+
+
+_BUILD_AND_HANG = """
+import sys, time
+from pyra_bench.data import VTABFolderDataset
+from pyra_bench.data.cache import ensure_cached
+original = VTABFolderDataset.load_image
+def slow(self, i):
+    if i == 20:
+        print("building", flush=True)
+        time.sleep(300)
+    return original(self, i)
+VTABFolderDataset.load_image = slow
+ensure_cached(VTABFolderDataset(sys.argv[1], "digits", "test"), 32, cache_dir=sys.argv[2])
+"""
+
+
+def test_a_cache_build_killed_by_sigkill_leaves_nothing_a_later_run_or_the_size_limit_misses(tmp_path, digits_folder,
+                                                                                               caplog, fresh_process):
+    from pyra_bench.data import VTABFolderDataset
+    from pyra_bench.data.cache import ensure_cached
+
+    folder = tmp_path / "cache"
+    p = subprocess.Popen([sys.executable, "-c", _BUILD_AND_HANG, str(digits_folder), str(folder)], env=_env(),
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "building"
+        (temp,) = folder.glob(".*.building")
+        assert temp.stat().st_size == 48 * 3 * 32 * 32 + 128  # the half-filled entry (its header included)
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    assert temp.exists(), "SIGKILL skips every finally: the temporary file is left"
+    one = (48 * 3 * 32 * 32 + 128) / 1e9
+    with caplog.at_level(logging.INFO, logger="pyra_bench.data.cache"):
+        entry = ensure_cached(VTABFolderDataset(digits_folder, "digits", "test"), 16, cache_dir=folder,
+                              max_gb=1.5 * one)
+    assert "removed 1 temporary file(s) of builders that died" in caplog.text
+    assert entry.built and not temp.exists()
+    assert sorted(p.suffix for p in folder.iterdir()) == [".json", ".lock", ".lock", ".npy"]

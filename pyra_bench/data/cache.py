@@ -59,6 +59,7 @@ DEFAULT_MAX_GB = 64.0
 _DISK_MARGIN = 2**30  # leave at least 1 GiB free on the cache's disk
 _TEMP_SUFFIX = ".building"
 _VERIFIED: set[tuple[str, int, int]] = set()  # (path, size, mtime) of entries this process has checked
+_WARNED: set[tuple[str, str]] = set()  # (cache folder, error) this process has warned about
 
 
 def default_cache_dir() -> Path:
@@ -218,6 +219,7 @@ def _write_images(dataset: VTABFolderDataset, path: Path, image_size: int, inter
     resize = build_resize(image_size, interpolation)
     n = len(dataset)
     arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, 3, image_size, image_size))
+    _allocate(path)
 
     def fill(i: int) -> None:  # PIL releases the GIL while decoding and resizing
         arr[i] = to_uint8_chw(resize(dataset.load_image(i)))
@@ -231,6 +233,21 @@ def _write_images(dataset: VTABFolderDataset, path: Path, image_size: int, inter
         for _ in done:
             pass
     arr.flush()
+
+
+def _allocate(path: Path) -> None:
+    """Reserve the file's blocks now: a write into a memory map that the file system has no room for is a
+    SIGBUS that kills the process, where this is an ``OSError`` (ENOSPC, EDQUOT) the caller falls back on."""
+    fallocate = getattr(os, "posix_fallocate", None)
+    if fallocate is None:
+        return
+    with open(path, "r+b") as f:
+        try:
+            fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):  # a file system without it: written as it comes
+                return
+            raise
 
 
 def _checksum(path: Path) -> str:
@@ -312,9 +329,9 @@ def ensure_cached(dataset: VTABFolderDataset, image_size: int, interpolation: st
     except InputError:
         raise  # an undecodable or missing image: the data's problem, named
     except OSError as e:  # read-only, full, over quota, past the file-size limit, a file where the folder is ...
-        log.warning("input cache: cannot use %s (%s: %s); reading %s from its JPEG files", root,
-                    errno.errorcode.get(e.errno, type(e).__name__) if e.errno else type(e).__name__,
-                    e.strerror or e, name)
+        code = errno.errorcode.get(e.errno, type(e).__name__) if e.errno else type(e).__name__
+        _warn_once(root, code, "input cache: cannot use %s (%s: %s); reading %s from its JPEG files", root, code,
+                   e.strerror or e, name)
         return None
     if built is None:
         return None
@@ -322,6 +339,13 @@ def ensure_cached(dataset: VTABFolderDataset, image_size: int, interpolation: st
     log.info("input cache: %s, %d images at %dx%d, %.3f GB, %s: %s", name, entry.num_images, image_size,
              image_size, entry.nbytes / 1e9, f"built in {entry.seconds:.1f} s" if built else "reused", final)
     return entry
+
+
+def _warn_once(root: Path, kind: str, msg: str, *args) -> None:
+    """One warning per cache folder and kind of problem in a process; the other splits' at info level."""
+    once = (str(root), kind) not in _WARNED
+    _WARNED.add((str(root), kind))
+    log.log(logging.WARNING if once else logging.INFO, msg, *args)
 
 
 def _open_or_build(dataset: VTABFolderDataset, root: Path, key: str, final: Path, shape: tuple[int, ...], need: int,
@@ -346,8 +370,8 @@ def _open_or_build(dataset: VTABFolderDataset, root: Path, key: str, final: Path
         _make_room(root, need, max_bytes, final, building)
         free = shutil.disk_usage(root).free
         if free < need + _DISK_MARGIN:
-            log.warning("input cache: %s needs %.2f GB but %s has %.2f GB free; reading its JPEG files "
-                        "instead", name, need / 1e9, root, free / 1e9)
+            _warn_once(root, "no room", "input cache: %s needs %.3g GB but %s has %.3g GB free (and keeps %.0f GB "
+                       "free); reading its JPEG files instead", name, need / 1e9, root, free / 1e9, _DISK_MARGIN / 2**30)
             return None
         digest = _build(dataset, final, image_size=shape[-1], interpolation=interpolation, workers=workers,
                         progress=len(dataset) >= 5000 if progress is None else progress)
