@@ -450,3 +450,21 @@ def test_a_cache_build_killed_by_sigkill_leaves_nothing_a_later_run_or_the_size_
     assert "removed 1 temporary file(s) of builders that died" in caplog.text
     assert entry.built and not temp.exists()
     assert sorted(p.suffix for p in folder.iterdir()) == [".json", ".lock", ".lock", ".npy"]
+
+
+def test_a_live_builders_temporary_file_counts_against_the_size_limit_and_is_kept(tmp_path, digits_folder, caplog,
+                                                                                    fresh_process):
+    from pyra_bench.data import VTABFolderDataset
+    from pyra_bench.data.cache import _lock, ensure_cached
+
+    folder = tmp_path / "cache"
+    one = (48 * 3 * 16 * 16 + 128) / 1e9  # GB of a 48-image entry at 16 px
+    old = ensure_cached(VTABFolderDataset(digits_folder, "digits", "test"), 16, cache_dir=folder, max_gb=2.5 * one)
+    live = folder / f".{'f' * 32}.{os.getpid() + 1}.0000.building"  # another process's build, in progress
+    live.write_bytes(b"\0" * int(one * 1e9))
+    with _lock(folder, "f" * 32, timeout=0):
+        with caplog.at_level(logging.INFO, logger="pyra_bench.data.cache"):
+            new = ensure_cached(VTABFolderDataset(digits_folder, "digits", "val200"), 16, cache_dir=folder,
+                                max_gb=2.5 * one)
+    assert new.built and live.exists(), "a live builder's file is never removed"
+    assert not old.path.exists() and "evicted" in caplog.text, "old + live + new > 2.5 entries: the old one goes"
