@@ -4,10 +4,14 @@
 
 1. :func:`check` -- every input, cheapest first, before anything is built or written: config values and
    Trainer options, the run's identity, the data folder and split lists, the method and its operating
-   point, the weights (file, hash), stage chaining, the state already in the run folder (a finished stage
-   or checkpoint made with other settings is an error; a corrupt one is set aside and redone), and last,
+   point, the weights (file, hash), stage chaining, the state already in the run folder (a run folder of
+   another run, or a finished stage or checkpoint made with other settings is an error; a corrupt or
+   changed one -- stage tensors are checked against their checksum -- is set aside and redone), and last,
    as the slowest, every image. An existing record made with the same settings skips the run.
-2. :func:`build` -- the data modules and the model (frozen backbone, LoRA, method).
+2. the run folder's lock (:func:`pyra_bench.lifecycle.run_lock`: one writer per run folder; another process
+   holding it ends this command at once, exit status 75), held to the end; the record and the run folder's
+   state are checked again under it. Then :func:`build` -- the data modules and the model (frozen
+   backbone, LoRA, method).
 3. :func:`open_run_folder` -- the first write: the run folder, its config, the git diff, the log file.
 4. :func:`run_stages` -- each stage of the method is one Lightning ``fit``, checkpointed every epoch
    (``<run_dir>/ckpt/<stage>/last.ckpt``) and saved when finished (``<run_dir>/stages/<stage>.*``); the
