@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -166,34 +165,37 @@ def digits_folder(tmp_path_factory):
     return root
 
 
-def test_two_identical_commands_started_together_train_the_run_once(tmp_path):
-    """Both processes are the same command; whichever takes the run folder's lock holds it (waiting in
-    ``on_fit_start`` for a file the test writes) until the other has exited: that one must exit 75 at once,
-    naming the run, this host and the holder's process id. The holder then ends with the one record."""
+def test_two_identical_commands_started_together_train_the_run_once(tmp_path, monkeypatch, capsys, caplog):
+    """The same command in a process of its own and, started at the same moment, in this one (one
+    interpreter start less). Whichever takes the run folder's lock holds it -- waiting in ``on_fit_start`` for
+    a file written once the other command has ended -- so the other must exit 75 at once, naming the run,
+    this host and the holder's process id, having trained nothing. The holder ends with the one record."""
     import socket
+    import threading
 
     go = tmp_path / "go"
-    cmd = [sys.executable, "-m", "pyra_bench.train", *_overrides(tmp_path, "trainer.max_steps_per_epoch=1",
-           "+callbacks.hold._target_=helpers.lifecycle_callbacks.WaitForFile", f"+callbacks.hold.path={go}")]
-    procs = [subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for _ in range(2)]
+    args = _overrides(tmp_path, "trainer.max_steps_per_epoch=1", f"+callbacks.hold.path={go}",
+                      "+callbacks.hold._target_=helpers.lifecycle_callbacks.WaitForFile")
+    p = subprocess.Popen([sys.executable, "-m", "pyra_bench.train", *args], cwd=tmp_path, env=_env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sub: dict[str, str] = {}
+    waiter = threading.Thread(target=lambda: (sub.setdefault("out", p.communicate(timeout=300)[0]),
+                                              go.write_text("go")))
+    waiter.start()
     try:
-        deadline = 240
-
-        t0 = time.monotonic()
-        while all(p.poll() is None for p in procs) and time.monotonic() - t0 < deadline:
-            time.sleep(0.1)
-        go.write_text("go")
-        outs = [p.communicate(timeout=deadline)[0] for p in procs]
+        with caplog.at_level(logging.INFO, logger="pyra_bench"):
+            here, out = _train_cli(tmp_path, monkeypatch, capsys, *args[len(RUN) + 2:])
+        out += caplog.text
+        if here == 75:
+            go.write_text("go")
+        waiter.join(300)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    codes = sorted(p.returncode for p in procs)
-    assert codes == [0, 75], "\n----\n".join(o[-3000:] for o in outs)
-    holder, other = (0, 1) if procs[0].returncode == 0 else (1, 0)
-    assert f"is running in another process: host {socket.gethostname()}, process {procs[holder].pid}" in outs[other]
-    assert "Traceback" not in outs[other] and "stage 1/1" not in outs[other], "the second one trained nothing"
+        if p.poll() is None:
+            p.kill()
+    assert sorted([here, p.returncode]) == [0, 75], out[-3000:] + "\n----\n" + sub.get("out", "")[-3000:]
+    holder_pid, other_out = (os.getpid(), sub["out"]) if here == 0 else (p.pid, out)
+    assert f"is running in another process: host {socket.gethostname()}, process {holder_pid}" in other_out
+    assert "Traceback" not in other_out and "stage 1/1" not in other_out, "the second one trained nothing"
     (rec,) = iter_records([tmp_path / "results"])
     assert rec["status"] == "completed" and rec["metrics"]["test_top1"] is not None
     run_dir = Path(rec["run_dir"])
