@@ -470,3 +470,40 @@ def test_a_live_builders_temporary_file_counts_against_the_size_limit_and_is_kep
                                 max_gb=2.5 * one)
     assert new.built and live.exists(), "a live builder's file is never removed"
     assert not old.path.exists() and "evicted" in caplog.text, "old + live + new > 2.5 entries: the old one goes"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "object_array", "folder_is_a_file"])
+def test_a_truncated_or_foreign_entry_is_rebuilt_and_a_cache_folder_that_is_a_file_falls_back(
+        tmp_path, digits_folder, caplog, fresh_process, damage):
+    import numpy as np
+    import xxhash
+
+    from pyra_bench.data import VTABFolderDataset
+    from pyra_bench.data.cache import ensure_cached
+
+    ds, folder = VTABFolderDataset(digits_folder, "digits", "val200"), tmp_path / "cache"
+    if damage == "folder_is_a_file":
+        folder.write_text("not a folder")
+    else:
+        entry = ensure_cached(ds, 16, cache_dir=folder)
+        if damage == "truncated":
+            with open(entry.path, "r+b") as f:
+                f.truncate(entry.nbytes // 2)
+        else:  # an object array (a pickle inside a .npy) whose description was made to match it
+            np.save(entry.path, np.array([{"a": 1}] * 3, dtype=object), allow_pickle=True)
+            meta = json.loads(entry.path.with_suffix(".json").read_text())
+            data = entry.path.read_bytes()
+            meta.update(bytes=len(data), xxh3_64=xxhash.xxh3_64_hexdigest(data))
+            entry.path.with_suffix(".json").write_text(json.dumps(meta))
+        from pyra_bench.data import cache
+
+        cache._VERIFIED.clear()
+    with caplog.at_level(logging.WARNING, logger="pyra_bench.data.cache"):
+        again = ensure_cached(ds, 16, cache_dir=folder)
+    (warning,) = [r.getMessage() for r in caplog.records]
+    if damage == "folder_is_a_file":
+        assert again is None and f"cannot use {folder} (EEXIST: File exists)" in warning
+    else:
+        why = "36992 were written" if damage == "truncated" else "not a memory-mappable array"
+        assert "is damaged" in warning and why in warning and again.built
+        assert np.load(again.path, mmap_mode="r").shape == (48, 3, 16, 16)
