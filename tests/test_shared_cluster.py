@@ -507,3 +507,24 @@ def test_a_truncated_or_foreign_entry_is_rebuilt_and_a_cache_folder_that_is_a_fi
         why = "36992 were written" if damage == "truncated" else "not a memory-mappable array"
         assert "is damaged" in warning and why in warning and again.built
         assert np.load(again.path, mmap_mode="r").shape == (48, 3, 16, 16)
+
+
+def test_an_export_naming_the_class_of_the_users_own_method_config_is_accepted(tmp_path, monkeypatch, capsys):
+    """The same check lets through what the command line itself names: the plug-in method config of
+    ``tests/plugins`` (``_target_: pyra_plugin_demo.MyMethod``); the load then goes on to the tensors."""
+    from helpers.cli import run_entry_point
+
+    from pyra_bench.bench import cli
+
+    plugins = ROOT / "tests" / "plugins"
+    monkeypatch.syspath_prepend(str(plugins))
+    run = tmp_path / "run"
+    run.mkdir()
+    config = {"method": {"name": "mymethod", "_target_": "pyra_plugin_demo.MyMethod", "kwargs": {}}}
+    (run / "inference_model.json").write_text(json.dumps({"format": 2, "method_state": {}, "config": config}))
+    (run / "inference_model.safetensors").write_bytes(b"\0" * 64)
+    code, _, err = run_entry_point(cli, "pyra_bench/bench.py", [
+        f"hydra.searchpath=[file://{plugins / 'conf'}]", "method=mymethod", f"bench.run={run}",
+        f"bench.output_dir={tmp_path}/b"], tmp_path, monkeypatch, capsys, env={"HYDRA_FULL_ERROR": "0"})
+    assert code == 2 and "nothing was imported" not in err
+    assert "inference_model.safetensors is not a readable safetensors file" in err, err[-2000:]

@@ -101,8 +101,9 @@ def loaded_method_config(method_cfg: Mapping[str, Any], source: str | os.PathLik
         have = f"{name!r} is {_dotted(cls)}" if cls is not None else f"no method {name!r} is registered"
         raise UntrustedTargetError(
             f"{source}: its method config names _target_ {target!r}, but {have}. A loaded file never chooses code "
-            f"to import, so nothing was imported; install the method's package (an entry point of group "
-            f"{ENTRY_POINT_GROUP}) or give its config on the command line (hydra.searchpath=...) to use it")
+            f"to import, so nothing was imported. To use that class, install its package (an entry point of group "
+            f"{ENTRY_POINT_GROUP}) or name its method config on the command line (e.g. python -m pyra_bench.bench "
+            f"hydra.searchpath=[file://<your conf>] method={name} bench.run=...)")
     return out
 
 
