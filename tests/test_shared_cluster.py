@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -153,15 +154,26 @@ def test_tables_skip_and_name_records_of_the_wrong_types_or_ranges(tmp_path, cap
 # ---------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def digits_folder(tmp_path_factory):
-    """The digits task in the VTAB folder format (JPEGs), its split lists cut to their first 48 images (a
-    48-image cache entry at 32 px is 147 KB), shared by the folder-data tests of this module."""
-    from pyra_bench.data import write_digits_folder
+    """The digits task in the VTAB folder format (JPEGs as :func:`pyra_bench.data.write_digits_folder` writes
+    them), the first 48 images of each split only (a 48-image cache entry at 32 px is 147 KB); shared by the
+    folder-data tests of this module."""
+    import numpy as np
+    from PIL import Image
+
+    from pyra_bench.data.embedded import digits_arrays, digits_split_indices
+    from pyra_bench.data.tasks import SPLITS
 
     root = tmp_path_factory.mktemp("vtab")
-    write_digits_folder(root)
-    for split in ("train800", "val200", "train800val200", "test"):
-        f = root / "digits" / f"{split}.txt"
-        f.write_text("\n".join(f.read_text().splitlines()[:48]) + "\n")
+    images, labels = digits_arrays()
+    for split in SPLITS:
+        (root / "digits" / "images" / split).mkdir(parents=True)
+        lines = []
+        for j, i in enumerate(digits_split_indices(split)[:48]):
+            rel = f"images/{split}/{j:06d}.jpg"
+            Image.fromarray(np.repeat(images[i][:, :, None], 3, axis=2), mode="RGB").save(root / "digits" / rel,
+                                                                                         quality=75)
+            lines.append(f"{rel} {int(labels[i])}")
+        (root / "digits" / f"{split}.txt").write_text("\n".join(lines) + "\n")
     return root
 
 
@@ -414,36 +426,31 @@ def test_a_disk_filling_up_during_a_cache_build_falls_back_to_the_jpegs(tmp_path
     assert [p.name for p in (small_fs / "cache").iterdir() if not p.name.endswith(".lock")] == []
 
 
-_BUILD_AND_HANG = """
-import sys, time
-from pyra_bench.data import VTABFolderDataset
-from pyra_bench.data.cache import ensure_cached
-original = VTABFolderDataset.load_image
-def slow(self, i):
-    if i == 20:
-        print("building", flush=True)
-        time.sleep(300)
-    return original(self, i)
-VTABFolderDataset.load_image = slow
-ensure_cached(VTABFolderDataset(sys.argv[1], "digits", "test"), 32, cache_dir=sys.argv[2])
-"""
-
-
 def test_a_cache_build_killed_by_sigkill_leaves_nothing_a_later_run_or_the_size_limit_misses(tmp_path, digits_folder,
                                                                                                caplog, fresh_process):
+    """A builder process (forked from this one: the build is PIL and numpy only) is SIGKILLed while it fills
+    its entry; the next process using the cache removes its temporary file and says so."""
     from pyra_bench.data import VTABFolderDataset
     from pyra_bench.data.cache import ensure_cached
 
     folder = tmp_path / "cache"
-    p = subprocess.Popen([sys.executable, "-c", _BUILD_AND_HANG, str(digits_folder), str(folder)], env=_env(),
-                         stdout=subprocess.PIPE, text=True)
+    pid = os.fork()
+    if pid == 0:  # the builder: hangs at its 21st image, as a pre-empted job would stop anywhere
+        try:
+            original = VTABFolderDataset.load_image
+            VTABFolderDataset.load_image = lambda self, i: time.sleep(300) if i == 20 else original(self, i)
+            ensure_cached(VTABFolderDataset(digits_folder, "digits", "test"), 32, cache_dir=folder)
+        finally:
+            os._exit(0)
     try:
-        assert p.stdout.readline().strip() == "building"
+        deadline = time.monotonic() + 60
+        while not list(folder.glob(".*.building")) and time.monotonic() < deadline:
+            time.sleep(0.05)
         (temp,) = folder.glob(".*.building")
         assert temp.stat().st_size == 48 * 3 * 32 * 32 + 128  # the half-filled entry (its header included)
     finally:
-        p.send_signal(signal.SIGKILL)
-        p.wait()
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
     assert temp.exists(), "SIGKILL skips every finally: the temporary file is left"
     one = (48 * 3 * 32 * 32 + 128) / 1e9
     with caplog.at_level(logging.INFO, logger="pyra_bench.data.cache"):
