@@ -35,11 +35,10 @@ from typing import Any
 
 import lightning as L
 import torch
-import xxhash
 from lightning.pytorch.callbacks import Checkpoint
 
 from .errors import CheckpointFormatError, RunError
-from .fileio import temp_path, writing
+from .fileio import file_xxh3, temp_path, writing
 from .records import atomic_write_json
 
 log = logging.getLogger("pyra_bench")
@@ -220,16 +219,8 @@ def save_stage(folder: str | os.PathLike, name: str, state_dict: Mapping[str, to
         tmp.unlink(missing_ok=True)
     atomic_write_json(meta_path, {"format": STAGE_FORMAT, "stage": name, "tensors": tensors_path.name,
                                   "tensors_bytes": tensors_path.stat().st_size,
-                                  "tensors_xxh3_64": _xxh3(tensors_path), **meta})
+                                  "tensors_xxh3_64": file_xxh3(tensors_path), **meta})
     return meta_path
-
-
-def _xxh3(path: Path) -> str:
-    h = xxhash.xxh3_64()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def stage_exists(folder: str | os.PathLike, name: str) -> bool:
@@ -264,7 +255,7 @@ def verify_stage(meta_path: str | os.PathLike) -> dict[str, Any]:
 
             load_file(str(tensors))
             return meta
-        got = _xxh3(tensors)
+        got = file_xxh3(tensors)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same problem for the user
         raise CheckpointFormatError(f"{tensors} is not a readable safetensors file ({type(e).__name__}: {e})") from e
     if got != want:

@@ -45,10 +45,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import xxhash
 from torch.utils.data import Dataset
 
 from ..errors import InputError
+from ..fileio import file_xxh3
 from .folder import VTABFolderDataset
 from .transforms import build_resize, to_uint8_chw
 
@@ -250,14 +250,6 @@ def _allocate(path: Path) -> None:
             raise
 
 
-def _checksum(path: Path) -> str:
-    h = xxhash.xxh3_64()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _build(dataset: VTABFolderDataset, final: Path, image_size: int, interpolation: str, workers: int,
            progress: bool) -> str:
     """Write the entry to a temporary file, then rename it: a reader sees a complete file or none. Returns its
@@ -265,7 +257,7 @@ def _build(dataset: VTABFolderDataset, final: Path, image_size: int, interpolati
     tmp = final.with_name(f".{final.stem}.{os.getpid()}.{secrets.token_hex(4)}{_TEMP_SUFFIX}")
     try:
         _write_images(dataset, tmp, image_size, interpolation, workers, progress)
-        digest = _checksum(tmp)
+        digest = file_xxh3(tmp)
         os.replace(tmp, final)
     finally:
         with contextlib.suppress(OSError):
@@ -291,7 +283,7 @@ def _damage(final: Path, shape: tuple[int, ...]) -> str | None:
         return f"it has {st.st_size} bytes, {meta.get('bytes')} were written"
     stamp = (str(final), st.st_size, st.st_mtime_ns)
     if stamp not in _VERIFIED:
-        if _checksum(final) != meta["xxh3_64"]:
+        if file_xxh3(final) != meta["xxh3_64"]:
             return "its checksum does not match (the file changed after it was written)"
         try:
             arr = np.load(final, mmap_mode="r")
