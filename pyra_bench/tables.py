@@ -797,6 +797,10 @@ def tuning_table(records: Iterable[dict]) -> pd.DataFrame:
         acc = _num((r.get("metrics") or {}).get("val_top1"))
         if r.get("protocol") != "tuning" or acc is None:
             continue
+        why = record_problem(r, "val_top1")
+        if why is not None:
+            _warn(f"{r.get('_path') or r.get('run_id')} left out of the tuning table ({why})")
+            continue
         k = record_key(r)
         rows.append({**{c: k[c] for c in TUNING_KEY}, "run_tag": k["run_tag"] or "-", "task": r.get("task"),
                      "acc": acc})

@@ -134,15 +134,20 @@ def test_a_diverged_run_ends_non_zero_and_is_recorded_as_failed(tmp_path, monkey
 
 def test_tables_skip_and_name_records_of_the_wrong_types_or_ranges(tmp_path, capsys):
     import pandas as pd
-    from test_tables import _rec, _row, _tables
+    from test_tables import _rec, _record, _row, _tables
+
+    from pyra_bench.records import write_record
 
     runs = tmp_path / "runs"
     for seed in (0, 1):
         _rec(runs, "dtd", 50.0 + seed, seed=seed)
     bad_seed = _rec(runs, "dtd", 60.0, seed="abc", run_tag="s")
     bad_acc = _rec(runs, "dtd", 250.0, seed=2)
+    bad_tuning = write_record(runs, {**_record("dtd", None, seed=3), "protocol": "tuning",
+                                     "metrics": {"val_top1": 250.0}})
     _tables(runs, tmp_path / "out", "tables=[3]")
     err = capsys.readouterr().err
+    assert f"{bad_tuning} left out of the tuning table (val_top1 250.0 is not a number in [0, 100])" in err
     assert f"{bad_seed} (seed 'abc' is not an integer)" in err
     assert f"{bad_acc} (test_top1 250.0 is not a number in [0, 100])" in err
     row = _row(pd.read_csv(tmp_path / "out" / "table3.csv"), "ToMe")
