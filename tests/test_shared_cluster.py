@@ -192,11 +192,11 @@ def test_two_identical_commands_started_together_train_the_run_once(tmp_path, mo
 
     go = tmp_path / "go"
     args = _overrides(tmp_path, "trainer.max_steps_per_epoch=1", f"+callbacks.hold.path={go}",
-                      "+callbacks.hold._target_=helpers.lifecycle_callbacks.WaitForFile")
+                      "+callbacks.hold.timeout=400", "+callbacks.hold._target_=helpers.lifecycle_callbacks.WaitForFile")
     p = subprocess.Popen([sys.executable, "-m", "pyra_bench.train", *args], cwd=tmp_path, env=_env(),
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     sub: dict[str, str] = {}
-    waiter = threading.Thread(target=lambda: (sub.setdefault("out", p.communicate(timeout=300)[0]),
+    waiter = threading.Thread(target=lambda: (sub.setdefault("out", p.communicate(timeout=400)[0]),
                                               go.write_text("go")))
     waiter.start()
     try:
@@ -205,7 +205,7 @@ def test_two_identical_commands_started_together_train_the_run_once(tmp_path, mo
         out += caplog.text
         if here == 75:
             go.write_text("go")
-        waiter.join(300)
+        waiter.join(400)
     finally:
         if p.poll() is None:
             p.kill()
