@@ -220,19 +220,26 @@ def test_two_identical_commands_started_together_train_the_run_once(tmp_path, mo
 
 
 def test_a_file_size_limit_ends_the_run_with_one_message_and_the_same_command_resumes(tmp_path, digits_folder,
-                                                                                          caplog):
-    """A real ``ulimit -f`` of 100 KiB: above a checkpoint of the tiny ViT (~32 KB), below its input-cache
-    entries (147 KB) and its stage file (~280 KB). The cache build fails with EFBIG (one warning per split, the
-    run reads the JPEGs), both epochs are checkpointed, the stage file fails: one message naming the file and
-    the limit, exit status 1, no retry, no traceback, the last checkpoint intact. Without the limit the same
-    command resumes after epoch 2 and records the run."""
+                                                                                          monkeypatch, capsys, caplog):
+    """A run stopped (SIGTERM) after epoch 1 of 2 leaves its checkpoint; the same command again under a real
+    ``ulimit -f`` of 20 KiB -- below a checkpoint of the tiny ViT (~32 KB) and its input-cache entries (147 KB),
+    above its config and log files: the cache build fails with EFBIG (one warning, the run reads the JPEGs),
+    epoch 2 trains and its checkpoint cannot be written: one message naming the file and the limit, exit
+    status 1, no retry, no traceback, nothing half-written, epoch 1's checkpoint intact. Without the limit the
+    same command resumes after epoch 1 and records the run."""
     import resource
 
     from pyra_bench.lifecycle import read_checkpoint_meta
 
-    limit = 100 * 1024
+    limit = 20 * 1024
     data = [f"data_root={digits_folder}", "task.source=folder", f"data.cache_dir={tmp_path}/cache",
             "export_inference_model=false"]
+    stop = ["data.cache=false", "+callbacks.term._target_=helpers.lifecycle_callbacks.SignalOnce",
+            "+callbacks.term.epoch=1", f"+callbacks.term.signum={int(signal.SIGTERM)}",
+            f"+callbacks.term.marker={tmp_path}/term.marker"]
+    assert _train_cli(tmp_path, monkeypatch, capsys, *data, *stop)[0] == 128 + signal.SIGTERM
+    (ckpt,) = (tmp_path / "runs").rglob("last.ckpt")
+    assert read_checkpoint_meta(ckpt)["epoch"] == 1
 
     def cap():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
@@ -241,21 +248,20 @@ def test_a_file_size_limit_ends_the_run_with_one_message_and_the_same_command_re
                        env=_env(), capture_output=True, text=True, timeout=300, preexec_fn=cap)
     out = p.stdout + p.stderr
     assert p.returncode == 1, out[-3000:]
-    assert "Traceback" not in out and "retry" not in out
+    assert "Traceback" not in out and "retry" not in out and "resuming after epoch 1" in out
     assert out.count("[WARNING] - input cache: cannot use") == 1 and out.count("File too large") == 3, out[-3000:]
     assert "reading digits/train800val200 from its JPEG files" in out
-    (ckpt,) = (tmp_path / "runs").rglob("last.ckpt")
-    stages = ckpt.parent.parent.parent / "stages"
-    assert (f"cannot write train.safetensors in {stages}: File too large -- the file-size limit of this process "
-            f"(100.0 KiB, `ulimit -f` 100)") in out
-    assert read_checkpoint_meta(ckpt)["epoch"] == 2, "the last checkpoint is intact"
+    assert (f"cannot write last.ckpt in {ckpt.parent}: File too large -- the file-size limit of this process "
+            f"(20.0 KiB, `ulimit -f` 20)") in out
+    assert read_checkpoint_meta(ckpt)["epoch"] == 1, "the last good checkpoint is intact"
     assert not list(tmp_path.rglob("*.tmp*")) and not list((tmp_path / "results").glob("*.json"))
     with caplog.at_level(logging.INFO, logger="pyra_bench"):
         from pyra_bench.train import train_with_retries
 
         rec = train_with_retries(_cfg(tmp_path, *data))
-    assert "resuming after epoch 2" in caplog.text
+    assert "resuming after epoch 1" in caplog.text
     assert rec["status"] == "completed" and (tmp_path / "results" / f"{rec['run_id']}.json").is_file()
+    assert rec["training_cost"]["train"]["epochs_run"] == 1, "only epoch 2 was trained again"
 
 
 def test_a_run_dir_holding_another_run_is_refused_and_a_damaged_stage_before_anything_is_written(
