@@ -83,6 +83,10 @@ def bench_runs(cfg: DictConfig) -> list[dict[str, Any]]:
     b = cfg.bench
     if b.get("threads"):
         torch.set_num_threads(int(b.threads))
+    if cfg.get("method") is not None and cfg.method.get("_target_"):
+        from .identity import method_class
+
+        method_class(cfg.method)  # the user's own method config: its class is registered, so exports may name it
     paths = sorted(glob.glob(str(b.run))) if any(c in str(b.run) for c in "*?[") else [str(b.run)]
     if not paths:
         raise InputFileNotFoundError(f"bench.run={b.run}: no run folder matches")

@@ -67,3 +67,24 @@ class ConfigCheckError(ConfigError):
 
 class HubUnreachableError(InputError, ConnectionError):
     """Hub weights were asked for, but the Hugging Face hub cannot be reached and they are not cached."""
+
+
+class RunError(Exception):
+    """A run that cannot go on for a reason its message states in full (training diverged, the disk is full):
+    never retried (the same run would fail the same way), recorded as failed, printed as one message (exit
+    status 1), the last finished epoch kept on disk."""
+
+    exit_code = 1
+    record_failure = True  # written to <results_dir>/failed/<run_id>.json
+
+
+class TrainingDivergedError(RunError):
+    """The training loss became NaN or infinite (the epoch, the last finite loss and the lr are named)."""
+
+
+class WriteFailedError(RunError, OSError):
+    """A file could not be written: the file system is full or read-only, a quota or the file-size limit is
+    reached (ENOSPC, EDQUOT, EROFS, EFBIG). The message names the file, its folder and the limit."""
+
+    def __str__(self) -> str:  # the message alone (OSError would add "[Errno N]" and the file name again)
+        return str(self.strerror)

@@ -5,7 +5,9 @@ or merged structure as trained); ``<run_dir>/inference_model.json`` the method's
 (schedule, kept heads/channels, ...) and the run's resolved config. :func:`load_inference_model` rebuilds
 the architecture from the config (no pre-trained weights are read: every tensor comes from the file),
 re-applies the method's structure, merges LoRA and loads the tensors strictly, so a file that does not fit
-is refused clearly. Nothing in these files can run code (safetensors + JSON)::
+is refused clearly. Nothing in these files can run code (safetensors + JSON), and the JSON's method config is
+data: a ``_target_`` in it must name the class already registered under its name, else the file is refused
+before anything is imported (:func:`pyra_bench.methods.loaded_method_config`)::
 
     from pyra_bench.export import load_inference_model
     model = load_inference_model("outputs/runs/<run_id>")      # eval mode, on CPU
@@ -24,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from .errors import CheckpointFormatError, InputFileNotFoundError
+from .methods import loaded_method_config
 from .models.backbones import CheckpointError
 from .records import atomic_write_json
 
@@ -78,6 +81,9 @@ def load_inference_model(path: str | os.PathLike, map_location: str | torch.devi
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not {"method_state", "config"} <= set(meta):
         raise CheckpointError(f"{meta_path} is not a pyra_bench inference model (format {FORMAT}: method_state, "
                               f"config)")
+    if not isinstance(meta["config"], dict) or not isinstance(meta["config"].get("method"), dict):
+        raise CheckpointError(f"{meta_path} is not a pyra_bench inference model (its config has no method)")
+    meta["config"]["method"] = loaded_method_config(meta["config"]["method"], meta_path)  # before any import
     try:
         state = load_file(str(tensors_path))
     except Exception as e:  # noqa: BLE001

@@ -192,6 +192,7 @@ def make_datamodule(cfg: DictConfig, task: str | None = None):
         num_workers=t.num_workers, image_size=cfg.backbone.image_size, normalization=cfg.backbone.normalization,
         source=source, seed=cfg.seed, train_split=train_split, eval_split=eval_split,
         cache=data.get("cache"), cache_dir=data.get("cache_dir"), cache_max_gb=data.get("cache_max_gb"),
+        link_root=data.get("link_root"),
     )
 
 

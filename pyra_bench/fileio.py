@@ -8,6 +8,11 @@
   :class:`~pyra_bench.errors.OutputPathError` naming it.
 * :func:`make_temp_dir`: a fresh, uniquely named folder (like ``tempfile.mkdtemp``).
 * :func:`check_writable_dir`: whether a folder can be made / written, without writing anything.
+* :func:`writing`: around a write, turns the errors of a file system that refuses more data -- full
+  (ENOSPC), over quota (EDQUOT), past the process's file-size limit (EFBIG, ``ulimit -f``) or read-only
+  (EROFS) -- into one :class:`~pyra_bench.errors.WriteFailedError` naming the file, its folder and the limit
+  (never retried: the same write fails the same way). :func:`temp_path`: a temporary name unique to this
+  process (two processes writing the same file never share a temporary file).
 
 Permissions. ``tempfile.mkstemp`` / ``mkdtemp`` create 0600 / 0700 (private) entries, so a renamed temp
 file ends up unreadable to the rest of a lab. Here temporary files are created with ``os.open(...,
@@ -20,11 +25,19 @@ gets these permissions too, not the old file's.
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import OutputPathError
+from .errors import OutputPathError, WriteFailedError
+
+#: OS errors of a file system that takes no more data: not transient, the run cannot go on.
+WRITE_LIMIT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
 
@@ -99,9 +112,89 @@ def make_temp_dir(parent: str | os.PathLike, prefix: str = "tmp") -> Path:
     raise FileExistsError(f"no free temporary folder name {prefix}* in {parent}")
 
 
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} bytes"
+
+
+def write_limit(folder: Path, err: int) -> str:
+    """The limit an ENOSPC / EDQUOT / EFBIG / EROFS write ran into, in words."""
+    if err == errno.EFBIG:
+        try:
+            import resource
+
+            soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        except (ImportError, OSError, ValueError):
+            soft = None
+        if soft is not None and soft != getattr(resource, "RLIM_INFINITY", -1):
+            return f"the file-size limit of this process ({_size(soft)}, `ulimit -f` {soft // 1024})"
+        return "the largest file size of the file system"
+    if err == errno.EROFS:
+        return "the file system is read-only"
+    if err == errno.EDQUOT:
+        return "the disk quota of this user on that file system is used up (see `quota -s`)"
+    try:
+        free = f"{_size(shutil.disk_usage(folder).free)} free"
+    except OSError:
+        free = "free space unknown"
+    return f"the file system is full ({free})"
+
+
+def write_failure(path: str | os.PathLike, e: OSError) -> WriteFailedError:
+    """The one message for a write that a full / read-only / quota-bound / size-limited file system refused."""
+    path = Path(path)
+    return WriteFailedError(
+        e.errno, f"cannot write {path.name} in {path.parent}: {e.strerror or e} -- {write_limit(path.parent, e.errno)}. "
+        f"Nothing half-written is left and the last finished epoch is intact; make room (or raise the limit) and "
+        f"run the same command again to resume", str(path))
+
+
+@contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a write error of :data:`WRITE_LIMIT_ERRNOS` inside the block into :func:`write_failure`."""
+    try:
+        yield
+    except WriteFailedError:
+        raise
+    except Exception as e:
+        code = os_errno(e)
+        if code in WRITE_LIMIT_ERRNOS:
+            raise write_failure(path, e if isinstance(e, OSError) else OSError(code, os.strerror(code))) from e
+        raise
+
+
+def os_errno(e: BaseException) -> int | None:
+    """The OS error number of ``e``: an ``OSError``'s, or the ``(os error N)`` a Rust library (safetensors)
+    puts in its message."""
+    if isinstance(e, OSError):
+        return e.errno
+    m = re.search(r"\(os error (\d+)\)", str(e))
+    return int(m.group(1)) if m else None
+
+
+def file_xxh3(path: str | os.PathLike) -> str:
+    """The xxh3-64 checksum (hex) of a file's bytes, read in 16 MiB chunks (GB/s: a fast integrity check)."""
+    import xxhash
+
+    h = xxhash.xxh3_64()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def temp_path(path: str | os.PathLike) -> Path:
+    """``<folder>/.<name>.<pid>.<random>.tmp``: a temporary name for ``path`` unique to this process."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
 def _temp_file(folder: Path, name: str) -> tuple[int, Path]:
     for _ in range(100):
-        tmp = folder / f".{name}.{secrets.token_hex(6)}.tmp"
+        tmp = folder / f".{name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
         try:
             return os.open(tmp, _FILE_FLAGS, 0o666), tmp
         except FileExistsError:
@@ -117,9 +210,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """
     path = Path(path)
     folder = make_dir(path.parent)
-    fd, tmp = _temp_file(folder, path.name)
+    with writing(path):
+        fd, tmp = _temp_file(folder, path.name)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with writing(path), os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -147,9 +241,10 @@ def atomic_save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[s
     mode = os.fstat(fd).st_mode & 0o777  # what open() gives under the user's umask (and default ACL)
     os.close(fd)
     try:
-        save_file(tensors, str(tmp), metadata=metadata)  # replaces the file, as 0600
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        with writing(path):
+            save_file(tensors, str(tmp), metadata=metadata)  # replaces the file, as 0600
+            os.chmod(tmp, mode)
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -10,8 +10,15 @@
   stage's last epoch, written atomically on the run folder's own file system; it carries the settings it
   was made with (:func:`pyra_bench.identity.result_settings`).
 - :func:`save_stage` / :func:`load_stage`: a finished stage as ``<stage>.safetensors`` (tensors only) plus
-  ``<stage>.json`` (method state, evaluation history, training cost, settings). Nothing loaded here runs
+  ``<stage>.json`` (method state, evaluation history, training cost, settings, the tensors' size and xxh3
+  checksum; :func:`verify_stage` checks them before a run uses the stage). Nothing loaded here runs
   code: tensors come from safetensors and Lightning checkpoints are read with ``weights_only=True``.
+- :func:`run_lock`: one writer per run folder. An exclusive lock (``filelock``: ``flock``) on
+  ``<run_dir>/.run.lock``, held for the run's life; a second command for the same folder exits at once
+  (:class:`RunInProgressError`, exit status 75) naming the run, host and process that hold it
+  (``<run_dir>/.run.owner.json``). The kernel drops the lock of a process that dies (SIGKILL, a crashed node:
+  on NFS when the client's lease ends), so the next command takes it over. Temporary files carry the
+  process id (:func:`pyra_bench.fileio.temp_path`).
 """
 
 from __future__ import annotations
@@ -31,7 +38,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Checkpoint
 
-from .errors import CheckpointFormatError
+from .errors import CheckpointFormatError, RunError
+from .fileio import file_xxh3, temp_path, writing
 from .records import atomic_write_json
 
 log = logging.getLogger("pyra_bench")
@@ -53,6 +61,56 @@ class RunInterrupted(BaseException):  # noqa: N818 - not an Exception: never ret
 
 HANDLED_SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"))
                         if s is not None)
+
+
+class RunInProgressError(RunError):
+    """Another process holds the run folder's lock (the message names the run, host and process)."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again later
+    record_failure = False  # the run is not failing: it is running elsewhere
+
+
+LOCK_NAME, OWNER_NAME = ".run.lock", ".run.owner.json"
+
+
+def _owner(run_dir: Path) -> str:
+    try:
+        o = json.loads((run_dir / OWNER_NAME).read_text())
+        return (f"host {o.get('host')}, process {o.get('pid')}, started {o.get('started')} (run "
+                f"{o.get('run_id')}: {' '.join(map(str, o.get('command') or []))})")
+    except (OSError, ValueError, AttributeError, TypeError):
+        return "another process (it has not written its owner file yet)"
+
+
+@contextmanager
+def run_lock(run_dir: str | os.PathLike, run_id: str) -> Iterator[None]:
+    """Hold ``<run_dir>/.run.lock`` for the block (see the module docstring); :class:`RunInProgressError` at
+    once when another process holds it."""
+    import socket
+    import sys
+
+    from filelock import FileLock, Timeout
+
+    from .fileio import make_dir
+    from .identity import utc_now
+
+    run_dir = make_dir(run_dir, "run folder")
+    lock = FileLock(str(run_dir / LOCK_NAME), timeout=0, is_singleton=False)
+    try:
+        with writing(run_dir / LOCK_NAME):
+            lock.acquire()
+    except Timeout:
+        raise RunInProgressError(
+            f"{run_id} is running in another process: {_owner(run_dir)}; it holds the run folder {run_dir}. This "
+            f"command stops, writing nothing; once that run ends the same command reuses its record (or resumes "
+            f"it, if it was interrupted)") from None
+    try:
+        atomic_write_json(run_dir / OWNER_NAME, {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
+                                                 "started": utc_now(), "command": list(sys.argv)})
+        yield
+    finally:
+        (run_dir / OWNER_NAME).unlink(missing_ok=True)
+        lock.release()
 
 
 def _raise_interrupted(signum: int, frame: Any) -> None:
@@ -139,15 +197,16 @@ class EpochCheckpoint(Checkpoint):
         epoch = trainer.current_epoch + 1
         if epoch % self.every and epoch < (trainer.max_epochs or 0):
             return
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp = temp_path(self.path)  # unique per process: two writers never share it
         if trainer.is_global_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            trainer.save_checkpoint(tmp, weights_only=False)
-            if trainer.is_global_zero:
-                _replace_atomically(tmp, self.path)
-                if self.on_save is not None:
-                    self.on_save()
+            with writing(self.path):
+                trainer.save_checkpoint(tmp, weights_only=False)
+                if trainer.is_global_zero:
+                    _replace_atomically(tmp, self.path)
+                    if self.on_save is not None:
+                        self.on_save()
         finally:
             if trainer.is_global_zero:
                 tmp.unlink(missing_ok=True)
@@ -183,7 +242,8 @@ def save_stage(folder: str | os.PathLike, name: str, state_dict: Mapping[str, to
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
     atomic_save_tensors(tensors_path, tensors, metadata={"format": str(STAGE_FORMAT)})
     atomic_write_json(meta_path, {"format": STAGE_FORMAT, "stage": name, "tensors": tensors_path.name,
-                                  "tensors_bytes": tensors_path.stat().st_size, **meta})
+                                  "tensors_bytes": tensors_path.stat().st_size,
+                                  "tensors_xxh3_64": file_xxh3(tensors_path), **meta})
     return meta_path
 
 
@@ -203,6 +263,28 @@ def read_stage_meta(meta_path: str | os.PathLike) -> dict[str, Any]:
     if not tensors.is_file() or tensors.stat().st_size != meta.get("tensors_bytes"):
         raise CheckpointFormatError(f"{tensors} is missing or truncated (the stage file {meta_path} expects "
                                     f"{meta.get('tensors_bytes')} bytes)")
+    return meta
+
+
+def verify_stage(meta_path: str | os.PathLike) -> dict[str, Any]:
+    """:func:`read_stage_meta`, and the tensors file read in full: its checksum (``tensors_xxh3_64``, written
+    since it exists) or, for an older stage file, every tensor decoded. Run before the run folder is opened;
+    raises :class:`CheckpointFormatError` naming the file."""
+    meta = read_stage_meta(meta_path)
+    tensors = Path(meta_path).with_name(str(meta["tensors"]))
+    want = meta.get("tensors_xxh3_64")
+    try:
+        if want is None:
+            from safetensors.torch import load_file
+
+            load_file(str(tensors))
+            return meta
+        got = file_xxh3(tensors)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same problem for the user
+        raise CheckpointFormatError(f"{tensors} is not a readable safetensors file ({type(e).__name__}: {e})") from e
+    if got != want:
+        raise CheckpointFormatError(f"{tensors} does not match its checksum in {meta_path} (changed or damaged "
+                                    f"since it was written)")
     return meta
 
 

@@ -95,6 +95,9 @@ class AdaptationModule(L.LightningModule):
         self.eval_history: dict[int, float] = {}
         self._eval_data = eval_data
         self._eval_loader = None
+        self._loss_sum: torch.Tensor | None = None  # this epoch's summed loss, on the device (no sync per step)
+        self._loss_steps = 0
+        self.last_finite_loss: tuple[int, float] | None = None  # (global epoch, mean loss)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -117,6 +120,8 @@ class AdaptationModule(L.LightningModule):
                    loaders if isinstance(loaders, (list, tuple)) else [loaders]):
             if getattr(dl, "generator", None) is not None:  # the shuffle order (single-process sampler) of
                 dl.generator.manual_seed(seed)              # loaders made before this hook (epochs > first)
+        opt = self.trainer.optimizers[0] if self.trainer.optimizers else None
+        self._epoch_lr = [g["lr"] for g in opt.param_groups] if opt is not None else []  # for the divergence message
         if getattr(self, "_renew_iterator", False):
             self._renew_iterator = False
             fetcher = getattr(self.trainer.fit_loop, "_data_fetcher", None)
@@ -132,10 +137,35 @@ class AdaptationModule(L.LightningModule):
             self.log("train/extra_loss", extra.detach(), on_step=False, on_epoch=True)
             loss = loss + extra
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        d = loss.detach().float()
+        self._loss_sum = d if self._loss_sum is None else self._loss_sum + d
+        self._loss_steps += 1
         if logits is not None:  # a plain per-rank mean: no collective a rank-0-only callback could trigger
             acc = (logits.detach().argmax(-1) == y).float().mean()
             self.log("train/acc", acc, prog_bar=True, on_step=False, on_epoch=True)
         return loss
+
+    def check_finite_loss(self) -> None:
+        """End of a training epoch: raise :class:`~pyra_bench.errors.TrainingDivergedError` when its mean loss is
+        NaN or infinite (one host-device synchronisation per epoch), naming the epoch, the last finite epoch
+        loss and the learning rate."""
+        if self._loss_sum is None:
+            return
+        mean, steps = float(self._loss_sum) / max(self._loss_steps, 1), self._loss_steps
+        self._loss_sum, self._loss_steps = None, 0
+        epoch = self.epoch_offset + self.current_epoch + 1
+        if math.isfinite(mean):
+            self.last_finite_loss = (epoch, mean)
+            return
+        from .errors import TrainingDivergedError
+
+        lr = ", ".join(f"{v:.3g}" for v in dict.fromkeys(getattr(self, "_epoch_lr", []))) or "?"
+        last = (f"the last finite epoch loss was {self.last_finite_loss[1]:.4g} (epoch {self.last_finite_loss[0]})"
+                if self.last_finite_loss else "no epoch of this stage had a finite loss")
+        raise TrainingDivergedError(
+            f"training diverged: the loss became {mean} in epoch {epoch} ({steps} steps); {last}; lr {lr}. The run "
+            f"stops and is recorded as failed, not as a result. Lower trainer.lr (or lengthen the warm-up) and run "
+            f"again (with other settings: force=true or a run_tag)")
 
     # -- evaluation ------------------------------------------------------------------------------------
     def scheduled_evaluation(self) -> None:
@@ -207,6 +237,14 @@ class AdaptationModule(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, [factor(i) for i in range(len(groups))])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+
+class FiniteLoss(L.Callback):
+    """Stop a run whose training loss went NaN or infinite, at the end of that epoch, before it is evaluated
+    or checkpointed (:meth:`AdaptationModule.check_finite_loss`); put it first among the callbacks."""
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        pl_module.check_finite_loss()
 
 
 class ScheduledEvaluation(L.Callback):

@@ -4,10 +4,14 @@
 
 1. :func:`check` -- every input, cheapest first, before anything is built or written: config values and
    Trainer options, the run's identity, the data folder and split lists, the method and its operating
-   point, the weights (file, hash), stage chaining, the state already in the run folder (a finished stage
-   or checkpoint made with other settings is an error; a corrupt one is set aside and redone), and last,
+   point, the weights (file, hash), stage chaining, the state already in the run folder (a run folder of
+   another run, or a finished stage or checkpoint made with other settings is an error; a corrupt or
+   changed one -- stage tensors are checked against their checksum -- is set aside and redone), and last,
    as the slowest, every image. An existing record made with the same settings skips the run.
-2. :func:`build` -- the data modules and the model (frozen backbone, LoRA, method).
+2. the run folder's lock (:func:`pyra_bench.lifecycle.run_lock`: one writer per run folder; another process
+   holding it ends this command at once, exit status 75), held to the end; the record and the run folder's
+   state are checked again under it. Then :func:`build` -- the data modules and the model (frozen
+   backbone, LoRA, method).
 3. :func:`open_run_folder` -- the first write: the run folder, its config, the git diff, the log file.
 4. :func:`run_stages` -- each stage of the method is one Lightning ``fit``, checkpointed every epoch
    (``<run_dir>/ckpt/<stage>/last.ckpt``) and saved when finished (``<run_dir>/stages/<stage>.*``); the
@@ -19,7 +23,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
 import logging
 import os
 import shutil
@@ -51,9 +57,10 @@ from .lifecycle import (
     load_stage,
     quarantine,
     read_checkpoint_meta,
-    read_stage_meta,
+    run_lock,
     save_stage,
     stage_paths,
+    verify_stage,
 )
 from .records import atomic_write_json, atomic_write_text, read_record, write_record
 
@@ -126,7 +133,7 @@ def _check_chaining(cfg: DictConfig, method: str, names: list[str]) -> tuple[str
     if path.stem not in names:
         raise ConfigError(f"init_from={init_from}: {path.stem!r} is not a stage of method {method!r}; its stages: "
                           f"{', '.join(names)}")
-    read_stage_meta(path)  # unreadable / truncated -> a clear error now
+    verify_stage(path)  # unreadable / truncated / changed -> a clear error now, before anything is written
     return stop_after, names.index(path.stem), path
 
 
@@ -139,7 +146,7 @@ def _mismatch(what: Path, diff: list) -> SettingsMismatchError:
 def _check_existing_state(plan: Plan) -> None:
     """Finished stages and the checkpoints of this run folder must have been made with these settings;
     a corrupt one is set aside (moved to ``*.corrupt`` when the run starts) and redone."""
-    kinds = ((sorted((plan.run_dir / "stages").glob("*.json")), read_stage_meta, "the stage is trained again"),
+    kinds = ((sorted((plan.run_dir / "stages").glob("*.json")), verify_stage, "the stage is trained again"),
              (sorted((plan.run_dir / "ckpt").glob("*/last.ckpt")), read_checkpoint_meta,
               "its stage starts again from its first epoch"))
     for paths, read, redo in kinds:
@@ -174,6 +181,36 @@ def _check_record(plan: Plan) -> None:
     plan.skip = {"run_id": plan.run_id, "status": "skipped", "path": str(path)}
 
 
+def _run_folder_config(plan: Plan) -> dict | None:
+    """The config of the run that last used the run folder (``config.json``), None if none or unreadable."""
+    try:
+        old = json.loads((plan.run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return old if isinstance(old, dict) else None
+
+
+def _check_run_state(plan: Plan) -> None:
+    """The record; whose folder the run folder is (it holds one run: ``config.json`` of another run id or, when
+    no finished stage or checkpoint says more, of other settings is refused; ``force=true`` takes it over);
+    its finished stages and checkpoints (see :func:`check`)."""
+    plan.skip, plan.set_aside = None, []
+    _check_record(plan)
+    if plan.skip is not None or plan.fresh:
+        return
+    old = _run_folder_config(plan)
+    if old is not None and old.get("run_id") not in (None, plan.run_id):
+        raise ConfigError(f"run_dir={plan.run_dir} holds another run, {old.get('run_id')!r} (its config.json); a run "
+                          f"folder holds one run: leave run_dir unset (each run gets <runs_root>/<run_id>), choose "
+                          f"another folder, or force=true to discard that run's state there")
+    _check_existing_state(plan)
+    if old is not None:
+        diff = settings_diff({k: v for k, v in plan.settings.items() if not k.startswith("weights.")},
+                             result_settings(old))
+        if diff:
+            raise _mismatch(plan.run_dir / "config.json", diff)
+
+
 def check(cfg: DictConfig, fresh: bool = False) -> Plan:
     """Check every input (see the module docstring). Writes nothing (the demo backbone's one-time
     pre-training writes to the user cache)."""
@@ -200,11 +237,9 @@ def check(cfg: DictConfig, fresh: bool = False) -> Plan:
     plan.pretrained, plan.checkpoint = factory.resolve_weights(cfg.backbone)
     plan.weights = weights_source(cfg.backbone.get("weights"), plan.checkpoint, timm_name)
     plan.settings = result_settings(cfg, plan.weights)
-    _check_record(plan)
+    _check_run_state(plan)
     if plan.skip is not None:
         return plan
-    if not fresh:
-        _check_existing_state(plan)
     if cfg.get("verify_images", True):  # the slowest check last: decode every image once (remembered)
         for d in (plan.datamodule, *plan.stage_data.values()):
             d.verify()
@@ -370,7 +405,7 @@ def run_stages(plan: Plan, model, loggers: list) -> StageResults:
 
 def _fit_stage(plan: Plan, model, stage, index: int, n_epochs: int, offset: int, sdm, loggers: list,
                out: StageResults, module_cls, cost_cls, is_last: bool) -> dict | None:
-    from .lit import ScheduledEvaluation
+    from .lit import FiniteLoss, ScheduledEvaluation
 
     cfg, t = plan.cfg, plan.cfg.trainer
     module = module_cls(model, plan.datamodule.num_classes, _optim(cfg), n_epochs, offset,
@@ -379,7 +414,7 @@ def _fit_stage(plan: Plan, model, stage, index: int, n_epochs: int, offset: int,
                         eval_precision=str(t.get("eval_precision", "auto")), eval_data=plan.datamodule)
     ckpt = plan.run_dir / "ckpt" / stage.name / "last.ckpt"
     cost = cost_cls()
-    callbacks = [cost, ScheduledEvaluation(),
+    callbacks = [FiniteLoss(), cost, ScheduledEvaluation(),
                  EpochCheckpoint(ckpt, int(t.get("checkpoint_every") or 1), on_save=plan.clock and plan.clock.save),
                  *factory.make_callbacks(cfg, with_loggers=bool(loggers))]
     trainer = factory.make_trainer(cfg, max_epochs=n_epochs, callbacks=callbacks, loggers=loggers,
@@ -534,6 +569,17 @@ def run(cfg: DictConfig, fresh: bool | None = None) -> dict[str, Any]:
         log.info("%s: record exists (%s), made with the same settings; skipping (force=true to re-run)",
                  plan.run_id, plan.record_path)
         return plan.skip
+    with run_lock(plan.run_dir, plan.run_id) if _is_global_zero() else contextlib.nullcontext():
+        _check_run_state(plan)  # again, under the lock: a run that held it before may have finished
+        if plan.skip is not None:
+            log.info("%s: finished by another process meanwhile (%s); skipping", plan.run_id, plan.record_path)
+            return plan.skip
+        return _run_locked(plan)
+
+
+def _run_locked(plan: Plan) -> dict[str, Any]:
+    """Steps 2-6 of :func:`run`, holding the run folder's lock."""
+    cfg = plan.cfg
     model = build(plan)
     open_run_folder(plan)
     loggers = factory.make_loggers(cfg)

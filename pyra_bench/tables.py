@@ -247,6 +247,19 @@ FRAME_COLUMNS = [*KEY, "task", "seed", "acc", "group", "task_label", "method_lab
                  "method_params", "throughput", "gmacs", "weights", "device", "off_budget", "path"]
 
 
+def record_problem(r: dict, field_: str) -> str | None:
+    """Why a record cannot enter the tables (None if it can): its fields must have the documented types and
+    ranges -- ``seed`` an integer (or absent), the accuracy ``metrics.<field_>`` a finite number in [0, 100]."""
+    seed = r.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        return f"seed {seed!r} is not an integer"
+    acc = (r.get("metrics") or {}).get(field_)
+    if acc is not None and (isinstance(acc, bool) or not isinstance(acc, (int, float))
+                            or not 0.0 <= float(acc) <= 100.0):
+        return f"{field_} {acc!r} is not a number in [0, 100]"
+    return None
+
+
 def _record_rows(records: Iterable[dict], metric: str) -> tuple[list[dict[str, Any]], list[str]]:
     field_ = METRICS[metric]
     rows, problems = [], []
@@ -256,6 +269,10 @@ def _record_rows(records: Iterable[dict], metric: str) -> tuple[list[dict[str, A
         name = r.get("_path") or r.get("run_id") or "?"
         if any(_null(r.get(k)) for k in ("task", "backbone", "method", "schedule")):
             problems.append(f"{name} (no task/backbone/method/schedule)")
+            continue
+        why = record_problem(r, field_)
+        if why is not None:
+            problems.append(f"{name} ({why})")
             continue
         acc = _num((r.get("metrics") or {}).get(field_))
         if acc is None:
@@ -822,6 +839,10 @@ def tuning_table(records: Iterable[dict]) -> pd.DataFrame:
     for r in records:
         acc = _num((r.get("metrics") or {}).get("val_top1"))
         if r.get("protocol") != "tuning" or acc is None:
+            continue
+        why = record_problem(r, "val_top1")
+        if why is not None:
+            _warn(f"{r.get('_path') or r.get('run_id')} left out of the tuning table ({why})")
             continue
         k = record_key(r)
         rows.append({**{c: k[c] for c in TUNING_KEY}, "run_tag": k["run_tag"] or "-", "task": r.get("task"),

@@ -6,7 +6,9 @@ the paper's recipe, the experiments and the sweep launchers: :mod:`pyra_bench.in
 
 - retries: a failure that is not bad input is retried in place ``retries`` times, resuming from the run's
   checkpoints; bad input (:class:`~pyra_bench.errors.InputError`) is one message, exit status 2, nothing
-  written;
+  written; a run that cannot go on (:class:`~pyra_bench.errors.RunError`: the loss diverged, a file system is
+  full or read-only, a quota or the file-size limit is reached) is one message, exit status 1, recorded under
+  ``<results_dir>/failed/``, not retried;
 - signals: SIGTERM / SIGINT / SIGUSR1/2 end the run with status 128 + signal after the last finished epoch
   is saved (:mod:`pyra_bench.lifecycle`); the same command resumes;
 - sweeps (``-m``): each job's outcome is written to its sweep folder, a failing run never stops the others,
@@ -25,7 +27,7 @@ from omegaconf import DictConfig
 
 from . import factory  # noqa: F401  (registers the config resolvers)
 from .cli import hydra_app
-from .errors import InputError, exit_on_input_error
+from .errors import InputError, RunError, exit_on_input_error
 from .identity import utc_now
 from .paths import CONF_DIR
 from .records import atomic_write_json
@@ -49,9 +51,16 @@ def train_with_retries(cfg: DictConfig) -> dict[str, Any]:
     for attempt in range(retries + 1):
         try:
             return train(cfg, fresh=bool(cfg.get("force", False)) and attempt == 0)  # retries resume
-        except InputError:
-            raise  # the same input fails the same way
+        except (InputError, RunError):
+            raise  # the same input fails the same way; a diverged run or a full disk too
         except Exception as e:
+            from .fileio import WRITE_LIMIT_ERRNOS, os_errno, write_failure
+
+            code = os_errno(e)
+            if code in WRITE_LIMIT_ERRNOS:  # (pyra_bench's own writes are named where they happen)
+                name = getattr(e, "filename", None)
+                where = Path(name) if name else Path(str(cfg.get("run_dir") or ".")) / "(a file)"
+                raise write_failure(where, e if isinstance(e, OSError) else OSError(code, os.strerror(code))) from e
             if attempt == retries:
                 raise
             log.warning("run failed (%s: %s); retry %d of %d, resuming from its checkpoints",
@@ -135,6 +144,14 @@ def main(cfg: DictConfig) -> float | None:
             log.error("bad input: %s", e)
             return None
         exit_on_input_error(e, "pyra_bench.train")
+    except RunError as e:  # one message, no traceback (it is in results_dir/failed/<run_id>.json)
+        if e.record_failure:
+            _write_failure(cfg, e)
+        _write_outcome(job_dir, cfg, "failed", e)
+        log.error("%s: run failed: %s", cfg.get("run_id"), e)
+        if job_dir is not None:
+            return None
+        raise SystemExit(e.exit_code) from None
     except Exception as e:
         _write_failure(cfg, e)
         _write_outcome(job_dir, cfg, "failed", e)

@@ -82,11 +82,14 @@ def test_a_run_stopped_and_killed_mid_stage_resumes_at_its_last_epoch(tmp_path, 
     second = _cli(tmp_path, *cmd)
     assert second.returncode == -signal.SIGKILL, second.stderr[-3000:]
     assert "resuming after epoch 1" in second.stdout + second.stderr
+    owner = json.loads((tmp_path / "runs" / reference["run_id"] / ".run.owner.json").read_text())
+    assert owner["pid"] != os.getpid(), "the killed process's claim on the run folder is left behind"
     t0 = time.monotonic()
     with caplog.at_level(logging.INFO, logger="pyra_bench"):
-        _train(_cfg(tmp_path, *cmd))
+        _train(_cfg(tmp_path, *cmd))  # ... and its lock, dropped by the kernel, is taken over
     last_process_s = time.monotonic() - t0
     assert "resuming after epoch 3" in caplog.text
+    assert not (tmp_path / "runs" / reference["run_id"] / ".run.owner.json").exists()
     rec = read_record(tmp_path / "results" / f"{reference['run_id']}.json")
     assert rec["metrics"]["test_top1_by_epoch"] == reference["metrics"]["test_top1_by_epoch"]
     assert rec["metrics"]["test_top1"] == reference["metrics"]["test_top1"]

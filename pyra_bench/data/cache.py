@@ -12,23 +12,34 @@ bit-identical to the PIL path's.
 Location ``cache_dir`` (default ``$PYRA_INPUT_CACHE``, else ``<user cache>/inputs``:
 ``~/.cache/pyra_bench/inputs`` or ``$PYRA_BENCH_CACHE/inputs``). An entry is keyed by the split list's bytes, the image size, the
 interpolation, Pillow's version and the size and mtime of every listed image, so re-preparing a task or
-touching an image rebuilds it. It is written to a temporary file and renamed when complete, under a file
-lock so that parallel processes (DDP ranks, sweep jobs) build it once. ``max_gb`` bounds the whole cache
-folder: the least recently used entries are evicted to make room; a split larger than the limit on its
-own, or one the disk has no room for, is not cached (the caller falls back to the JPEG path).
+touching an image rebuilds it. It is written to a temporary file (``.<key>.<pid>.<random>.building``) and
+renamed when complete, under a file lock (``filelock``: ``flock``) so that parallel processes (DDP ranks,
+sweep jobs) build it once. ``max_gb`` bounds the whole cache folder: the least recently used entries are
+evicted to make room; a split larger than the limit on its own, or one the disk has no room for, is not
+cached (the caller falls back to the JPEG path).
+
+A shared or copied cache is not trusted blindly: each entry's ``.json`` holds its size and an xxh3 checksum,
+checked the first time a process opens the entry (with its dtype and shape); an entry that does not match
+(bit rot, a truncated copy, an object array) is one warning and is rebuilt. Any OS error while building
+or opening an entry -- a read-only or full file system, a quota, the file-size limit, a cache folder that
+is a file -- is one warning naming the folder and the error, and the split is read from its JPEG files.
+The temporary file of a builder that died (SIGKILL, a crashed node: its lock is free) is removed, and
+counted, by the next process that uses the cache; a live builder's counts against ``max_gb``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import struct
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,14 +47,19 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import InputError
+from ..fileio import file_xxh3
 from .folder import VTABFolderDataset
 from .transforms import build_resize, to_uint8_chw
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the entry's .json carries its size and xxh3 checksum
 DEFAULT_MAX_GB = 64.0
 _DISK_MARGIN = 2**30  # leave at least 1 GiB free on the cache's disk
+_TEMP_SUFFIX = ".building"
+_VERIFIED: set[tuple[str, int, int]] = set()  # (path, size, mtime) of entries this process has checked
+_WARNED: set[tuple[str, str]] = set()  # (cache folder, error) this process has warned about
 
 
 def default_cache_dir() -> Path:
@@ -120,17 +136,46 @@ class CachedImages(Dataset):
         return f"CachedImages({self.name or self.path.name}, n={len(self)}, shape={self._array().shape[1:]})"
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``path`` (no-op where the file system offers none)."""
-    with open(path, "a+") as f:
-        try:
-            import fcntl
+def _lock(root: Path, key: str, timeout: float = -1):
+    from filelock import FileLock
 
-            fcntl.flock(f, fcntl.LOCK_EX)
-        except (ImportError, OSError):
-            pass
-        yield
+    return FileLock(str(root / f"{key}.lock"), timeout=timeout, is_singleton=False)
+
+
+def _temps(root: Path) -> list[tuple[str, Path]]:
+    """(key, path) of every builder's temporary file (``.<key>.<pid>.<random>.building``)."""
+    return [(p.name[1:].split(".", 1)[0], p) for p in root.glob(f".*{_TEMP_SUFFIX}")]
+
+
+def _remove_dead_temps(root: Path, own_key: str | None = None) -> int:
+    """Remove the temporary files of builders that died (their key's lock is free; ``own_key``: held by this
+    process, so any temporary file of it is a dead builder's); return the bytes of live builders' files."""
+    from filelock import Timeout
+
+    live, dead, freed = 0, 0, 0
+    for key, path in _temps(root):
+        try:
+            size = path.stat().st_size
+            if key != own_key:
+                lock = _lock(root, key, timeout=0)
+                try:
+                    lock.acquire()
+                except Timeout:
+                    live += size  # a builder at work: counted against the limit, not removed
+                    continue
+                try:
+                    path.unlink()
+                finally:
+                    lock.release()
+            else:
+                path.unlink()
+        except OSError:
+            continue
+        dead, freed = dead + 1, freed + size
+    if dead:
+        log.warning("input cache: removed %d temporary file(s) of builders that died (%.3f GB) in %s", dead,
+                    freed / 1e9, root)
+    return live
 
 
 def _entries(root: Path) -> list[tuple[float, Path, int]]:
@@ -146,15 +191,22 @@ def _entries(root: Path) -> list[tuple[float, Path, int]]:
     return sorted(out)
 
 
-def _make_room(root: Path, need: int, max_bytes: int, keep: Path) -> None:
+def _remove_entry(path: Path) -> None:
+    for q in (path, path.with_suffix(".json")):
+        with contextlib.suppress(FileNotFoundError):
+            q.unlink()
+
+
+def _make_room(root: Path, need: int, max_bytes: int, keep: Path, building: int = 0) -> None:
+    """Evict least recently used entries until ``need`` more bytes fit (``building``: live builders' files)."""
     entries = [e for e in _entries(root) if e[1] != keep]
-    total = sum(n for _, _, n in entries)
+    total = building + sum(n for _, _, n in entries)
     for _, p, n in entries:
         if total + need <= max_bytes:
             break
-        for q in (p, p.with_suffix(".json"), p.with_suffix(".lock")):
-            with contextlib.suppress(OSError):
-                q.unlink()
+        _remove_entry(p)
+        with contextlib.suppress(OSError):
+            p.with_suffix(".lock").unlink()
         total -= n
         log.info("input cache: evicted %s (%.2f GB, least recently used) to stay within %.1f GB",
                  p.name, n / 1e9, max_bytes / 1e9)
@@ -167,6 +219,7 @@ def _write_images(dataset: VTABFolderDataset, path: Path, image_size: int, inter
     resize = build_resize(image_size, interpolation)
     n = len(dataset)
     arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, 3, image_size, image_size))
+    _allocate(path)
 
     def fill(i: int) -> None:  # PIL releases the GIL while decoding and resizing
         arr[i] = to_uint8_chw(resize(dataset.load_image(i)))
@@ -181,27 +234,74 @@ def _write_images(dataset: VTABFolderDataset, path: Path, image_size: int, inter
     arr.flush()
 
 
+def _allocate(path: Path) -> None:
+    """Reserve the file's blocks now: a write into a memory map that the file system has no room for is a
+    SIGBUS that kills the process, where this is an ``OSError`` (ENOSPC, EDQUOT) the caller falls back on."""
+    fallocate = getattr(os, "posix_fallocate", None)
+    if fallocate is None:
+        return
+    with open(path, "r+b") as f:
+        try:
+            fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):  # a file system without it: written as it comes
+                return
+            raise
+
+
 def _build(dataset: VTABFolderDataset, final: Path, image_size: int, interpolation: str, workers: int,
-           progress: bool) -> None:
-    """Write the entry to a temporary file, then rename it: a reader sees a complete file or none."""
-    tmp = final.with_name(f"{final.name}.tmp{os.getpid()}")
+           progress: bool) -> str:
+    """Write the entry to a temporary file, then rename it: a reader sees a complete file or none. Returns its
+    checksum."""
+    tmp = final.with_name(f".{final.stem}.{os.getpid()}.{secrets.token_hex(4)}{_TEMP_SUFFIX}")
     try:
         _write_images(dataset, tmp, image_size, interpolation, workers, progress)
+        digest = file_xxh3(tmp)
         os.replace(tmp, final)
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
+    return digest
+
+
+def _damage(final: Path, shape: tuple[int, ...]) -> str | None:
+    """Why the entry ``final`` cannot be served (None when it is sound): its ``.json`` is missing or of another
+    format, its size or checksum differs from what the ``.json`` says, or it is not a uint8 array of ``shape``.
+    The checksum is read once per process and file (size, mtime)."""
+    meta_path = final.with_suffix(".json")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except FileNotFoundError:
+        return f"{meta_path.name} is missing"
+    except ValueError as e:
+        return f"{meta_path.name} is not readable JSON ({e})"
+    if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT or not meta.get("xxh3_64"):
+        return f"{meta_path.name} is not a format-{CACHE_FORMAT} entry description"
+    st = final.stat()
+    if st.st_size != meta.get("bytes"):
+        return f"it has {st.st_size} bytes, {meta.get('bytes')} were written"
+    stamp = (str(final), st.st_size, st.st_mtime_ns)
+    if stamp not in _VERIFIED:
+        if file_xxh3(final) != meta["xxh3_64"]:
+            return "its checksum does not match (the file changed after it was written)"
+        try:
+            arr = np.load(final, mmap_mode="r")
+        except ValueError as e:  # e.g. an object array: not memory-mappable
+            return f"it is not a memory-mappable array ({e})"
+        if arr.dtype != np.uint8 or arr.shape != shape:
+            return f"it holds {arr.dtype} {arr.shape}, not uint8 {shape}"
+        _VERIFIED.add(stamp)
+    return None
 
 
 def ensure_cached(dataset: VTABFolderDataset, image_size: int, interpolation: str = "bicubic",
                   cache_dir: str | os.PathLike | None = None, max_gb: float = DEFAULT_MAX_GB, workers: int = 1,
                   progress: bool | None = None) -> CacheEntry | None:
-    """The cache entry of ``dataset`` at ``image_size``, built now if missing (decoding every image with
-    ``workers`` threads; an undecodable image raises :class:`~pyra_bench.data.folder.CorruptImageError`
-    naming it). Returns None, with a warning, when the split cannot be cached (larger than ``max_gb``, no
-    room on the disk, or the cache folder is not writable): read it from the JPEG files then."""
-    from ..records import atomic_write_json
-
+    """The cache entry of ``dataset`` at ``image_size``, verified, built now if missing or damaged (decoding
+    every image with ``workers`` threads; an undecodable image raises
+    :class:`~pyra_bench.data.folder.CorruptImageError` naming it). Returns None, with one warning, when the
+    split cannot be cached (larger than ``max_gb``, no room on the disk, any OS error while building or
+    opening the entry): read it from the JPEG files then."""
     image_size = int(image_size)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     name = f"{dataset.task}/{dataset.split}"
@@ -212,34 +312,63 @@ def ensure_cached(dataset: VTABFolderDataset, image_size: int, interpolation: st
                     "reading its JPEG files instead", name, image_size, need / 1e9, max_gb)
         return None
     t0 = time.perf_counter()
-    key = cache_key(dataset, image_size, interpolation)
-    final = root / f"{key}.npy"
-    meta = final.with_suffix(".json")
-    built = False
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        with _file_lock(root / f"{key}.lock"):
-            if not final.exists():
-                _make_room(root, need, max_bytes, final)
-                free = shutil.disk_usage(root).free
-                if free < need + _DISK_MARGIN:
-                    log.warning("input cache: %s needs %.2f GB but %s has %.2f GB free; reading its JPEG files "
-                                "instead", name, need / 1e9, root, free / 1e9)
-                    return None
-                _build(dataset, final, image_size, interpolation, workers,
-                       len(dataset) >= 5000 if progress is None else progress)
-                built = True
-                atomic_write_json(meta, {"task": dataset.task, "split": dataset.split, "images": len(dataset),
-                                         "image_size": image_size, "interpolation": interpolation,
-                                         "list_file": str(dataset.list_file.resolve()), "bytes": final.stat().st_size,
-                                         "format": CACHE_FORMAT})
-            else:
-                with contextlib.suppress(OSError):
-                    os.utime(meta if meta.exists() else final)  # last use, for the LRU eviction
-    except PermissionError as e:
-        log.warning("input cache: %s is not writable (%s); reading %s from its JPEG files", root, e, name)
+        key = cache_key(dataset, image_size, interpolation)
+        final = root / f"{key}.npy"
+        shape = (len(dataset), 3, image_size, image_size)
+        built = _open_or_build(dataset, root, key, final, shape, need, max_bytes, interpolation, workers, progress)
+    except InputError:
+        raise  # an undecodable or missing image: the data's problem, named
+    except OSError as e:  # read-only, full, over quota, past the file-size limit, a file where the folder is ...
+        code = errno.errorcode.get(e.errno, type(e).__name__) if e.errno else type(e).__name__
+        _warn_once(root, code, "input cache: cannot use %s (%s: %s); reading %s from its JPEG files", root, code,
+                   e.strerror or e, name)
+        return None
+    if built is None:
         return None
     entry = CacheEntry(final, len(dataset), image_size, final.stat().st_size, built, time.perf_counter() - t0)
     log.info("input cache: %s, %d images at %dx%d, %.3f GB, %s: %s", name, entry.num_images, image_size,
              image_size, entry.nbytes / 1e9, f"built in {entry.seconds:.1f} s" if built else "reused", final)
     return entry
+
+
+def _warn_once(root: Path, kind: str, msg: str, *args) -> None:
+    """One warning per cache folder and kind of problem in a process; the other splits' at info level."""
+    once = (str(root), kind) not in _WARNED
+    _WARNED.add((str(root), kind))
+    log.log(logging.WARNING if once else logging.INFO, msg, *args)
+
+
+def _open_or_build(dataset: VTABFolderDataset, root: Path, key: str, final: Path, shape: tuple[int, ...], need: int,
+                   max_bytes: int, interpolation: str, workers: int, progress: bool | None) -> bool | None:
+    """Serve a sound entry (False: reused), else build it under its lock (True); None: no room on the disk."""
+    from ..records import atomic_write_json
+
+    name = f"{dataset.task}/{dataset.split}"
+    if final.exists():
+        why = _damage(final, shape)
+        if why is None:
+            with contextlib.suppress(OSError):  # last use, for the LRU eviction (a read-only cache: not needed)
+                os.utime(final.with_suffix(".json"))
+            return False
+        log.warning("input cache: the entry %s of %s is damaged (%s); it is rebuilt", final, name, why)
+    root.mkdir(parents=True, exist_ok=True)
+    with _lock(root, key):
+        if final.exists() and _damage(final, shape) is None:  # built by another process meanwhile
+            return False
+        _remove_entry(final)
+        building = _remove_dead_temps(root, own_key=key)
+        _make_room(root, need, max_bytes, final, building)
+        free = shutil.disk_usage(root).free
+        if free < need + _DISK_MARGIN:
+            _warn_once(root, "no room", "input cache: %s needs %.3g GB but %s has %.3g GB free (and keeps %.0f GB "
+                       "free); reading its JPEG files instead", name, need / 1e9, root, free / 1e9, _DISK_MARGIN / 2**30)
+            return None
+        digest = _build(dataset, final, image_size=shape[-1], interpolation=interpolation, workers=workers,
+                        progress=len(dataset) >= 5000 if progress is None else progress)
+        atomic_write_json(final.with_suffix(".json"), {
+            "task": dataset.task, "split": dataset.split, "images": len(dataset), "image_size": shape[-1],
+            "interpolation": interpolation, "list_file": str(dataset.list_file.resolve()),
+            "bytes": final.stat().st_size, "xxh3_64": digest, "format": CACHE_FORMAT})
+        _VERIFIED.add((str(final), final.stat().st_size, final.stat().st_mtime_ns))
+    return True

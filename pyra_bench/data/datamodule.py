@@ -59,6 +59,8 @@ class VTABDataModule(L.LightningDataModule):
             or ``$PYRA_BENCH_CACHE/inputs``).
         cache_max_gb: size limit of the whole cache folder (least recently used entries are evicted; a
             split over the limit on its own is read from its JPEG files).
+        link_root: a folder the images may resolve into besides the task folder (a data folder built of
+            symbolic links; default: none, every image resolves inside its task folder).
     """
 
     def __init__(
@@ -81,6 +83,7 @@ class VTABDataModule(L.LightningDataModule):
         cache: bool | None = None,
         cache_dir: str | os.PathLike | None = None,
         cache_max_gb: float | None = None,
+        link_root: str | os.PathLike | None = None,
     ):
         super().__init__()
         self.spec = get_task(task)
@@ -110,6 +113,7 @@ class VTABDataModule(L.LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.seed = int(seed)
         self._datasets: dict[str, Dataset] = {}
+        self.link_root = link_root
         self._init_cache(cache, cache_dir, cache_max_gb)
         if source == "folder":  # fail fast: folder, split lists, labels, listed images (no decoding)
             for split in dict.fromkeys((self.train_split, self.eval_split, self.val_split)):
@@ -173,7 +177,7 @@ class VTABDataModule(L.LightningDataModule):
             else:
                 tf = build_transform(self.image_size, interpolation=self.interpolation,
                                      normalization=self.normalization)
-                self._datasets[split] = VTABFolderDataset(self.data_root, self.spec, split, tf)
+                self._datasets[split] = VTABFolderDataset(self.data_root, self.spec, split, tf, link_root=self.link_root)
         return self._datasets[split]
 
     def setup(self, stage: str | None = None) -> None:
@@ -211,9 +215,14 @@ class VTABDataModule(L.LightningDataModule):
 
                 entry = ensure_cached(ds, self.image_size, self.interpolation, self.cache_dir, self.cache_max_gb,
                                       workers=max(1, self.num_workers))
-                self._cache_entries[split] = entry
                 if entry is not None:
-                    ds = CachedImages(entry.path, ds.targets, name=f"{self.task}/{split}")
+                    try:
+                        ds = CachedImages(entry.path, ds.targets, name=f"{self.task}/{split}")
+                    except (OSError, ValueError) as e:  # e.g. evicted by another process meanwhile
+                        log.warning("input cache: cannot open %s (%s); reading %s/%s from its JPEG files",
+                                    entry.path, e, self.task, split)
+                        entry = None
+                self._cache_entries[split] = entry
             self._served[split] = ds
         return self._served[split]
 

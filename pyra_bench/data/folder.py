@@ -10,7 +10,9 @@ files) is checked when the dataset is built, i.e. before any training; an undeco
 
 Split lists are refused (naming the file and the lines) when they are not UTF-8, list an image twice (it
 would count twice in training and in the test accuracy) or name a path outside the task folder (absolute,
-or with ``..``). Images are converted to RGB as PIL does, except where PIL's conversion loses the image:
+or with ``..``). Every listed image must also *resolve* inside the task folder (after symbolic links, the
+task folder's own resolved path): a link pointing elsewhere is refused naming it (:class:`UnsafePathError`),
+unless it points into ``link_root`` (``data.link_root``: a data folder built of links into one named root). Images are converted to RGB as PIL does, except where PIL's conversion loses the image:
 
 * 16-bit greyscale (PIL modes ``I;16*``, and ``I`` read from a 16-bit PNG) is scaled to 8 bits by keeping
   the high byte (``v >> 8``), as PIL itself reads a 16-bit *colour* PNG (``RGB;16B`` -> ``RGB``); PIL's
@@ -239,11 +241,14 @@ class VTABFolderDataset(Dataset):
         task: a task name (see :data:`~pyra_bench.data.tasks.VTAB_TASKS`, or ``digits``) or a spec.
         split: ``train800``, ``val200``, ``train800val200`` or ``test``.
         transform: applied to the PIL image (e.g. :func:`~pyra_bench.data.transforms.build_transform`).
-        check_files: check at construction that every listed image exists.
+        check_files: check at construction that every listed image exists and resolves inside the task
+            folder (or ``link_root``).
+        link_root: a folder the images may also resolve into (a data folder made of symbolic links).
     """
 
     def __init__(self, root: str | os.PathLike, task: str | TaskSpec, split: str,
-                 transform: Callable[[Image.Image], Any] | None = None, check_files: bool = True):
+                 transform: Callable[[Image.Image], Any] | None = None, check_files: bool = True,
+                 link_root: str | os.PathLike | None = None):
         self.spec = get_task(task)
         self.task = self.spec.name
         if split not in SPLITS:
@@ -263,8 +268,29 @@ class VTABFolderDataset(Dataset):
             raise SplitFormatError(f"{list_file} lists no images")
         self.list_file = list_file
         self.samples: list[tuple[Path, int]] = [(self.task_dir / rel, label) for rel, label in entries]
+        self.link_root = Path(link_root).expanduser() if link_root is not None else None
         if check_files:
             self._check_files()
+            self._check_inside()
+
+    def _check_inside(self) -> None:
+        """Every image resolves (after symbolic links) inside the task folder or ``link_root``."""
+        roots = [os.path.realpath(self.task_dir)] + ([os.path.realpath(self.link_root)] if self.link_root else [])
+        real_parent: dict[Path, str] = {}
+        outside = []
+        for path, _ in self.samples:
+            if path.parent not in real_parent:
+                real_parent[path.parent] = os.path.realpath(path.parent)
+            real = os.path.realpath(path) if os.path.islink(path) else os.path.join(real_parent[path.parent], path.name)
+            if not any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots):
+                outside.append(f"{path} -> {real}")
+        if outside:
+            where = f"the task folder {roots[0]}" + (f" or data.link_root={roots[1]}" if self.link_root else "")
+            raise UnsafePathError(
+                f"{len(outside)} image(s) listed in {self.list_file} resolve outside {where} (symbolic links "
+                f"pointing elsewhere), e.g. {'; '.join(outside[:3])}. Images are read only from inside the task "
+                f"folder; replace the links by the files, or, for a data folder built of links into one folder, "
+                f"set data.link_root=<that folder>")
 
     def _check_files(self) -> None:
         listing: dict[Path, set[str]] = {}

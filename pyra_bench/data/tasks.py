@@ -254,6 +254,9 @@ def resolve_tasks(spec: str) -> list[str]:
 TASK_CONFIG_KEYS = ("name", "num_classes", "source", "group", "display", "folder", "splits", "pyra_lr")
 
 
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a task name: never a path (no '/', '..' first)
+
+
 def task_spec_from_config(tcfg: Mapping[str, Any]) -> TaskSpec:
     """The :class:`TaskSpec` a task config describes.
 
@@ -277,6 +280,10 @@ def task_spec_from_config(tcfg: Mapping[str, Any]) -> TaskSpec:
     name = cfg.get("name")
     if not isinstance(name, str) or not name:
         raise ConfigError(f"a task config needs a name, got {name!r}")
+    if not _PLAIN_NAME.fullmatch(name):
+        raise ConfigError(f"task.name={name!r} is not a plain name (letters, digits, '.', '_', '-'; no path): a "
+                          f"folder task's name is its folder under data_root; to read another folder set "
+                          f"task.folder=<path>")
     n = cfg.get("num_classes")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ConfigError(f"task {name!r}: num_classes must be a positive int, got {n!r}")

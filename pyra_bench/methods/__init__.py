@@ -6,18 +6,27 @@ A method defined outside the package is found in one of two ways, with no edit h
   path): :func:`method_class` imports the class and registers it under the config's ``name``;
 * an entry point of the group ``pyra_bench.methods`` (``mymethod = "my_methods:MyMethod"`` in the plug-in's
   ``pyproject.toml``): loaded the first time the name is asked for.
+
+A method config read from a *file* (a run record, an exported model, a run folder's config) is data: its
+``_target_`` never chooses a module to import. :func:`loaded_method_config` accepts it only when it names the
+class already registered under the config's name (a built-in, an installed entry point, or a ``_target_``
+from the user's own config, registered when that config was used) and drops it; anything else is refused
+(:class:`UntrustedTargetError`) before any import.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+from collections.abc import Mapping
+from typing import Any
 
 from ..errors import ConfigError, InputError
 from . import diffrate, peft, pyra, rap, spvit, tome  # noqa: F401  (registration)
 from .base import METHODS, BuildContext, Method, Stage
 
-__all__ = ["ENTRY_POINT_GROUP", "METHODS", "BuildContext", "Method", "Stage", "display_name", "get_method",
-           "method_class"]
+__all__ = ["ENTRY_POINT_GROUP", "METHODS", "BuildContext", "Method", "Stage", "UntrustedTargetError", "display_name",
+           "get_method", "loaded_method_config", "method_class"]
 
 #: The entry-point group searched for methods that are not registered.
 ENTRY_POINT_GROUP = "pyra_bench.methods"
@@ -65,6 +74,37 @@ def method_class(name: str, target: str | None = None) -> type[Method]:
     if target and name not in METHODS:
         METHODS.add(name, cls)
     return cls
+
+
+class UntrustedTargetError(ConfigError):
+    """A file read as data names a ``_target_`` that is not a registered method class (nothing is imported)."""
+
+
+def _dotted(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def loaded_method_config(method_cfg: Mapping[str, Any], source: str | os.PathLike) -> dict[str, Any]:
+    """The method config of a file (``source``: a record, an exported model's JSON), as data: without its
+    ``_target_``, which must name the class registered under the config's ``name`` (see the module docstring);
+    :class:`UntrustedTargetError` otherwise, before any module is imported."""
+    out = dict(method_cfg)
+    target = out.pop("_target_", None)
+    if not target:
+        return out
+    name = str(out.get("name"))
+    try:
+        cls = METHODS.get(name)  # a built-in, one registered by the user's config, or an installed entry point
+    except InputError:
+        cls = None
+    if cls is None or _dotted(cls) != str(target):
+        have = f"{name!r} is {_dotted(cls)}" if cls is not None else f"no method {name!r} is registered"
+        raise UntrustedTargetError(
+            f"{source}: its method config names _target_ {target!r}, but {have}. A loaded file never chooses code "
+            f"to import, so nothing was imported. To use that class, install its package (an entry point of group "
+            f"{ENTRY_POINT_GROUP}) or name its method config on the command line (e.g. python -m pyra_bench.bench "
+            f"hydra.searchpath=[file://<your conf>] method={name} bench.run=...)")
+    return out
 
 
 def display_name(name: str, fallback: str | None = None) -> str:

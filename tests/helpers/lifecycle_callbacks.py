@@ -51,3 +51,18 @@ class RecordTrainer(L.Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         Path(self.out).write_text(json.dumps({a: getattr(trainer, a) for a in self.attrs}))
+
+
+class WaitForFile(L.Callback):
+    """Wait (at most ``timeout`` seconds) when fitting starts until ``path`` exists: holds a run in progress
+    while a test starts a second command for it."""
+
+    def __init__(self, path: str, timeout: float = 120.0):
+        self.path, self.timeout = Path(path), float(timeout)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        import time
+
+        end = time.monotonic() + self.timeout
+        while not self.path.exists() and time.monotonic() < end:
+            time.sleep(0.1)
