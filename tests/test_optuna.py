@@ -53,7 +53,7 @@ def test_two_optuna_trials_on_the_demo_report_the_best_setting(tmp_path, monkeyp
     for r in records:  # optuna-<8 hex digits of the searched values>; the values themselves in the config
         lr, wd = r["config"]["trainer"]["lr"], r["config"]["trainer"]["weight_decay"]
         tag = "optuna-" + hashlib.sha1(json.dumps([lr, wd]).encode()).hexdigest()[:8]
-        assert r["protocol"] == "tuning" and r["run_id"] == f"digits__vit_demo_mnist__pyra__high__seed0__tune__{tag}"
+        assert r["protocol"] == "tuning" and r["run_id"] == f"digits__vit_demo_mnist__pyra__low__seed0__tune__{tag}"
     assert all(r["metrics"]["test_top1"] is None and r["metrics"]["val_images"] == 200 for r in records)
     settings = {(r["config"]["trainer"]["lr"], r["config"]["trainer"]["weight_decay"]) for r in records}
     assert len(settings) == 2 and all(1e-4 <= lr <= 1e-2 and 1e-5 <= wd <= 1e-2 for lr, wd in settings)

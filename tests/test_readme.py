@@ -3,7 +3,7 @@ written, or is listed below with the reason it cannot run on this machine (SLURM
 a GPU, the network). A command added to the README without an entry here fails
 :func:`test_every_readme_command_runs_here_or_says_why_not`.
 
-The commands that run share one sandbox (module scope): the offline journey of the README (``make demo``,
+The commands that run share one sandbox, in one test (so that it is built once, on one xdist worker): the offline journey of the README (``make demo``,
 mock CIFAR-100, ToMe and PYRA on it, ``make tables``) writes the records that the tables commands read.
 Records, run folders and tables go to the sandbox through the README's own environment variables
 (``PYRA_RESULTS``, ``PYRA_RUNS``, ``PYRA_TABLES``); ``make`` runs in the checkout, ``python -m`` in the
@@ -39,7 +39,7 @@ RUN = {
     "'blocks=[0,2]'": "test_offline_journey",
     "make tables": "test_offline_journey",
     "python -m pyra_bench.tables metric=best 'tables=[2,3]' 'formats=[md,tex]' figures=false":
-        "test_tables_commands",
+        "test_offline_journey/tables",
     "python -m pyra_bench.train --help": "test_listing_commands",
     **{f"python -m pyra_bench.info {what}": "test_listing_commands"
        for what in ("backbones", "methods", "tasks", "experiments", "options", "recipe", "launchers")},
@@ -81,8 +81,8 @@ SKIP = {
         "python -m pyra_bench.visualize run=<run_dir> images=val200 num_images=4 'blocks=[0,3]' out=pictures",
         "python -m pyra_bench.visualize run=<run_dir> 'images=[cat.jpg,dog.png]'",
         "python -m pyra_bench.visualize 'run=[<tome_run>,<pyra_run>,<diffrate_run>]' out=compare")},
-    "python -m pyra_bench.tables": "the plug-in recipe's tables, after the sweep above (the same command runs "
-    "in test_tables_commands)",
+    "python -m pyra_bench.tables": "the plug-in recipe's tables, after the sweep above (make tables runs the same "
+    "command in test_offline_journey)",
 }
 
 
@@ -194,17 +194,11 @@ def test_offline_journey(journey, sandbox):
     assert sum(int(r["groups"]) for r in sizes) == 2 * (65 - sum(sched) - 1)
     for cmd, p in journey.items():
         assert "\r" not in p.stdout + p.stderr, f"{cmd}: carriage returns in a batch log"
-
-
-def test_tables_commands(journey, sandbox):
-    """The tables commands of the README on the journey's records (run in the sandbox, relative paths)."""
-    base, _ = sandbox
-    for cmd in [c for c in RUN if RUN[c] == "test_tables_commands"]:
-        p = _run(cmd, sandbox)
-        assert "[tables]" in p.stdout
-    out = base / "results" / "tables"
-    assert (out / "table2.tex").is_file() and (out / "table3_vs_paper.md").is_file()
-    assert "BEST evaluated epoch" in (out / "table2.md").read_text()  # the metric=best run wrote last
+    # the tables commands of the README on the journey's records (in the sandbox: relative paths)
+    for cmd in [c for c in RUN if RUN[c] == "test_offline_journey/tables"]:
+        assert "[tables]" in _run(cmd, sandbox).stdout
+    assert (tables / "table2.tex").is_file() and (tables / "table3_vs_paper.md").is_file()
+    assert "BEST evaluated epoch" in (tables / "table2.md").read_text()  # the metric=best run wrote last
 
 
 def test_listing_commands(sandbox):

@@ -261,7 +261,8 @@ def test_a_file_size_limit_ends_the_run_with_one_message_and_the_same_command_re
         rec = train_with_retries(_cfg(tmp_path, *data))
     assert "resuming after epoch 1" in caplog.text
     assert rec["status"] == "completed" and (tmp_path / "results" / f"{rec['run_id']}.json").is_file()
-    assert rec["training_cost"]["train"]["epochs_run"] == 1, "only epoch 2 was trained again"
+    cost = rec["training_cost"]["train"]
+    assert (cost["epochs_run"], cost["processes"]) == (2, 2), "epoch 2 trained again, after epoch 1 of the first"
 
 
 def test_a_run_dir_holding_another_run_is_refused_and_a_damaged_stage_before_anything_is_written(
@@ -518,7 +519,9 @@ def test_a_truncated_or_foreign_entry_is_rebuilt_and_a_cache_folder_that_is_a_fi
         cache._VERIFIED.clear()
     with caplog.at_level(logging.WARNING, logger="pyra_bench.data.cache"):
         again = ensure_cached(ds, 16, cache_dir=folder)
-    (warning,) = [r.getMessage() for r in caplog.records]
+    warnings_ = [r.getMessage() for r in caplog.records if r.name == "pyra_bench.data.cache"]
+    assert len(warnings_) == 1, warnings_
+    (warning,) = warnings_
     if damage == "folder_is_a_file":
         assert again is None and f"cannot use {folder} (EEXIST: File exists)" in warning
     else:

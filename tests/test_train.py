@@ -283,7 +283,8 @@ def test_help_lists_every_group_option_and_the_operating_points():
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     out = p.stdout
-    assert f"method: {', '.join(sorted(METHODS.names()))}" in out
+    # the built-in methods (a plug-in that another test registered in this process is no choice of the app)
+    assert f"method: {', '.join(sorted(f.stem for f in (ROOT / 'conf' / 'method').glob('*.yaml')))}" in out
     assert "task: caltech101, cifar100," in out and "sun397, svhn" in out
     assert "compression=none | low | high | r<N>" in out
     imported = {line.rsplit("|", 1)[-1].strip() for line in p.stderr.splitlines() if line.startswith("import time:")}
