@@ -196,26 +196,6 @@ def test_installed_bench_and_sweep_scripts(install):
     assert "{dry-run,summary}" in p.stdout and "experiment=table2_vit_b" in p.stdout
 
 
-@needs_train_wiring
-def test_installed_demo(install):
-    out = install["base"] / "demo"
-    p = _run(install, sys.executable, "-m", "pyra_bench.train", "trainer=smoke",
-             env={"PYRA_RUNS": str(out / "runs"), "PYRA_RESULTS": str(out / "results"), "WANDB_MODE": "disabled"})
-    text = p.stdout + p.stderr
-    assert p.returncode == 0, text[-3000:]
-    (record,) = (out / "results").glob("digits__vit_demo_mnist__*.json")
-    assert '"status": "completed"' in record.read_text()
-    # what a user of `make demo` reads (pyra_bench.console): each Lightning line once, no adverts or
-    # unactionable warnings, one line per epoch when not on a terminal, and the run's own log
-    for line in ("GPU available:", "TPU available:", "`Trainer.fit` stopped"):
-        assert text.count(line) == 1, (line, text)
-    assert text.count("Seed set to") <= 1
-    assert "💡" not in text and "litlogger" not in text and "litmodels" not in text
-    assert "smaller than the logging interval" not in text and "LeafSpec" not in text
-    assert "epoch 2/2 | loss " in text
-    assert "top-1" in next((out / "runs").glob("*/train.log")).read_text()
-
-
 @needs_tables_wiring
 def test_installed_tables(install):
     records, out = install["base"] / "records", install["base"] / "tables"

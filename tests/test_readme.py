@@ -194,6 +194,16 @@ def test_offline_journey(journey, sandbox):
     assert sum(int(r["groups"]) for r in sizes) == 2 * (65 - sum(sched) - 1)
     for cmd, p in journey.items():
         assert "\r" not in p.stdout + p.stderr, f"{cmd}: carriage returns in a batch log"
+    # what a user of `make demo` reads (pyra_bench.console): each Lightning line once, no adverts or
+    # unactionable warnings, one line per epoch when not on a terminal, and the run's own log
+    text = journey["make demo"].stdout + journey["make demo"].stderr
+    for line in ("GPU available:", "TPU available:", "`Trainer.fit` stopped"):
+        assert text.count(line) == 1, (line, text)
+    assert text.count("Seed set to") <= 1
+    assert "💡" not in text and "litlogger" not in text and "litmodels" not in text
+    assert "smaller than the logging interval" not in text and "LeafSpec" not in text
+    assert "epoch 2/2 | loss " in text
+    assert "top-1" in (base / "outputs" / "runs" / "digits__vit_demo_mnist__pyra__low__seed0" / "train.log").read_text()
     # the tables commands of the README on the journey's records (in the sandbox: relative paths)
     for cmd in [c for c in RUN if RUN[c] == "test_offline_journey/tables"]:
         assert "[tables]" in _run(cmd, sandbox).stdout
