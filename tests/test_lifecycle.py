@@ -13,10 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from helpers.runs import run_config, run_overrides
 
 from pyra_bench.errors import ConfigError, SettingsMismatchError
-from pyra_bench.paths import CONF_DIR
 from pyra_bench.records import read_record
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,12 +27,11 @@ RUN = ["task=digits", "backbone=vit_tiny_test", "trainer=smoke", "method=pyra", 
 
 
 def _overrides(tmp_path, *extra):
-    return [*RUN, f"results_dir={tmp_path}/results", f"runs_root={tmp_path}/runs", *extra]
+    return run_overrides(RUN, tmp_path, *extra)
 
 
 def _cfg(tmp_path, *extra):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=_overrides(tmp_path, *extra))
+    return run_config(RUN, tmp_path, *extra)
 
 
 def _train(cfg):
