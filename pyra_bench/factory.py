@@ -114,12 +114,12 @@ def _entries(group: Any) -> list[tuple[str, DictConfig]]:
     return out
 
 
-def _instantiate(name: str, entry: DictConfig, **kwargs: Any) -> Any:
+def _instantiate(name: str, entry: DictConfig) -> Any:
     from hydra.utils import instantiate
 
     entry = OmegaConf.masked_copy(entry, [k for k in entry if k != "enabled"]) if "enabled" in entry else entry
     try:
-        return instantiate(entry, _convert_="partial", **kwargs)
+        return instantiate(entry, _convert_="partial")
     except Exception as e:  # noqa: BLE001 - a config that does not construct is a config error
         raise ConfigError(f"could not build {name} ({entry.get('_target_')}): {e}") from e
 
@@ -135,11 +135,8 @@ def make_callbacks(cfg: DictConfig, with_loggers: bool = True) -> list:
 
 def make_loggers(cfg: DictConfig) -> list:
     """The configured loggers (``logger.<name>: {_target_: ...}``); they may use ``${run_dir}`` and
-    ``${run_id}``, which the run sets before building them; a W&B logger's tags are the experiment's plus
-    ``logger.wandb.tags`` (:func:`pyra_bench.tracking.logger_kwargs`)."""
-    from .tracking import logger_kwargs
-
-    return [_instantiate(f"logger.{n}", e, **logger_kwargs(cfg, e)) for n, e in _entries(cfg.get("logger"))]
+    ``${run_id}``, which the run sets before building them."""
+    return [_instantiate(f"logger.{n}", e) for n, e in _entries(cfg.get("logger"))]
 
 
 def make_trainer(cfg: DictConfig, *, max_epochs: int, callbacks: list, loggers: list, run_dir: Path):

@@ -152,6 +152,15 @@ def write_failure(path: str | os.PathLike, e: OSError) -> WriteFailedError:
         f"run the same command again to resume", str(path))
 
 
+def as_write_failure(e: BaseException, path: str | os.PathLike) -> WriteFailedError | None:
+    """:func:`write_failure` of ``e`` at ``path`` when ``e`` is an error of :data:`WRITE_LIMIT_ERRNOS` (an
+    ``OSError``, or a library's message carrying ``(os error N)``), else None."""
+    code = os_errno(e)
+    if code not in WRITE_LIMIT_ERRNOS:
+        return None
+    return write_failure(path, e if isinstance(e, OSError) else OSError(code, os.strerror(code)))
+
+
 @contextmanager
 def writing(path: str | os.PathLike) -> Iterator[None]:
     """Turn a write error of :data:`WRITE_LIMIT_ERRNOS` inside the block into :func:`write_failure`."""
@@ -160,9 +169,9 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
     except WriteFailedError:
         raise
     except Exception as e:
-        code = os_errno(e)
-        if code in WRITE_LIMIT_ERRNOS:
-            raise write_failure(path, e if isinstance(e, OSError) else OSError(code, os.strerror(code))) from e
+        failure = as_write_failure(e, path)
+        if failure is not None:
+            raise failure from e
         raise
 
 
@@ -194,7 +203,7 @@ def temp_path(path: str | os.PathLike) -> Path:
 
 def _temp_file(folder: Path, name: str) -> tuple[int, Path]:
     for _ in range(100):
-        tmp = folder / f".{name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
+        tmp = temp_path(folder / name)
         try:
             return os.open(tmp, _FILE_FLAGS, 0o666), tmp
         except FileExistsError:

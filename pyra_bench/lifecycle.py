@@ -39,7 +39,7 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 
 from .errors import CheckpointFormatError, RunError
-from .fileio import file_xxh3, temp_path, writing
+from .fileio import file_xxh3, fsync_dir, temp_path, writing
 from .records import atomic_write_json
 
 log = logging.getLogger("pyra_bench")
@@ -144,14 +144,7 @@ def disable_lightning_signals(trainer: L.Trainer) -> None:
 
 def _replace_atomically(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    fsync_dir(path.parent)  # make the rename itself durable
 
 
 class RunClock:
@@ -266,6 +259,11 @@ def read_stage_meta(meta_path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
+#: Stage tensors files this process verified, by (path, size, mtime): a run checks its state before and again
+#: under the run folder's lock, and a file that did not change is not read in full twice.
+_VERIFIED: set[tuple[str, int, int, str]] = set()
+
+
 def verify_stage(meta_path: str | os.PathLike) -> dict[str, Any]:
     """:func:`read_stage_meta`, and the tensors file read in full: its checksum (``tensors_xxh3_64``, written
     since it exists) or, for an older stage file, every tensor decoded. Run before the run folder is opened;
@@ -274,10 +272,15 @@ def verify_stage(meta_path: str | os.PathLike) -> dict[str, Any]:
     tensors = Path(meta_path).with_name(str(meta["tensors"]))
     want = meta.get("tensors_xxh3_64")
     try:
+        st = tensors.stat()
+        seen = (str(tensors.resolve()), st.st_size, st.st_mtime_ns, str(want))
+        if seen in _VERIFIED:
+            return meta
         if want is None:
             from safetensors.torch import load_file
 
             load_file(str(tensors))
+            _VERIFIED.add(seen)
             return meta
         got = file_xxh3(tensors)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same problem for the user
@@ -285,6 +288,7 @@ def verify_stage(meta_path: str | os.PathLike) -> dict[str, Any]:
     if got != want:
         raise CheckpointFormatError(f"{tensors} does not match its checksum in {meta_path} (changed or damaged "
                                     f"since it was written)")
+    _VERIFIED.add(seen)
     return meta
 
 

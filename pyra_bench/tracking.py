@@ -132,14 +132,6 @@ def resumable_csv_logger(save_dir: str, name: str = "logs", **kwargs: Any):
     return _Logger(save_dir=save_dir, name=name, **kwargs)
 
 
-def logger_kwargs(cfg: Any, entry: Any) -> dict[str, Any]:
-    """What a logger config entry gets on top of its own keys when it is built: a ``WandbLogger``'s tags are
-    :func:`wandb_tags` (the experiment's ``tags:`` merged with ``logger.wandb.tags``, so that
-    ``'logger.wandb.tags=[mytag]'`` adds a tag instead of replacing the experiment's); others nothing."""
-    target = str(_get(entry, "_target_", "")).rsplit(".", 1)[-1]
-    return {"tags": wandb_tags(cfg)} if target in ("WandbLogger", wandb_logger.__name__) else {}
-
-
 def register_resolvers() -> None:
     """``${wandb_group:}`` (:func:`wandb_group`: the experiment) and ``${wandb_job_type:${protocol}}``
     (:func:`wandb_job_type`) for the ``WandbLogger`` config, resolved when the logger is built."""
@@ -213,14 +205,16 @@ def log_record(record: Mapping[str, Any], target: Any = None) -> bool:
     return bool(runs)
 
 
-def wandb_logger(**kwargs: Any) -> Any:
-    """Lightning's ``WandbLogger(**kwargs)``, the ``_target_`` of ``conf/logger/wandb.yaml``, minus the
-    ``anonymous=None`` Lightning always hands to ``wandb.init``: wandb (>= 0.19) answers any value with
-    ``wandb: WARNING The anonymous setting has no effect`` in every run of a sweep. (An explicit
+def wandb_logger(tags: Any = (), experiment_tags: Any = (), **kwargs: Any) -> Any:
+    """Lightning's ``WandbLogger(**kwargs)``, the ``_target_`` of ``conf/logger/wandb.yaml``: tagged with the
+    experiment's ``tags:`` (``experiment_tags: ${tags}``) then ``tags`` (``logger.wandb.tags``), without
+    repeats, so that ``'logger.wandb.tags=[mytag]'`` adds a tag instead of replacing the experiment's; and
+    without the ``anonymous=None`` Lightning always hands to ``wandb.init``: wandb (>= 0.19) answers any
+    value with ``wandb: WARNING The anonymous setting has no effect`` in every run of a sweep. (An explicit
     ``anonymous=true`` is passed on.)"""
     from lightning.pytorch.loggers import WandbLogger
 
-    logger = WandbLogger(**kwargs)
+    logger = WandbLogger(tags=wandb_tags({"tags": experiment_tags, "logger": {"wandb": {"tags": tags}}}), **kwargs)
     init = getattr(logger, "_wandb_init", None)  # Lightning's wandb.init arguments, used on first .experiment
     if isinstance(init, dict) and init.get("anonymous") is None:
         init.pop("anonymous", None)

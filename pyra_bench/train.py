@@ -54,13 +54,13 @@ def train_with_retries(cfg: DictConfig) -> dict[str, Any]:
         except (InputError, RunError):
             raise  # the same input fails the same way; a diverged run or a full disk too
         except Exception as e:
-            from .fileio import WRITE_LIMIT_ERRNOS, os_errno, write_failure
+            from .fileio import as_write_failure
 
-            code = os_errno(e)
-            if code in WRITE_LIMIT_ERRNOS:  # (pyra_bench's own writes are named where they happen)
-                name = getattr(e, "filename", None)
-                where = Path(name) if name else Path(str(cfg.get("run_dir") or ".")) / "(a file)"
-                raise write_failure(where, e if isinstance(e, OSError) else OSError(code, os.strerror(code))) from e
+            # (pyra_bench's own writes are named where they happen: fileio.writing)
+            name = getattr(e, "filename", None)
+            failure = as_write_failure(e, Path(name) if name else Path(str(cfg.get("run_dir") or ".")) / "(a file)")
+            if failure is not None:
+                raise failure from e
             if attempt == retries:
                 raise
             log.warning("run failed (%s: %s); retry %d of %d, resuming from its checkpoints",
