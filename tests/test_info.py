@@ -28,7 +28,7 @@ def test_tasks_in_the_papers_column_order_with_their_titles():
 
 def test_methods_backbones_experiments_have_a_description():
     methods = dict(info.methods())
-    assert set(methods) == {"peft", "tome", "pyra", "diffrate", "spvit", "rap"}
+    assert set(methods) == {"peft", "tome", "pyra", "diffrate", "spvit", "rap", "evit"}
     assert methods["pyra"].startswith("PYRA + LoRA") and methods["rap"].startswith("RaP + LoRA")
     backbones = dict(info.backbones())
     assert "ViT-B/16" in backbones["vit_b16_in21k"] and "vit_base_patch16_224.orig_in21k" in backbones["vit_b16_in21k"]
@@ -229,7 +229,7 @@ print("=== heavy " + json.dumps(sorted(m for m in sys.modules if m.split(".")[0]
     assert list(tmp_path.iterdir()) == []  # a listing writes nothing
 
 
-@pytest.mark.parametrize("app,shows", [("train", "method: diffrate, peft, pyra, rap, spvit, tome\n"),
+@pytest.mark.parametrize("app,shows", [("train", "method: diffrate, evit, peft, pyra, rap, spvit, tome\n"),
                                        ("bench", "\n  bench.device=cpu ")])
 def test_fast_help_prints_what_hydra_prints(app, shows, tmp_path, monkeypatch, capsys):
     """``--help`` alone is rendered from the config's help template without Hydra's composition

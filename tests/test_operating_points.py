@@ -315,7 +315,7 @@ def test_every_compressing_method_defaults_to_the_papers_low_point():
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        for method in ("tome", "pyra", "diffrate", "spvit", "rap", "peft"):
+        for method in ("tome", "pyra", "diffrate", "spvit", "rap", "evit", "peft"):
             cfg = compose("train", overrides=[f"method={method}"])
             assert cfg.compression == ("none" if method == "peft" else "low"), method
             cfg = compose("train", overrides=[f"method={method}", "budget=high"])

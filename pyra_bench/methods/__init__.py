@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import ConfigError, InputError
-from . import diffrate, peft, pyra, rap, spvit, tome  # noqa: F401  (registration)
+from . import diffrate, evit, peft, pyra, rap, spvit, tome  # noqa: F401  (registration)
 from .base import METHODS, BuildContext, Method, Stage
 
 __all__ = ["ENTRY_POINT_GROUP", "METHODS", "BuildContext", "Method", "Stage", "UntrustedTargetError", "display_name",

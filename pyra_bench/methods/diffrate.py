@@ -112,15 +112,16 @@ def ste_min(n: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def class_attention(q: torch.Tensor, k: torch.Tensor, size: torch.Tensor | None) -> torch.Tensor:
-    """The class token's attention over all tokens, averaged over heads: (B, N), float32.
+    """The class token's attention over all tokens, averaged over heads: (B, N), float32 (or float64).
 
     Only the class query's row is computed (B x H x 1 x N), with the same scale and ``log(size)`` bias as
     the block's attention.
     """
     B, H, N, d = k.shape
-    logits = (q[:, :, :1].float() @ k.float().transpose(-1, -2)) * d ** -0.5
+    dt = torch.promote_types(q.dtype, torch.float32)  # float32 at least (float64 stays float64)
+    logits = (q[:, :, :1].to(dt) @ k.to(dt).transpose(-1, -2)) * d ** -0.5
     if size is not None:
-        logits = logits + size.float().log().view(B, 1, 1, N)
+        logits = logits + size.to(dt).log().view(B, 1, 1, N)
     return logits.softmax(dim=-1).mean(dim=1)[:, 0]
 
 
