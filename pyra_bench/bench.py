@@ -29,17 +29,16 @@ log = logging.getLogger("pyra_bench.bench")
 
 
 def build_for_bench(cfg: DictConfig):
-    """The model ``train`` would build for this config (weights only if ``bench.load_weights``)."""
-    from .models import build_model
-
+    """The model ``train`` would build for this config, through :func:`pyra_bench.factory.make_model` (every
+    backbone and method config ``train`` accepts; weights only if ``bench.load_weights``); speed targets are
+    timed as the bench measures (``bench.device``, ``bench.batch_size``, ``bench.dtype``)."""
     pretrained, checkpoint = False, None
     if cfg.bench.get("load_weights", False):
         pretrained, checkpoint = factory.resolve_weights(cfg.backbone)
-    return build_model(
-        cfg.backbone.name, int(cfg.num_classes), factory.make_method(cfg),
-        lora_rank=cfg.backbone.get("lora_rank"), pretrained=pretrained, checkpoint=checkpoint,
-        drop_path_rate=0.0, prop_attn=bool(cfg.backbone.get("prop_attn", True)),
-    )
+    b = cfg.bench
+    return factory.make_model(cfg, int(cfg.num_classes), pretrained, checkpoint,
+                              timing={"device": str(b.device), "batch_size": b.get("batch_size"),
+                                      "dtype": str(b.get("dtype", "float32"))})
 
 
 def _git_rev() -> str | None:

@@ -9,7 +9,8 @@ sweep (``-m``) as :mod:`pyra_bench.sweep` expands it -- is composed and checked
 Lightning.
 
 ``--help`` of every Hydra entry point (:func:`hydra_app`, :func:`fast_help`) is printed from the help
-template without Hydra's composition, and names the program as it was started (:func:`prog_name`), so
+template without Hydra's composition, and names the program as it was started
+(:func:`pyra_bench.errors.prog_name`), so
 that it takes less time than ``import torch`` (``scripts/bench_cli.py``)."""
 
 from __future__ import annotations
@@ -21,14 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from .paths import CONF_DIR
-
-
-def prog_name(module: str) -> str:
-    """The program as this process was started, for ``--help`` and usage lines: the console script's name
-    (``pyra-train``, ``sys.argv[0]`` is the script) or ``python -m <module>`` (``sys.argv[0]`` is the module's
-    file, or ``-c``)."""
-    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
-    return name if name and not name.endswith(".py") and not name.startswith("-") else f"python -m {module}"
 
 
 def hydra_app(config_name: str, config_path: str = str(CONF_DIR)) -> Callable[[Callable], Callable[[], Any]]:

@@ -4,7 +4,7 @@ Every error a user can fix (an unknown name, a missing folder or file, an infeas
 checkpoint that does not fit) derives from :class:`InputError` *and* from the built-in exception it used to be
 (``KeyError``, ``FileNotFoundError``, ``ValueError`` ...), so callers can catch either. The command-line entry
 points print such an error as one clear message (exit status 2) instead of a traceback; set
-``HYDRA_FULL_ERROR=1`` to see the traceback anyway.
+``HYDRA_FULL_ERROR=1`` to see the traceback anyway; :func:`prog_name` is the name they print it under.
 """
 
 from __future__ import annotations
@@ -36,6 +36,16 @@ class OptionTypeError(InputError, TypeError):
 
 class OutputPathError(InputError, OSError):
     """A folder or file the run must write cannot be made there (not a folder, not writable, ...)."""
+
+
+def prog_name(module: str) -> str:
+    """The program as this process was started, for ``--help``, usage lines and error messages: the console
+    script's name (``pyra-train``, ``sys.argv[0]`` is the script) or ``python -m <module>`` (``sys.argv[0]``
+    is the module's file, or ``-c``)."""
+    from pathlib import Path
+
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return name if name and not name.endswith(".py") and not name.startswith("-") else f"python -m {module}"
 
 
 def exit_on_input_error(e: InputError, prog: str = "pyra_bench") -> None:

@@ -2,8 +2,12 @@
 
 The ``trainer`` config group holds two kinds of keys: the training recipe (:data:`RECIPE_KEYS`: epochs,
 learning rates, batch sizes, evaluation schedule ...), read by pyra_bench, and everything else, which
-is passed to ``lightning.pytorch.Trainer`` as it is (``+trainer.gradient_clip_val=1.0`` reaches the
-Trainer; a misspelt option is refused by :func:`check_trainer_options` before anything is built).
+is passed to the Trainer class its ``_target_`` names (``lightning.pytorch.Trainer``) as it is, through
+``hydra.utils.instantiate`` (``+trainer.gradient_clip_val=1.0`` reaches the Trainer; a misspelt option is
+refused by :func:`check_trainer_options` before anything is built).
+
+:func:`make_model` is the one way from a config to a model: ``train``, ``bench``, the sweep's estimate and
+the Python API all build through it.
 ``callbacks`` and ``logger`` are dicts of ``_target_`` entries, instantiated as lightning-hydra-template
 does; an entry set to null (``logger.wandb=null``) or with ``enabled: false`` is left out.
 
@@ -31,8 +35,10 @@ log = logging.getLogger("pyra_bench")
 RECIPE_KEYS = frozenset({
     "epochs", "warmup_epochs", "batch_size", "eval_batch_size", "lr", "weight_decay", "warmup_lr", "min_lr",
     "drop_path", "lora_dropout", "lora_init", "eval_every", "eval_epochs", "evaluation", "eval_precision",
-    "num_workers", "max_steps_per_epoch", "cpu_threads", "checkpoint_every", "compile", "_target_",
+    "num_workers", "max_steps_per_epoch", "cpu_threads", "checkpoint_every", "compile",
 })
+#: The Trainer class when ``trainer._target_`` is not set.
+DEFAULT_TRAINER = "lightning.pytorch.Trainer"
 #: Trainer options pyra_bench sets itself, with the recipe key to use instead.
 FRAMEWORK_TRAINER_KEYS = {
     "max_epochs": "trainer.epochs", "min_epochs": "trainer.epochs", "max_steps": "trainer.max_steps_per_epoch",
@@ -76,16 +82,37 @@ _register_tracking_resolvers()
 # Trainer
 # ---------------------------------------------------------------------------------------------------------
 def trainer_options(cfg: DictConfig) -> dict[str, Any]:
-    """The ``trainer`` keys that are Lightning Trainer options (everything but :data:`RECIPE_KEYS`)."""
+    """The ``trainer`` keys that are Trainer options (everything but :data:`RECIPE_KEYS` and ``_target_``)."""
     t = OmegaConf.to_container(cfg.trainer, resolve=True)
-    return {k: v for k, v in t.items() if k not in RECIPE_KEYS}
+    return {k: v for k, v in t.items() if k not in RECIPE_KEYS and k != "_target_"}
+
+
+def trainer_target(cfg: DictConfig) -> str:
+    """The Trainer class ``trainer._target_`` names (:data:`DEFAULT_TRAINER` when it is not set)."""
+    return str(cfg.trainer.get("_target_") or DEFAULT_TRAINER)
+
+
+def _trainer_class(cfg: DictConfig) -> type:
+    from hydra.utils import get_class
+
+    target = trainer_target(cfg)
+    try:
+        return get_class(target)
+    except Exception as e:  # noqa: BLE001 - a target that does not import is a config error
+        raise ConfigError(f"trainer._target_={target!r} is not a class that imports (e.g. {DEFAULT_TRAINER}): "
+                          f"{e}") from None
 
 
 def check_trainer_options(cfg: DictConfig) -> None:
-    """Refuse Trainer options that Lightning does not have or that pyra_bench sets itself."""
+    """Refuse Trainer options that the Trainer class (``trainer._target_``) does not take or that pyra_bench
+    sets itself."""
     import lightning as L
 
-    valid = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
+    cls = _trainer_class(cfg)
+    params = inspect.signature(cls.__init__).parameters
+    valid = set(params) - {"self"}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):  # a subclass passing **kwargs on
+        valid |= set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
     problems = []
     for key in trainer_options(cfg):
         if key in FRAMEWORK_TRAINER_KEYS:
@@ -93,12 +120,12 @@ def check_trainer_options(cfg: DictConfig) -> None:
             problems.append(f"trainer.{key} is set by pyra_bench" + (f"; use {use}" if use else ""))
         elif key not in valid:
             close = difflib.get_close_matches(key, sorted(valid | RECIPE_KEYS), n=3)
-            problems.append(f"trainer.{key} is neither a lightning Trainer option nor a recipe key"
+            problems.append(f"trainer.{key} is neither a {cls.__qualname__} option nor a recipe key"
                             + (f" (did you mean {', '.join(close)}?)" if close else ""))
     if problems:
         raise ConfigError("bad trainer option(s):\n  " + "\n  ".join(problems)
-                          + f"\n  Recipe keys: {', '.join(sorted(RECIPE_KEYS - {'_target_'}))}; any other key "
-                            f"must be a lightning.pytorch.Trainer argument.")
+                          + f"\n  Recipe keys: {', '.join(sorted(RECIPE_KEYS))}; any other key "
+                            f"must be an argument of {trainer_target(cfg)} (trainer._target_).")
 
 
 def _entries(group: Any) -> list[tuple[str, DictConfig]]:
@@ -140,10 +167,11 @@ def make_loggers(cfg: DictConfig) -> list:
 
 
 def make_trainer(cfg: DictConfig, *, max_epochs: int, callbacks: list, loggers: list, run_dir: Path):
-    """A Lightning Trainer for one stage: the configured options plus what pyra_bench owns (epochs, step
-    cap, callbacks, loggers; Lightning's validation loop off -- the module evaluates -- and checkpoints only by
+    """The Trainer for one stage, instantiated from ``trainer``'s ``_target_`` with the configured options
+    (the recipe keys kept apart) plus what pyra_bench owns (epochs, step cap, callbacks, loggers; Lightning's
+    validation loop off -- the module evaluates -- and checkpoints only by
     :class:`~pyra_bench.lifecycle.EpochCheckpoint` saves; Lightning's signal handling and SLURM requeue off)."""
-    import lightning as L
+    from hydra.utils import instantiate
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
     from .console import progress_bar_enabled
@@ -157,15 +185,20 @@ def make_trainer(cfg: DictConfig, *, max_epochs: int, callbacks: list, loggers: 
     opts.setdefault("enable_progress_bar", progress_bar_enabled())
     # The module evaluates itself (AdaptationModule.evaluate); Lightning's validation loop is off by design.
     warnings.filterwarnings("ignore", message=".*val_dataloader.* but have no `validation_step`")
+    _trainer_class(cfg)  # a target that does not import: one message naming it
     try:
-        trainer = L.Trainer(
-            **opts, plugins=plugins or None, max_epochs=max_epochs,
+        trainer_cls = instantiate({"_target_": trainer_target(cfg), **opts}, _partial_=True, _convert_="all")
+    except Exception as e:  # noqa: BLE001 - options that do not instantiate are a config error
+        raise ConfigError(f"the trainer options do not construct {trainer_target(cfg)}: {e}") from e
+    try:
+        trainer = trainer_cls(
+            plugins=plugins or None, max_epochs=max_epochs,
             limit_train_batches=cfg.trainer.get("max_steps_per_epoch"), limit_val_batches=0,
             num_sanity_val_steps=0, enable_checkpointing=True, logger=loggers or False, callbacks=callbacks,
             default_root_dir=str(run_dir),
         )
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"the trainer options do not construct a lightning Trainer: {e}") from e
+        raise ConfigError(f"the trainer options do not construct {trainer_target(cfg)}: {e}") from e
     disable_lightning_signals(trainer)
     return trainer
 
@@ -235,8 +268,14 @@ def make_method(cfg: DictConfig):
 
 
 def make_model(cfg: DictConfig, num_classes: int, pretrained: bool, checkpoint: str | None,
-               abstract: bool = False):
-    """The frozen backbone with LoRA and the method applied (:func:`pyra_bench.models.build_model`).
+               abstract: bool = False, timing: Any = None):
+    """The frozen backbone with LoRA and the method applied (:func:`pyra_bench.models.build_model`), from a
+    run's config or any config with ``backbone``, ``method`` and ``compression`` (``bench``'s): every backbone
+    config (registered, with field overrides, or config-only) and method config (built-in or plug-in).
+
+    A config without a ``trainer`` recipe (``bench``) builds the inference-time model: no LoRA dropout, no
+    drop-path, LoRA initialised as ``standard``. ``timing``: where and how speed targets (``speedup:<x>``)
+    are timed, ``{device, batch_size, dtype}``; default: the run's (``throughput.*`` on the run's device).
 
     ``abstract``: for checks -- the model on the meta device (structure and shapes, no memory, no weight
     initialisation: ViT-B/16's takes seconds), unless the method times real models while it is applied
@@ -248,14 +287,16 @@ def make_model(cfg: DictConfig, num_classes: int, pretrained: bool, checkpoint: 
     from .models import build_model
     from .models.backbones import backbone_spec_from_config
 
-    t, tp = cfg.trainer, cfg.get("throughput") or {}
+    t = cfg.get("trainer") or {}
+    tp = timing if timing is not None else {**(cfg.get("throughput") or {}), "device": run_device(cfg)}
     method = make_method(cfg)
     meta = abstract and not method.measures_at_build
     with torch.device("meta") if meta else contextlib.nullcontext():
         return build_model(
             backbone_spec_from_config(OmegaConf.to_container(cfg.backbone, resolve=True)), num_classes, method,
-            lora_dropout=t.lora_dropout, lora_init=t.lora_init, pretrained=pretrained, checkpoint=checkpoint,
-            drop_path_rate=t.drop_path, prop_attn=bool(cfg.backbone.get("prop_attn", True)), device=run_device(cfg),
+            lora_dropout=t.get("lora_dropout", 0.0), lora_init=t.get("lora_init", "standard"), pretrained=pretrained,
+            checkpoint=checkpoint, drop_path_rate=t.get("drop_path", 0.0),
+            prop_attn=bool(cfg.backbone.get("prop_attn", True)), device=str(tp.get("device", "cpu")),
             bench_batch_size=tp.get("batch_size"), bench_dtype=str(tp.get("dtype", "float32")),
         )
 
@@ -265,7 +306,7 @@ def run_device(cfg: DictConfig) -> str:
     try:
         import torch
 
-        accel = str(cfg.trainer.get("accelerator", "auto"))
+        accel = str((cfg.get("trainer") or {}).get("accelerator", "auto"))
         return "cuda" if torch.cuda.is_available() and accel in ("auto", "gpu", "cuda") else "cpu"
     except Exception:  # noqa: BLE001
         return "cpu"

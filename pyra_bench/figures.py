@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .tables import Group
+    from .table_model import Group
 
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "h"]
 LINESTYLES = ["-", "--", "-.", ":"]
@@ -44,7 +44,7 @@ def make_figure(groups: list[Group], backbone: str, metric_label: str = "", meth
     the command's default is the paper's, ToMe and PYRA); PEFT and PEFT* are always reference points."""
     from matplotlib.figure import Figure
 
-    from .tables import STRATA, TASKS, backbone_display, method_display, setting_suffix
+    from .table_model import STRATA, TASKS, backbone_display, method_display, setting_suffix
 
     def y_of(g: Group) -> tuple[float, float, bool]:
         c = g.mean_cell(STRATA)

@@ -334,10 +334,10 @@ def register_help_resolver(name: str = "pyra_help") -> None:
     ``${pyra_help:config,<name>}`` -> :func:`config_help` (a config's options with their comments),
     ``${pyra_help:conf_path,<file>}`` -> the path of a file of the configs (checkout or installed), and
     ``${pyra_prog:<module>}`` (``hydra.help.app_name``) -> the program as started
-    (:func:`pyra_bench.cli.prog_name`: ``pyra-train`` or ``python -m pyra_bench.train``)."""
+    (:func:`pyra_bench.errors.prog_name`: ``pyra-train`` or ``python -m pyra_bench.train``)."""
     from omegaconf import OmegaConf
 
-    from .cli import prog_name
+    from .errors import prog_name
 
     OmegaConf.register_new_resolver(name, _resolve_help, replace=True)
     OmegaConf.register_new_resolver("pyra_prog", prog_name, replace=True)
@@ -345,7 +345,7 @@ def register_help_resolver(name: str = "pyra_help") -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``<section>`` or ``section=<section>`` (the ``key=value`` style of the other entry points)."""
-    from .cli import prog_name
+    from .errors import prog_name
 
     ap = argparse.ArgumentParser(prog=prog_name("pyra_bench.info"),
                                  description="List what can be chosen, one line each with a description.")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 if TYPE_CHECKING:
-    from .tables import Table
+    from .table_model import Table
 
 PREAMBLE = r"\usepackage{booktabs,graphicx,amsmath,longtable}"
 _SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
@@ -40,7 +40,7 @@ def _cell(mean: float, std: float, n: int, dec: int, usual_n: int, mark: str | N
     if n != usual_n:
         s += rf"$^{{n={n}}}$"
     s = {"best": rf"\textbf{{{s}}}", "second": rf"\underline{{{s}}}"}.get(mark or "", s)
-    return s + (r"$^\ddagger$" if off_budget else "")  # the searched schedule missed its budget (tables.OFF_BUDGET)
+    return s + (r"$^\ddagger$" if off_budget else "")  # the searched schedule missed its budget (table_model.OFF_BUDGET)
 
 
 def _caption(title: str) -> str:

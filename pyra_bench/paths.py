@@ -1,4 +1,5 @@
-"""Where pyra_bench finds its own files: the Hydra configs and the paper's published numbers.
+"""Where pyra_bench finds its own files: the Hydra configs (and the groups a command line picks from), the
+paper's published numbers, the user cache.
 
 In a checkout they live at the repository's top level (``conf/``, ``results/paper/``); an installed wheel
 carries them inside the package. Every entry point asks here, never computes a path of its own.
@@ -18,6 +19,9 @@ def _first_existing(*candidates: Path) -> Path:
 
 #: The Hydra config folder (``train.yaml``, ``bench.yaml`` and the config groups).
 CONF_DIR: Path = _first_existing(PACKAGE_DIR / "conf", _CHECKOUT / "conf")
+#: The config groups of ``conf/train.yaml`` whose choices a ``train`` or ``sweep`` command line names
+#: (``method=tome``), checked before Hydra starts (:mod:`pyra_bench.cli`).
+TRAIN_GROUPS = ("task", "method", "backbone", "trainer", "logger", "callbacks", "experiment")
 #: The paper's Tables 2-8 as transcribed by ``scripts/transcribe_paper.py``.
 PAPER_CSV: Path = _first_existing(PACKAGE_DIR / "paper" / "paper_tables.csv",
                                   _CHECKOUT / "results" / "paper" / "paper_tables.csv")

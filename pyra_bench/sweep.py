@@ -217,7 +217,7 @@ class OptunaLogging(Callback):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import prog_name
+    from .errors import prog_name
 
     ap = argparse.ArgumentParser(prog=prog_name("pyra_bench.sweep"), description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -228,9 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_intermixed_args(argv)
     from .cli import precheck
     from .errors import InputError, exit_on_input_error
-    from .train import GROUPS
+    from .paths import TRAIN_GROUPS
 
-    precheck("pyra_bench.sweep", GROUPS, a.overrides)
+    precheck("pyra_bench.sweep", TRAIN_GROUPS, a.overrides)
     try:
         jobs = plan(a.overrides, check=a.command == "dry-run")  # a summary may run where the data is not
     except InputError as e:

@@ -28,6 +28,10 @@ difference, "# params" and throughput included), ``other_points.*``, ``other_tas
 ``paired_tasks.*`` (:mod:`pyra_bench.stats`), ``tuning.*`` (val200 top-1 of ``protocol=tuning`` runs, which
 never enter the other tables), ``tables.tex`` (a document that inputs every LaTeX table) and
 ``fig_<backbone>.png|pdf`` (:mod:`pyra_bench.figures`).
+
+This module turns records into tables; what a table is (:class:`~pyra_bench.table_model.Group`, ``Cell``,
+``Row``, ``Table``, the column order and the labels) is :mod:`pyra_bench.table_model`, which the renderers
+(:mod:`pyra_bench.latex`, :mod:`pyra_bench.figures`) import without importing this module.
 """
 
 from __future__ import annotations
@@ -38,9 +42,8 @@ import json
 import math
 import sys
 import warnings
-from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,40 +52,33 @@ from omegaconf import DictConfig
 
 from . import paths
 from .cli import hydra_app
-from .data.tasks import GROUPS, VTAB_TASKS
-from .data.tasks import TASKS as TASK_REGISTRY
 from .errors import ConfigError, InputError, InputFileNotFoundError, exit_on_input_error
 from .latex import escape, frame_to_latex, latex_document, table_to_latex
 from .records import iter_records
-from .stats import mean_std, per_seed_means, stratified_mean
+from .table_model import (
+    ABLATION_LABELS,
+    KEY,
+    NOT_IN_PAPER,
+    OFF_BUDGET,
+    STRATA,
+    STRATA_OF,
+    TASK_LABELS,
+    TASKS,
+    Cell,
+    Group,
+    Row,
+    Table,
+    backbone_display,
+    method_display,
+    setting_suffix,
+    task_display,
+)
 
-TASKS: list[str] = list(VTAB_TASKS)
-TASK_LABELS: list[str] = [TASK_REGISTRY.get(t).display for t in TASKS]
-STRATA: list[list[str]] = [GROUPS[g] for g in ("natural", "specialized", "structured")]
-_STRATA_OF = {"natural": [GROUPS["natural"]], "specialized": [GROUPS["specialized"]],
-              "structured": [GROUPS["structured"]], "average": STRATA}
 TABLE_KIND = {"2": "tasks", "3": "tasks", "4": "average", "5": "average", "6": "groups", "7": "groups", "8": "groups"}
 FORMATS = ("md", "tex", "csv")
 METRICS = {"last": "test_top1", "best": "test_top1_best"}
 METRIC_LABELS = {"last": "last-epoch top-1 (VTAB protocol)", "best": "BEST evaluated epoch top-1 (paper's convention)"}
-NOT_IN_PAPER = "not in the paper"
 
-# -- the paper's own naming (mapping data for the paper's rows and old records, not a method table) ---------
-#: How the paper names its rows; used only where neither the method class nor the records name the method.
-PAPER_METHOD_LABELS = {"peft": "PEFT", "rap": "RaP", "spvit": "SPViT", "diffrate": "DiffRate", "tome": "ToMe",
-                       "pyra": "PYRA"}
-#: Tables 6-8 row labels, by the paper's ``variant`` column: (text, LaTeX).
-ABLATION_LABELS = {"wr": ("Plain W_r", r"Plain $W_r$"),
-                   "wr_sigmoid": ("σ(·) & W_r", r"$\sigma(\cdot)$ \& $W_r$"),
-                   "wd": ("Plain W_D", r"Plain $W_D$"),
-                   "wd_sigmoid": ("σ(·) & W_D", r"$\sigma(\cdot)$ \& $W_D$"),
-                   "wrwd_plain": ("Plain W_r & W_D", r"Plain $W_r$ \& $W_D$"),
-                   "direct": ("W_{D×r}", r"$W_{D \times r}^l$"),
-                   "gated": ("Gated", "Gated")}
-#: Display names of the paper's backbones, for records that do not carry ``backbone_label``.
-BACKBONE_LABELS = {"vit_b16_in21k": "ViT-B/16", "vit_l16_in21k": "ViT-L/16", "vit_s16_in21k": "ViT-S/16",
-                   "vit_l16_mae": "ViT-L (MAE)", "vit_b16_mae": "ViT-B (MAE)", "deit_b16_distilled": "DeiT-B",
-                   "deit_s16_distilled": "DeiT-S"}
 
 
 # =============================================================================================================
@@ -133,106 +129,6 @@ def record_key(r: dict) -> dict[str, Any]:
     key = r.get("method_key") or "-".join([method, *(str(v) for _, v in sorted(options.items()))])
     return {"backbone": str(r.get("backbone")), "method": method, "method_key": str(key),
             "options": _options_str(options), "schedule": str(r.get("schedule")), "run_tag": _run_tag(r)}
-
-
-KEY = ["backbone", "method", "method_key", "options", "schedule", "run_tag"]
-PAPER_KEY = ["backbone", "method", "options", "schedule", "run_tag"]  # what a paper row is matched on
-#: Marks an entry with a record whose searched schedule missed its FLOPs budget by more than the method's
-#: tolerance (``method_state.budget_miss``, DiffRate); explained below the table.
-OFF_BUDGET = "‡"
-OFF_BUDGET_NOTE = (f"{OFF_BUDGET}: the searched schedule of at least one seed is further than the method's "
-                   "tolerance from its FLOPs budget (budget_miss in the run record)")
-
-
-@dataclass
-class Cell:
-    """One table entry: mean, sample std and number of seeds (NaN / 0 when missing); ``off_budget``: a record
-    behind it missed its FLOPs budget (:data:`OFF_BUDGET`)."""
-
-    mean: float = math.nan
-    std: float = math.nan
-    n: int = 0
-    off_budget: bool = False
-
-    @property
-    def missing(self) -> bool:
-        return math.isnan(self.mean)
-
-
-@dataclass
-class Group:
-    """The records of one row: accuracies per task and seed, and the model's measured costs."""
-
-    backbone: str
-    method: str
-    method_key: str
-    options: str
-    schedule: str
-    run_tag: str
-    values: dict[str, dict[int, float]] = field(default_factory=dict)
-    groups_of: dict[str, str] = field(default_factory=dict)  # task -> task set (record "group")
-    task_labels: dict[str, str] = field(default_factory=dict)  # task -> column title (record "task_label")
-    method_label: str | None = None
-    backbone_label: str | None = None
-    params_pct: list[float] = field(default_factory=list)
-    method_params: list[float] = field(default_factory=list)
-    throughput: list[float] = field(default_factory=list)
-    gmacs: list[float] = field(default_factory=list)
-    weights: set[str] = field(default_factory=set)
-    devices: set[str] = field(default_factory=set)
-    off_budget: dict[str, set[int]] = field(default_factory=dict)  # task -> seeds whose record missed its budget
-    #: another group of the same paper key is the one :func:`by_paper_key` takes: labels name this one's
-    #: method key so that the rows tell apart (set by :func:`group_records`)
-    shares_paper_key: bool = False
-
-    @property
-    def key(self) -> tuple[str, ...]:
-        return tuple(getattr(self, k) for k in KEY)
-
-    @property
-    def paper_key(self) -> tuple[str, ...]:
-        return tuple(getattr(self, k) for k in PAPER_KEY)
-
-    @property
-    def option_dict(self) -> dict[str, Any]:
-        return json.loads(self.options)
-
-    @property
-    def compressed(self) -> bool:
-        return self.schedule not in ("none", "None", "0")
-
-    def vtab(self) -> dict[str, dict[int, float]]:
-        return {t: v for t, v in self.values.items() if t in TASKS}
-
-    def cell(self, task: str) -> Cell:
-        return Cell(*mean_std(list(self.values.get(task, {}).values())), off_budget=task in self.off_budget)
-
-    def mean_cell(self, strata: Sequence[Sequence[str]]) -> Cell:
-        """The mean of stratum means (a VTAB group mean, the Average); spread over per-seed values."""
-        per_task = {t: self.cell(t).mean for s in strata for t in s}
-        seeds = per_seed_means(self.values, strata)
-        _, std, n = mean_std(list(seeds.values()))
-        return Cell(stratified_mean(per_task, strata), std, n,
-                    off_budget=any(t in self.off_budget for s in strata for t in s))
-
-    def _mean(self, xs: list[float]) -> float:
-        return float(sum(xs) / len(xs)) if xs else math.nan
-
-    @property
-    def mean_params_pct(self) -> float:
-        return self._mean(self.params_pct)
-
-    @property
-    def mean_method_params(self) -> float:
-        return self._mean(self.method_params)
-
-    @property
-    def mean_throughput(self) -> float:
-        return self._mean(self.throughput)
-
-    @property
-    def mean_gmacs(self) -> float:
-        return self._mean(self.gmacs)
 
 
 def _num(v: Any) -> float | None:
@@ -372,7 +268,7 @@ def summarise(frame: pd.DataFrame) -> pd.DataFrame:
         row: dict[str, Any] = {c: getattr(g, c) for c in KEY}
         row["n_runs"] = sum(len(s) for s in g.values.values())
         row.update({t: g.cell(t).mean for t in g.values})
-        for name, strata in _STRATA_OF.items():
+        for name, strata in STRATA_OF.items():
             c = g.mean_cell(strata)
             row[name] = c.mean
             if name == "average":
@@ -383,109 +279,8 @@ def summarise(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 # =============================================================================================================
-# Labels
-# =============================================================================================================
-def method_display(g_or_method: Group | str, record_label: str | None = None) -> str:
-    """The method's name in tables and figures: the class's ``display_name``, else the records'
-    ``method_label``, else the paper's name for it, else the registered name."""
-    from .methods import display_name
-
-    if not isinstance(g_or_method, str):  # a Group (duck-typed: robust to a module loaded twice)
-        method, record_label = g_or_method.method, g_or_method.method_label
-    else:
-        method = g_or_method
-    fallback = record_label if record_label and record_label != method else PAPER_METHOD_LABELS.get(method)
-    return display_name(method, fallback)
-
-
-def backbone_display(name: str, record_label: str | None = None) -> str:
-    """A backbone's name in tables and figures: the records' ``backbone_label``, else the paper's name."""
-    return record_label if record_label and record_label != name else BACKBONE_LABELS.get(name, name)
-
-
-def task_display(task: str, groups: Iterable[Group] = ()) -> str:
-    """A task's column title: its records' ``task_label`` (the task config's ``display``: config-only folder
-    tasks are in no registry), else the registered task's, else its name."""
-    label = next((g.task_labels[task] for g in groups if task in g.task_labels), None)
-    if label:
-        return label
-    return TASK_REGISTRY.get(task).display if task in TASK_REGISTRY else task
-
-
-def setting_suffix(g: Group) -> str:
-    """`` (options) [run tag]`` of a row's label, with the method key when another row differs from this one
-    only in it (:attr:`Group.shares_paper_key`)."""
-    opts = [f"{k}={v}" for k, v in sorted(g.option_dict.items())] + (
-        [f"method key {g.method_key}"] if g.shares_paper_key else [])
-    return (f" ({', '.join(opts)})" if opts else "") + (f" [{g.run_tag}]" if g.run_tag else "")
-
-
-# =============================================================================================================
 # Tables
 # =============================================================================================================
-@dataclass
-class Row:
-    label: str
-    label_tex: str
-    block: str = ""
-    backbone: str = ""
-    schedule: str = ""
-    cells: dict[str, Cell] = field(default_factory=dict)
-    text: dict[str, str] = field(default_factory=dict)    # shown as is ("# params", "Throughput", "Note")
-    costs: dict[str, float] = field(default_factory=dict)  # the numbers behind text columns (CSV)
-    ranked: bool = True          # takes part in the best / second-best marking of its block
-    in_paper: bool = True
-    group: Group | None = None
-    paper: dict[str, float] = field(default_factory=dict)  # the published numbers, by column key
-    marks: dict[str, str] = field(default_factory=dict)    # column -> "best" | "second"
-
-
-@dataclass
-class Table:
-    name: str
-    title: str
-    value_cols: list[tuple[str, str, int]]  # (key, label, decimals); ranked, higher is better
-    text_cols: list[str]                    # shown before the values ("# params", "Throughput")
-    rows: list[Row]
-    kind: str = "tasks"                     # tasks | average | groups (Tables 6-8: token-modulation # params)
-    wide: bool = False                      # LaTeX table* (full text width)
-    notes: list[str] = field(default_factory=list)
-
-    def mark_best(self) -> None:
-        """Bold the best and underline the second-best entry of each column within each block (by the value
-        as shown, so shown ties are marked alike)."""
-        for block in dict.fromkeys(r.block for r in self.rows):
-            rows = [r for r in self.rows if r.block == block and r.ranked]
-            for key, _, dec in self.value_cols:
-                present = [r for r in rows if not r.cells[key].missing]
-                if len(present) < 2:
-                    continue
-                vals = sorted({round(r.cells[key].mean, dec) for r in present}, reverse=True)
-                for r in present:
-                    v = round(r.cells[key].mean, dec)
-                    if v == vals[0]:
-                        r.marks[key] = "best"
-                    elif len(vals) > 1 and v == vals[1]:
-                        r.marks[key] = "second"
-
-    def usual_n(self) -> int:
-        counts = Counter(c.n for r in self.rows for c in r.cells.values() if c.n)
-        return counts.most_common(1)[0][0] if counts else 0
-
-    def seed_note(self) -> str:
-        n = self.usual_n()
-        ns = {c.n for r in self.rows for c in r.cells.values() if c.n}
-        if not ns:
-            return ""
-        base = "one seed per entry (no spread)" if n == 1 else f"mean ± std over {n} seeds"
-        return base + ("; (n=k): an entry over k seeds" if len(ns) > 1 else "") + \
-            "; group means and Average: spread of the per-seed values"
-
-    def budget_note(self) -> str:
-        """The legend of :data:`OFF_BUDGET` when an entry carries it."""
-        return OFF_BUDGET_NOTE if any(c.off_budget for r in self.rows for c in r.cells.values()) else ""
-
-
 def _value_cols(kind: str) -> list[tuple[str, str, int]]:
     groups = [("natural", "Natural", 2), ("specialized", "Specialized", 2), ("structured", "Structured", 2)]
     avg = [("average", "Average", 2)]
@@ -516,8 +311,8 @@ def make_row(label: str, label_tex: str, g: Group | None, cols: list[tuple[str, 
     for key, _, _ in cols:
         if g is None:
             row.cells[key] = Cell()
-        elif key in _STRATA_OF:
-            row.cells[key] = g.mean_cell(_STRATA_OF[key])
+        elif key in STRATA_OF:
+            row.cells[key] = g.mean_cell(STRATA_OF[key])
         elif key == "mean":  # other task sets: a plain mean over the set's tasks
             row.cells[key] = g.mean_cell([[k for k, _, _ in cols if k != "mean"]])
         else:

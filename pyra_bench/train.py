@@ -29,7 +29,7 @@ from . import factory  # noqa: F401  (registers the config resolvers)
 from .cli import hydra_app
 from .errors import InputError, RunError, exit_on_input_error
 from .identity import utc_now
-from .paths import CONF_DIR
+from .paths import CONF_DIR, TRAIN_GROUPS
 from .records import atomic_write_json
 
 log = logging.getLogger("pyra_bench")
@@ -169,16 +169,12 @@ def main(cfg: DictConfig) -> float | None:
     return objective(rec, cfg.get("optimized_metric") or "top1")  # to a sweeper (Optuna): conf/hparams_search/
 
 
-#: Config groups whose choices are checked before Hydra starts (:mod:`pyra_bench.cli`).
-GROUPS = ("task", "method", "backbone", "trainer", "logger", "callbacks", "experiment")
-
-
 def cli() -> None:
     """The console entry point: unknown group choices, and invalid settings of the run or of any job of a
     sweep, exit with status 2 before Hydra starts (nothing written)."""
     from .cli import precheck, precheck_runs
 
-    precheck("pyra_bench.train", GROUPS)
+    precheck("pyra_bench.train", TRAIN_GROUPS)
     precheck_runs("pyra_bench.train")
     main()
 

@@ -483,7 +483,7 @@ def test_prepared_task_folder_follows_the_umask(tmp_path, umask):
 
 
 def test_staged_task_folder_follows_another_umask(tmp_path, umask):
-    from pyra_bench.data.prepare import staged_task_folder, write_meta, write_split_list
+    from pyra_bench.data.folder import staged_task_folder, write_meta, write_split_list
 
     umask(0o027)
     with staged_task_folder(tmp_path, "dtd") as tmp:
@@ -495,7 +495,7 @@ def test_staged_task_folder_follows_another_umask(tmp_path, umask):
 
 
 def test_a_failed_staging_leaves_no_temporary_folder(tmp_path, umask):
-    from pyra_bench.data.prepare import staged_task_folder
+    from pyra_bench.data.folder import staged_task_folder
 
     umask(0o022)
     with pytest.raises(RuntimeError, match="disk full"):

@@ -19,6 +19,7 @@ tfds = pytest.importorskip("tensorflow_datasets")
 
 from pyra_bench.data import VTAB_TASKS, CorruptImageError, VTABFolderDataset, derive_label, get_task  # noqa: E402
 from pyra_bench.data import prepare as P  # noqa: E402
+from pyra_bench.data.folder import existing_task_status  # noqa: E402
 
 # Fake TFDS split sizes: big enough for every VTAB slice (train@90 + 200 <= train), small enough to be fast.
 SIZES = {"train": 2000, "validation": 200, "test": 60, "smallnorb/test": 400}
@@ -124,7 +125,7 @@ def test_interrupted_prepare_leaves_no_task_folder(tmp_path, monkeypatch):
     assert not (tmp_path / "dtd").exists() and list(tmp_path.iterdir()) == []
     monkeypatch.setattr(P, "_save_jpeg", real)
     _prep("dtd", tmp_path)  # a re-run then completes
-    assert P.existing_task_status(tmp_path / "dtd") == "complete"
+    assert existing_task_status(tmp_path / "dtd") == "complete"
 
 
 def test_stale_partial_folder_is_cleaned_and_incomplete_folder_refused(tmp_path):
@@ -134,7 +135,7 @@ def test_stale_partial_folder_is_cleaned_and_incomplete_folder_refused(tmp_path)
     with pytest.raises(P.PrepareError, match="not a complete VTAB-1k task folder.*overwrite=true"):
         _prep("dtd", tmp_path)
     _prep("dtd", tmp_path, overwrite=True)
-    assert P.existing_task_status(tmp_path / "dtd") == "complete"
+    assert existing_task_status(tmp_path / "dtd") == "complete"
     assert not (tmp_path / ".dtd.partial-abc").exists()
 
 
@@ -209,7 +210,7 @@ def test_cli(tmp_path, capsys, caplog):
 
     caplog.set_level(logging.INFO)  # TFDS logs (absl) its "Failed to load ... from files" at INFO
     assert P.main(["tasks=digits", f"data_root={tmp_path}", "verify=true", "progress=false"]) == 0
-    assert P.existing_task_status(tmp_path / "digits") == "complete"
+    assert existing_task_status(tmp_path / "digits") == "complete"
     assert P.main(["tasks=cifar1000", f"data_root={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert "unknown task 'cifar1000'" in err and "valid choices" in err
@@ -233,7 +234,7 @@ def test_cli(tmp_path, capsys, caplog):
         f"{tmp_path / 'patch_camelyon'} was prepared from FAKE data (mock_examples=...): its accuracy means nothing"]
     # a folder made elsewhere (no meta.json) is left alone; several tasks as a list
     (tmp_path / "patch_camelyon" / "meta.json").unlink()
-    assert P.existing_task_status(tmp_path / "patch_camelyon") == "foreign"
+    assert existing_task_status(tmp_path / "patch_camelyon") == "foreign"
     assert P.main(["tasks=[patch_camelyon,digits]", f"data_root={tmp_path}", "mock_examples=1000"]) == 0
     out = capsys.readouterr().out
     assert "not made by pyra_bench" in out and "done: 2/2 task(s) ready" in out

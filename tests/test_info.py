@@ -254,7 +254,7 @@ def test_fast_help_prints_what_hydra_prints(app, shows, tmp_path, monkeypatch, c
 
 
 def test_prog_name_is_the_console_script_or_python_m(monkeypatch):
-    from pyra_bench.cli import prog_name
+    from pyra_bench.errors import prog_name
 
     for argv0, want in [("/venv/bin/pyra-train", "pyra-train"), ("/src/pyra_bench/train.py", "python -m pyra_bench.train"),
                         ("-c", "python -m pyra_bench.train"), ("", "python -m pyra_bench.train")]:

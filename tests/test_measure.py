@@ -196,6 +196,30 @@ def test_bench_cli_writes_a_record(tmp_path, capsys):
     assert "img/s" in out and "MACs" in out and str(files[0]) in out
 
 
+def test_bench_builds_through_the_factory_every_backbone_train_accepts():
+    """``bench`` builds as ``train`` does: a field override of a registered backbone (image size 48: a 6x6
+    patch grid of the 8-pixel patches) and a backbone that only a config describes (its parameters: timm's
+    own model of those arguments, head aside)."""
+    import timm
+    from hydra import compose, initialize_config_dir
+
+    from pyra_bench.bench import build_for_bench
+
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        larger = compose("bench", overrides=["backbone=vit_tiny_test", "backbone.image_size=48", "method=peft"])
+        config_only = compose("bench", overrides=[
+            "backbone=vit_tiny_test", "backbone.name=tiny_config_only", "+backbone.timm_name=vit_tiny_patch16_224",
+            "backbone.lora_rank=2", "+backbone.kwargs={" + ",".join(f"{k}:{v}" for k, v in kwargs.items()) + "}",
+            "method=tome", "compression=r2", "num_classes=10"])
+    assert tuple(build_for_bench(larger).patch_embed.grid_size) == (6, 6)
+    model = build_for_bench(config_only)
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, **kwargs)
+    assert model.pyra_backbone.name == "tiny_config_only" and len(model.blocks) == 2
+    assert model.pyra_backbone_params == sum(p.numel() for n, p in ref.named_parameters() if not n.startswith("head."))
+    assert list(model.pyra_method.schedule) == [2, 2]
+
+
 def test_bench_cli_help_lists_groups():
     out = subprocess.run([sys.executable, "-m", "pyra_bench.bench", "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)

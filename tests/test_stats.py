@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 from scipy import stats as sps
 
 from pyra_bench import paths, tables
+from pyra_bench.data.tasks import GROUPS as VTAB_GROUPS
 from pyra_bench.records import write_record
 from pyra_bench.stats import (
     compare,
@@ -127,7 +128,7 @@ def test_the_paired_table_from_records_equals_scipy_and_a_hand_computation(tmp_p
     paired = pd.read_csv(tmp_path / "out" / "paired.csv").set_index("Comparison")
     row = paired.loc["PlugMethod − ToMe"]
     d = {t: np.mean([mine[t, s] - tome[t, s] for s in (0, 1)]) for t in tables.TASKS}
-    groups = [tables.GROUPS[g] for g in ("natural", "specialized", "structured")]
+    groups = [VTAB_GROUPS[g] for g in ("natural", "specialized", "structured")]
     avg = np.mean([np.mean([d[t] for t in g]) for g in groups])
     assert row["Difference"] == pytest.approx(avg) and row["Over"] == "Average"
     assert row["Wilcoxon p"] == pytest.approx(sps.wilcoxon(list(d.values())).pvalue)

@@ -2,13 +2,14 @@
 ids launched once, idempotent re-runs, the local GPU launcher, dry-run."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 from pyra_bench import sweep, tables
-from pyra_bench.launcher import gpu_slots
+from pyra_bench.launcher import gpu_slots, record_refusal
 from pyra_bench.records import iter_records
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -16,19 +17,19 @@ TINY = ["task=digits", "backbone=vit_tiny_test", "trainer=smoke", "trainer.epoch
         "export_inference_model=false", "logger=none", "callbacks=none"]
 
 
-def _sweep(tmp_path, *overrides, monkeypatch=None, capsys=None):
-    """``python -m pyra_bench.train -m ...`` in ``tmp_path``: a subprocess, or -- given pytest's monkeypatch
-    and capsys -- the console entry point in this process (one interpreter start less)."""
+def _sweep(tmp_path, *overrides, monkeypatch=None, capsys=None, flags=()):
+    """``python -m pyra_bench.train <flags> -m ...`` in ``tmp_path``: a subprocess, or -- given pytest's
+    monkeypatch and capsys -- the console entry point in this process (one interpreter start less)."""
     env = {"PYRA_RESULTS": str(tmp_path / "results"), "PYRA_RUNS": str(tmp_path / "runs"), "WANDB_MODE": "disabled"}
     if monkeypatch is not None:
         from helpers.cli import run_entry_point
 
         from pyra_bench.train import cli
 
-        code, out, err = run_entry_point(cli, "pyra_bench/train.py", ["-m", *TINY, *overrides], tmp_path,
+        code, out, err = run_entry_point(cli, "pyra_bench/train.py", [*flags, "-m", *TINY, *overrides], tmp_path,
                                          monkeypatch, capsys, env=env)
         return code, out + err
-    p = subprocess.run([sys.executable, "-m", "pyra_bench.train", "-m", *TINY, *overrides], cwd=tmp_path,
+    p = subprocess.run([sys.executable, "-m", "pyra_bench.train", *flags, "-m", *TINY, *overrides], cwd=tmp_path,
                        env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
     return p.returncode, p.stdout + p.stderr
 
@@ -62,17 +63,49 @@ def test_a_sweep_reports_exact_ids_exits_non_zero_on_a_failure_and_launches_a_ru
     assert set(summary["method"]) == {"tome", "peft"}
 
 
-def test_the_local_launcher_runs_one_job_per_gpu_slot(tmp_path, monkeypatch):
+def test_the_local_launcher_runs_one_job_per_gpu_slot_each_composed_as_the_sweep_composed_it(tmp_path, monkeypatch,
+                                                                                              capsys, caplog):
+    """GPU slots; and under ``hydra/launcher=local`` each job (a subprocess) sees the sweep's ``--config-dir``
+    (its ``local/default.yaml`` sets the run tag) and ``hydra.searchpath`` (a plug-in method): one job completes
+    under the tagged id, the infeasible one is failed with its message in the summary."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,3")
     assert gpu_slots("auto") == ["0", "3"] and gpu_slots([1, 2], jobs_per_gpu=2) == ["1", "1", "2", "2"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert gpu_slots("auto") == [None], "no GPU: one job at a time"
-    code, out = _sweep(tmp_path, "hydra/launcher=local", "method=tome", "compression=low")
-    assert code == 0, out[-3000:]
-    assert "1 completed" in _summary(out)[0] and "1 at a time" in out
-    assert len(iter_records([tmp_path / "results"])) == 1
+    mine = tmp_path / "mine"
+    (mine / "local").mkdir(parents=True)
+    (mine / "local" / "default.yaml").write_text("# @package _global_\nrun_tag: mine\n")
+    plugins = ROOT / "tests" / "plugins"
+    monkeypatch.syspath_prepend(str(plugins))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(plugins), os.environ.get("PYTHONPATH", "")]))
+    caplog.set_level(logging.INFO, logger="pyra_bench")
+    code, out = _sweep(tmp_path, "hydra/launcher=local",
+                       f"hydra.searchpath=[file://{plugins / 'conf'}]", "method=mymethod", "budget=low,r99",
+                       monkeypatch=monkeypatch, capsys=capsys, flags=("--config-dir", str(mine)))
+    assert code == 1, out[-3000:]
+    head, items = _summary(out)
+    assert "1 completed" in head and "1 failed" in head and "1 at a time" in caplog.text, out[-3000:]
+    assert ("failed", "digits__vit_tiny_test__mymethod__r99__seed0__mine") in items, items
+    assert "infeasible merging schedule" in out.split("sweep summary:")[-1]
+    assert [r["run_id"] for r in iter_records([tmp_path / "results"])] == ["digits__vit_tiny_test__mymethod__low__seed0__mine"]
     (sweep_dir,) = (tmp_path / "runs" / "multirun").iterdir()
     assert (sweep_dir / "0" / "job.log").is_file() and (sweep_dir / "0" / "outcome.json").is_file()
+
+
+def test_a_job_refused_before_its_run_starts_is_failed_with_its_message(tmp_path):
+    """A job that exits before writing its outcome (its entry point refused the command line) is failed in the
+    summary with the entry point's one message, not "missing"."""
+    job = tmp_path / "0"
+    job.mkdir()
+    (job / "job.log").write_text("some start-up line\npyra_bench.train: error: unknown method 'mymethod'; "
+                                 "valid choices: peft, pyra\n")
+    (tmp_path / "sweep_plan.json").write_text(json.dumps([{"run_id": "r0", "overrides": [], "job": 0}]))
+    record_refusal(job, 2)
+    summary = sweep.collect_outcomes(tmp_path)
+    assert not summary["missing"] and [f["run_id"] for f in summary["failed"]] == ["r0"]
+    assert "exit status 2: pyra_bench.train: error: unknown method 'mymethod'; valid choices" in \
+        sweep.format_summary(summary)
+    record_refusal(job, 0)  # a job that exited 0 without an outcome is left alone (the summary: missing)
 
 
 def test_dry_run_lists_runs_duplicates_and_gpu_hours(capsys):

@@ -16,6 +16,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from pyra_bench import paths, tables
+from pyra_bench.data.tasks import GROUPS as VTAB_GROUPS
 from pyra_bench.errors import InputError
 from pyra_bench.records import iter_records, write_record
 from pyra_bench.stats import stratified_mean
@@ -157,7 +158,7 @@ def test_a_new_method_is_a_row_of_its_own_with_mean_and_std_over_seeds(tmp_path)
     dtd = [acc["dtd", s] for s in range(3)]
     assert row["DTD"] == pytest.approx(np.mean(dtd)) and row["DTD std"] == pytest.approx(np.std(dtd, ddof=1))
     # the Average's spread is the std of the three per-seed Averages (mean of the group means), by hand:
-    groups = [tables.GROUPS[g] for g in ("natural", "specialized", "structured")]
+    groups = [VTAB_GROUPS[g] for g in ("natural", "specialized", "structured")]
     per_seed = [np.mean([np.mean([acc[t, s] for t in g]) for g in groups]) for s in range(3)]
     assert row["Average"] == pytest.approx(np.mean(per_seed))
     assert row["Average std"] == pytest.approx(np.std(per_seed, ddof=1)) and row["Average n"] == 3

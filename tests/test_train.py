@@ -418,3 +418,23 @@ def test_input_checks_build_the_model_on_the_meta_device_unless_its_operating_po
     for compression in ("flops:0.5", "speedup:1.5"):
         factory.make_model(_cfg(tmp_path, "method=tome", f"compression={compression}"), 10, False, None, abstract=True)
     assert [d.type for d in devices] == ["meta", "cpu"]
+
+
+def test_the_trainer_is_the_class_trainer_target_names_with_the_recipe_kept_apart(tmp_path):
+    """``trainer._target_`` is instantiated (a Trainer class of one's own, with an option Lightning lacks);
+    the recipe keys never reach it; a target that does not import and an option the class lacks are refused
+    by name."""
+    from pyra_bench import factory
+    from pyra_bench.errors import ConfigError
+
+    cfg = _cfg(tmp_path, "trainer._target_=helpers.trainers.TaggedTrainer", "+trainer.tag=mine",
+               "+trainer.gradient_clip_val=0.5")
+    factory.check_trainer_options(cfg)
+    trainer = factory.make_trainer(cfg, max_epochs=3, callbacks=[], loggers=[], run_dir=tmp_path)
+    assert type(trainer).__name__ == "TaggedTrainer" and trainer.tag == "mine"
+    assert trainer.gradient_clip_val == 0.5 and trainer.max_epochs == 3
+    assert not set(factory.trainer_options(cfg)) & factory.RECIPE_KEYS and "_target_" not in factory.trainer_options(cfg)
+    with pytest.raises(ConfigError, match=r"trainer\.tag is neither a Trainer option nor a recipe key"):
+        factory.check_trainer_options(_cfg(tmp_path, "+trainer.tag=mine"))
+    with pytest.raises(ConfigError, match=r"trainer\._target_='no_such_module_for_test\.Trainer' is not a class"):
+        factory.check_trainer_options(_cfg(tmp_path, "trainer._target_=no_such_module_for_test.Trainer"))

@@ -152,7 +152,7 @@ class VTABDataModule(L.LightningDataModule):
             if self.cache else None,
         }
         if self.source == "folder":
-            from .prepare import read_meta
+            from .folder import read_meta
 
             meta = read_meta(find_task_dir(self.data_root, self.spec)) or {}
             info.update(data_root=str(self.data_root), tfds_builder=meta.get("tfds_builder"),
@@ -160,7 +160,7 @@ class VTABDataModule(L.LightningDataModule):
         return info
 
     def _warn_if_mock(self) -> None:
-        from .prepare import read_meta
+        from .folder import read_meta
 
         task_dir = find_task_dir(self.data_root, self.spec)
         meta = read_meta(task_dir) or {}

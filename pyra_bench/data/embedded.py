@@ -170,7 +170,7 @@ def write_digits_folder(root: str | os.PathLike, jpeg_quality: int = 75, image_f
     """
     from PIL import Image
 
-    from .prepare import existing_task_status, staged_task_folder, write_meta, write_split_list
+    from .folder import existing_task_status, staged_task_folder, write_meta, write_split_list
 
     if image_format not in ("jpg", "png"):
         raise ValueError(f"image_format must be 'jpg' or 'png', got {image_format!r}")

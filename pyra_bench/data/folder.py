@@ -21,17 +21,25 @@ unless it points into ``link_root`` (``data.link_root``: a data folder built of 
   (:class:`UnsupportedImageModeError`);
 * images larger than PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) are refused by name
   (:class:`ImageTooLargeError`), instead of a raw ``DecompressionBombError`` / warning.
+
+Writing a task folder is kept here too, for every writer (:mod:`pyra_bench.data.prepare`,
+:func:`pyra_bench.data.embedded.write_digits_folder`): its status (:func:`existing_task_status`), the staged
+folder renamed into place at the end (:func:`staged_task_folder`), split lists and ``meta.json``.
 """
 
 from __future__ import annotations
 
 import codecs
+import contextlib
+import json
 import os
 import posixpath
 import re
+import shutil
 import threading
+import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
@@ -40,7 +48,12 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError, InputError, InputFileNotFoundError
+from ..fileio import fsync_dir, make_dir, make_temp_dir
 from .tasks import SPLITS, TaskSpec, get_task
+
+#: A task folder made by pyra_bench carries this file (:func:`write_meta`); the format's version.
+META_FILE = "meta.json"
+FORMAT_VERSION = 1
 
 
 class DataNotFoundError(InputFileNotFoundError):
@@ -418,3 +431,75 @@ def verify_once(dataset: VTABFolderDataset, progress: bool = True, workers: int 
         except OSError:  # not writable: try the next place; nowhere -> verify again next time
             continue
     return True
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing a task folder: status, staging, split lists, meta.json (data.prepare, embedded.write_digits_folder)
+# ---------------------------------------------------------------------------------------------------------
+def existing_task_status(task_dir: str | os.PathLike) -> str:
+    """``"missing"``, ``"complete"`` (made here: meta.json), ``"foreign"`` (all four split lists but no
+    meta.json, e.g. the authors' downloadable export) or ``"incomplete"``."""
+    task_dir = Path(task_dir)
+    if not task_dir.exists():
+        return "missing"
+    has_lists = all((task_dir / f"{s}.txt").is_file() for s in SPLITS)
+    meta = task_dir / META_FILE
+    if meta.is_file():
+        try:
+            done = json.loads(meta.read_text()).get("complete", False)
+        except (OSError, ValueError):
+            done = False
+        return "complete" if done and has_lists else "incomplete"
+    return "foreign" if has_lists else "incomplete"
+
+
+@contextlib.contextmanager
+def staged_task_folder(root: str | os.PathLike, task: str, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a hidden temporary folder next to ``<root>/<task>``; rename it to ``<root>/<task>`` on success.
+
+    On any exception (or Ctrl-C) the temporary folder is removed. Leftovers of a killed run
+    (``<root>/.<task>.partial-*``) are removed first. The folder is made with the user's umask (``0o777 &
+    ~umask``, as ``mkdir`` would; ``tempfile.mkdtemp`` would leave the finished task 0700, unreadable to the
+    rest of a lab), and the rename is made durable by an fsync of ``root``.
+    """
+    root = make_dir(root, "data root")
+    final = root / task
+    for stale in root.glob(f".{task}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = make_temp_dir(root, prefix=f".{task}.partial-")
+    try:
+        yield tmp
+        if final.exists():
+            if not overwrite:
+                raise FileExistsError(f"{final} exists; pass --overwrite to replace it")
+            old = root / f".{task}.old-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            fsync_dir(root)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+            fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_split_list(path: str | os.PathLike, entries: Sequence[tuple[str, int]]) -> None:
+    """Write ``relative/path label`` lines."""
+    Path(path).write_text("".join(f"{rel} {int(label)}\n" for rel, label in entries), encoding="utf-8")
+
+
+def write_meta(task_dir: str | os.PathLike, meta: Mapping[str, Any]) -> None:
+    """Write ``meta.json`` (marks the folder as complete)."""
+    from .. import __version__ as pyra_version
+
+    full = {"format_version": FORMAT_VERSION, "complete": True, **meta, "pyra_bench": pyra_version,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    Path(task_dir, META_FILE).write_text(json.dumps(full, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def read_meta(task_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The task folder's ``meta.json`` (None when there is none: a folder not made by pyra_bench)."""
+    p = Path(task_dir, META_FILE)
+    return json.loads(p.read_text()) if p.is_file() else None

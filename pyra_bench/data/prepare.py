@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import logging
 import os
 import re
@@ -48,11 +47,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from ..fileio import fsync_dir, make_dir, make_temp_dir
 from .tasks import SPLITS, TaskSpec, derive_label, get_task, resolve_tasks
 
-META_FILE = "meta.json"
-FORMAT_VERSION = 1
 DEFAULT_JPEG_QUALITY = 75
 
 
@@ -62,77 +58,6 @@ class PrepareError(InputError, RuntimeError):
 
 class ManualDownloadError(PrepareError):
     """TFDS cannot download this data set; the user has to fetch the files first."""
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Folder bookkeeping (shared with embedded.write_digits_folder)
-# ---------------------------------------------------------------------------------------------------------
-def existing_task_status(task_dir: str | os.PathLike) -> str:
-    """``"missing"``, ``"complete"`` (made here: meta.json), ``"foreign"`` (all four split lists but no
-    meta.json, e.g. the authors' downloadable export) or ``"incomplete"``."""
-    task_dir = Path(task_dir)
-    if not task_dir.exists():
-        return "missing"
-    has_lists = all((task_dir / f"{s}.txt").is_file() for s in SPLITS)
-    meta = task_dir / META_FILE
-    if meta.is_file():
-        try:
-            done = json.loads(meta.read_text()).get("complete", False)
-        except (OSError, ValueError):
-            done = False
-        return "complete" if done and has_lists else "incomplete"
-    return "foreign" if has_lists else "incomplete"
-
-
-@contextlib.contextmanager
-def staged_task_folder(root: str | os.PathLike, task: str, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a hidden temporary folder next to ``<root>/<task>``; rename it to ``<root>/<task>`` on success.
-
-    On any exception (or Ctrl-C) the temporary folder is removed. Leftovers of a killed run
-    (``<root>/.<task>.partial-*``) are removed first. The folder is made with the user's umask (``0o777 &
-    ~umask``, as ``mkdir`` would; ``tempfile.mkdtemp`` would leave the finished task 0700, unreadable to the
-    rest of a lab), and the rename is made durable by an fsync of ``root``.
-    """
-    root = make_dir(root, "data root")
-    final = root / task
-    for stale in root.glob(f".{task}.partial-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = make_temp_dir(root, prefix=f".{task}.partial-")
-    try:
-        yield tmp
-        if final.exists():
-            if not overwrite:
-                raise FileExistsError(f"{final} exists; pass --overwrite to replace it")
-            old = root / f".{task}.old-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            fsync_dir(root)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-            fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def write_split_list(path: str | os.PathLike, entries: Sequence[tuple[str, int]]) -> None:
-    """Write ``relative/path label`` lines."""
-    Path(path).write_text("".join(f"{rel} {int(label)}\n" for rel, label in entries), encoding="utf-8")
-
-
-def write_meta(task_dir: str | os.PathLike, meta: Mapping[str, Any]) -> None:
-    """Write ``meta.json`` (marks the folder as complete)."""
-    from .. import __version__ as pyra_version
-
-    full = {"format_version": FORMAT_VERSION, "complete": True, **meta, "pyra_bench": pyra_version,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    Path(task_dir, META_FILE).write_text(json.dumps(full, indent=2, default=str) + "\n", encoding="utf-8")
-
-
-def read_meta(task_dir: str | os.PathLike) -> dict[str, Any] | None:
-    p = Path(task_dir, META_FILE)
-    return json.loads(p.read_text()) if p.is_file() else None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -374,6 +299,8 @@ def prepare_task(
     ``split_sizes`` overrides the TFDS split sizes the ``{split@P}`` offsets and ``%`` slices are computed
     from (normally read from the builder). ``mock`` only marks ``meta.json`` as built from fake data.
     """
+    from .folder import existing_task_status, staged_task_folder, write_meta, write_split_list  # (torch)
+
     spec = get_task(task)
     root = Path(data_root).expanduser()
     if not 1 <= int(jpeg_quality) <= 100:
@@ -457,7 +384,7 @@ def prepare_task(
 def verify_task(data_root: str | os.PathLike, task: str, progress: bool = True) -> dict[str, int]:
     """Check a prepared task: every split loads (labels in range, files present), every image decodes,
     counts match ``meta.json``, and train800val200 is exactly train800 followed by val200."""
-    from .folder import VTABFolderDataset, verify_images
+    from .folder import VTABFolderDataset, read_meta, verify_images
 
     datasets = {s: VTABFolderDataset(data_root, task, s) for s in SPLITS}
     workers = min(8, os.cpu_count() or 1)

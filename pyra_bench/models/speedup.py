@@ -44,10 +44,10 @@ RESOLUTION = 0.01
 
 def cache_file(device: str) -> Path:
     """The speed-target cache of one device (a JSON file in the user cache)."""
-    from ..demo_pretrain import cache_dir
     from ..measure import device_slug
+    from ..paths import user_cache_dir
 
-    return cache_dir() / "speedup" / f"{device_slug(device)}.json"
+    return user_cache_dir() / "speedup" / f"{device_slug(device)}.json"
 
 
 def _read(path: Path) -> dict[str, Any]:
