@@ -1,4 +1,5 @@
-"""LoRA on qkv: equality with timm's own model, merge/unmerge, and HF peft as an independent oracle."""
+"""LoRA on qkv: equality with timm's own model, merge/unmerge, a float64 hand computation of the LoRA forward, and
+HF peft as an independent oracle where it is installed (``pip install -e ".[dev,oracle]"``)."""
 
 import pytest
 import torch
@@ -89,6 +90,29 @@ def test_lora_init_options():
     assert abs(auth.lora_b.weight.std().item() - 0.02) < 0.001
     with pytest.raises(ConfigError, match="valid choices"):  # an InputError that is still a ValueError
         LoRALinear(8, 24, 4, init="bogus")
+
+
+def test_lora_forward_equals_a_float64_hand_computation():
+    """Every block's qkv is ``x W^T + b + (alpha / r) (x A^T) B^T`` (LoRA, Hu et al. eq. 3, scale alpha / r):
+    the adapted model's forward, recomputed in float64 through timm's own unpatched blocks with each qkv
+    weight replaced by ``W + (alpha / r) B A``; and merging folds exactly that weight."""
+    kwargs = get_backbone("vit_tiny_test").kwargs
+    base = VisionTransformer(num_classes=5, **kwargs).eval()
+    ours = build_model("vit_tiny_test", 5, "peft", lora_rank=2, lora_alpha=4.0, lora_dropout=0.0).eval()
+    ours.load_state_dict(base.state_dict(), strict=False)
+    _randomise_lora(ours)
+    ref = base.double()
+    ref.head.load_state_dict(ours.head.state_dict())
+    with torch.no_grad():
+        for blk, mine in zip(ref.blocks, ours.blocks):
+            a, b = mine.attn.qkv.lora_a.weight.double(), mine.attn.qkv.lora_b.weight.double()
+            assert a.shape == (2, 48) and b.shape == (144, 2)  # rank 2 on a 48-wide qkv
+            blk.attn.qkv.weight += (4.0 / 2) * (b @ a)
+        x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+        torch.testing.assert_close(ours.double()(x), ref(x), rtol=0, atol=1e-10)
+        merged = merge_lora(ours)  # folds B @ A in float32 (the low-precision test below), then rounds once
+        for blk, m in zip(ref.blocks, merged.blocks):
+            torch.testing.assert_close(m.attn.qkv.weight, blk.attn.qkv.weight, rtol=0, atol=1e-6)
 
 
 def test_lora_matches_hf_peft_oracle():
