@@ -24,15 +24,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError, InputFileNotFoundError
 from .identity import PROTOCOLS, short_hash, wandb_id
+from .schema import RECIPE_FIELDS
 
 log = logging.getLogger("pyra_bench")
 
-#: ``trainer`` keys that are pyra_bench's recipe, not Lightning Trainer options.
-RECIPE_KEYS = frozenset({
-    "epochs", "warmup_epochs", "batch_size", "eval_batch_size", "lr", "weight_decay", "warmup_lr", "min_lr",
-    "drop_path", "lora_dropout", "lora_init", "eval_every", "eval_epochs", "evaluation", "eval_precision",
-    "num_workers", "max_steps_per_epoch", "cpu_threads", "checkpoint_every", "compile", "_target_",
-})
+#: ``trainer`` keys that are pyra_bench's recipe, not Lightning Trainer options (the fields of
+#: :class:`pyra_bench.schema.Trainer` that are not Lightning's).
+RECIPE_KEYS = frozenset(RECIPE_FIELDS) | {"_target_"}
 #: Trainer options pyra_bench sets itself, with the recipe key to use instead.
 FRAMEWORK_TRAINER_KEYS = {
     "max_epochs": "trainer.epochs", "min_epochs": "trainer.epochs", "max_steps": "trainer.max_steps_per_epoch",
@@ -248,13 +246,14 @@ def make_model(cfg: DictConfig, num_classes: int, pretrained: bool, checkpoint: 
     from .models import build_model
     from .models.backbones import backbone_spec_from_config
 
-    t, tp = cfg.trainer, cfg.get("throughput") or {}
+    t, tp, peft = cfg.trainer, cfg.get("throughput") or {}, cfg.get("peft") or {}
     method = make_method(cfg)
     meta = abstract and not method.measures_at_build
     with torch.device("meta") if meta else contextlib.nullcontext():
         return build_model(
             backbone_spec_from_config(OmegaConf.to_container(cfg.backbone, resolve=True)), num_classes, method,
-            lora_dropout=t.lora_dropout, lora_init=t.lora_init, pretrained=pretrained, checkpoint=checkpoint,
+            lora_rank=peft.get("rank"), lora_alpha=peft.get("alpha"), lora_dropout=peft.get("dropout", 0.1),
+            lora_init=peft.get("init", "standard"), pretrained=pretrained, checkpoint=checkpoint,
             drop_path_rate=t.drop_path, prop_attn=bool(cfg.backbone.get("prop_attn", True)), device=run_device(cfg),
             bench_batch_size=tp.get("batch_size"), bench_dtype=str(tp.get("dtype", "float32")),
         )
