@@ -47,8 +47,9 @@ def check_output_dir(path: str | os.PathLike, key: str = "results_dir") -> None:
                                                                           f"write to>")])
 
 
-def resolved(cfg: DictConfig, skip: tuple[str, ...] = ("hydra",)) -> tuple[dict, list[Problem]]:
-    """``cfg`` as plain data, and a problem for each value that cannot be resolved (an unset environment
+def resolved(cfg: DictConfig, skip: tuple[str, ...] = ("hydra", "logger", "callbacks")) -> tuple[dict, list[Problem]]:
+    """``cfg`` as plain data (not ``skip``: Hydra's part, and what is built once the run has its id), and a
+    problem for each value that cannot be resolved (an unset environment
     variable, a missing value); those keys are left out of the data."""
     bad: list[Problem] = []
 

@@ -66,13 +66,15 @@ def compose_jobs(combos: list[list[str]], compose_fn: Callable[[list[str]], Dict
     a copy. Anything else (``+key``, ``~key``, a key the config lacks) is composed by Hydra itself."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import OverrideType
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
     parser, base, out = OverridesParser.create(), {}, []
     for combo in combos:
         groups = tuple(o for o in combo if _is_group(o.split("=", 1)[0]))
         try:
             values = parser.parse_overrides([o for o in combo if o not in groups])
-            if any(v.type != OverrideType.CHANGE or v.is_package() for v in values):
+            if any(v.type != OverrideType.CHANGE or v.package is not None for v in values):
                 raise LookupError
             if groups not in base:
                 base[groups] = compose_fn(list(groups))
@@ -81,9 +83,7 @@ def compose_jobs(combos: list[list[str]], compose_fn: Callable[[list[str]], Dict
                 if OmegaConf.select(cfg, v.key_or_group, default=KeyError) is KeyError:
                     raise LookupError
                 OmegaConf.update(cfg, v.key_or_group, v.value(), merge=True)
-        except LookupError:
-            cfg = None
-        except Exception:  # noqa: BLE001 - Hydra composes it below and says what is wrong
+        except (LookupError, InputError, HydraException, OmegaConfBaseException):  # Hydra composes it below
             cfg = None
         try:
             out.append(cfg if cfg is not None else compose_fn(list(combo)))
