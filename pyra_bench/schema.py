@@ -423,6 +423,12 @@ class Tables(Section):
     _dirs = field_validator("out")(lambda v: _out_dir(v))
 
 
+class OutputFolder(Section):
+    model_config = ConfigDict(extra="allow")
+    out: OutDir = opt(None, "the output folder")
+    _dirs = field_validator("out")(lambda v: _out_dir(v))
+
+
 class Visualize(Section):
     model_config = ConfigDict(extra="allow")
     num_images: int = opt(8, "images of a split", ge=1)

@@ -197,9 +197,7 @@ def check_options(cfg: DictConfig) -> Options:
         if len(runs) > 1:
             raise ConfigError(f"out= is needed for several runs ({len(runs)}); e.g. out=visualize_compare")
         out = runs[0].path / "visualize"
-    ch = _Checker(OmegaConf.create({"out": str(out)}))
-    ch.writable_dir("out")
-    ch.raise_if_any("visualize config")
+    schema.check({"out": str(out)}, schema.OutputFolder, "visualize config")
     return Options(runs, images, Path(str(out)))
 
 
