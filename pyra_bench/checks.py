@@ -429,6 +429,8 @@ def check_run_config(cfg: DictConfig, machine: bool = True) -> None:
     else:  # not measured: not read
         data.pop("throughput", None)
     more += _weights_problems(data, machine)
+    if data.get("compression") == data.get("budget") is not None:  # ${method.default_compression}: budget's line
+        data.pop("compression")
     schema.check(data, schema.Run, "run config", more)
 
 

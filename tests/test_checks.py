@@ -149,6 +149,7 @@ BAD_RUN = [  # (key, value, how the line shows it)
     ("trainer.deterministic", "yes", "'yes'"),
     ("seed", -1, "-1"), ("seed", 2**32, "4294967296"), ("seed", 1.5, "1.5"), ("seed", "abc", "'abc'"),
     ("protocol", "tune", "'tune'"), ("retries", -1, "-1"), ("retries", 0.5, "0.5"),
+    ("budget", 2.0, "2.0"), ("budget", "flops:1.5", "'flops:1.5'"), ("compression", "speedup:0.5", "'speedup:0.5'"),
     ("force", 1, "1"), ("verify_images", "no", "'no'"), ("export_inference_model", None, "null"),
 ]
 
