@@ -25,9 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from annotated_types import Ge, Gt, Le, Lt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic_core import PydanticCustomError
+
+
+def _Bad(kind: str, template: str, ctx: dict | None = None) -> ValueError:  # noqa: N802
+    """A validator's refusal: pydantic reports a ``ValueError`` raised in a validator as ``value_error``."""
+    return ValueError(template.format(**(ctx or {})))
 
 
 def opt(default: Any, help: str, *, execution: bool = False, null: str | None = None, what: str | None = None,
@@ -54,7 +57,7 @@ SEED_LIMIT = 2**32
 def _choices(values: tuple, what: str):
     def check(v: Any) -> Any:
         if isinstance(v, (bool, float)) or v not in values:
-            raise PydanticCustomError("choice", "unknown {what}; valid choices: {c}",
+            raise _Bad("choice", "unknown {what}; valid choices: {c}",
                                       {"what": what, "c": ", ".join("null" if c is None else str(c) for c in values)})
         return v
     return check
@@ -85,9 +88,9 @@ def output_dir_problem(path: str | os.PathLike) -> str | None:
 
 def _out_dir(v: Any) -> Any:
     if v is None or not isinstance(v, str) or v.strip() == "":
-        raise PydanticCustomError("dir", "must be a folder path; set it to <folder>")
+        raise _Bad("dir", "must be a folder path; set it to <folder>")
     if (why := output_dir_problem(v)) is not None:
-        raise PydanticCustomError("dir", "{why}; set it to <a folder you can write to>", {"why": why})
+        raise _Bad("dir", "{why}; set it to <a folder you can write to>", {"why": why})
     return v
 
 
@@ -194,7 +197,7 @@ class Trainer(Section):
     def _below_epochs(cls, v: int, info: Any) -> int:
         epochs = info.data.get("epochs")
         if epochs is not None and v >= epochs:
-            raise PydanticCustomError("range", "must be a whole number >= 0 and < trainer.epochs={e} (linear warm-up "
+            raise _Bad("range", "must be a whole number >= 0 and < trainer.epochs={e} (linear warm-up "
                                       "epochs); set e.g. trainer.warmup_epochs=0", {"e": epochs})
         return v
 
@@ -206,9 +209,9 @@ class Trainer(Section):
         kind = info.data.get("evaluation")
         if kind in ("final", "epochs"):
             if v is not None and v < 0:
-                raise PydanticCustomError("range", "must be null (not used) or a whole number >= 0")
+                raise _Bad("range", "must be null (not used) or a whole number >= 0")
         elif v is None or v < 1:
-            raise PydanticCustomError("range", "must be a whole number >= 1 (evaluate every this many epochs and "
+            raise _Bad("range", "must be a whole number >= 1 (evaluate every this many epochs and "
                                       "after the last; for the last only set trainer.evaluation=final)")
         return v
 
@@ -217,13 +220,13 @@ class Trainer(Section):
     def _epochs(cls, v: Any, info: Any) -> Any:
         if v is None:
             if info.data.get("evaluation") == "epochs":
-                raise PydanticCustomError("range", "trainer.evaluation=epochs needs the list of epochs to evaluate "
+                raise _Bad("range", "trainer.evaluation=epochs needs the list of epochs to evaluate "
                                           "after; set e.g. trainer.eval_epochs=[1,50,100], or trainer.evaluation=every_n")
         elif not isinstance(v, list) or not v or not all(isinstance(e, int) and not isinstance(e, bool) and e >= 1
                                                          for e in v):
-            raise PydanticCustomError("range", "must be null or a non-empty list of epochs, each a whole number >= 1")
+            raise _Bad("range", "must be null or a non-empty list of epochs, each a whole number >= 1")
         elif len(set(v)) != len(v):
-            raise PydanticCustomError("range", "lists an epoch twice; give each epoch once, e.g. [1,50,100]")
+            raise _Bad("range", "lists an epoch twice; give each epoch once, e.g. [1,50,100]")
         return v
 
     _eval_precision = field_validator("eval_precision")(
@@ -233,7 +236,7 @@ class Trainer(Section):
     @classmethod
     def _precision(cls, v: Any) -> Any:
         if isinstance(v, (float, bool)) or v not in PRECISIONS:
-            raise PydanticCustomError("choice", "not a precision Lightning accepts; valid choices: {c} (e.g. "
+            raise _Bad("choice", "not a precision Lightning accepts; valid choices: {c} (e.g. "
                                       "trainer.precision=32-true)", {"c": ", ".join(map(str, PRECISIONS))})
         return v
 
@@ -250,7 +253,7 @@ class Trainer(Section):
         from .checks import lightning_strategies
 
         if isinstance(v, str) and v.lower() not in lightning_strategies():
-            raise PydanticCustomError("choice", "unknown Lightning strategy; valid choices: {c} (multi-GPU: "
+            raise _Bad("choice", "unknown Lightning strategy; valid choices: {c} (multi-GPU: "
                                       "trainer.strategy=ddp)", {"c": ", ".join(lightning_strategies())})
         return v
 
@@ -258,7 +261,7 @@ class Trainer(Section):
     @classmethod
     def _devices(cls, v: Any) -> Any:
         if isinstance(why := _parse_devices(v), str):
-            raise PydanticCustomError("devices", "{why}; valid: a count >= 1, -1 (all visible), auto, or a list of "
+            raise _Bad("devices", "{why}; valid: a count >= 1, -1 (all visible), auto, or a list of "
                                       "device indices such as [0,1] (e.g. trainer.devices=1)", {"why": why})
         return v
 
@@ -266,7 +269,7 @@ class Trainer(Section):
     @classmethod
     def _deterministic(cls, v: Any) -> Any:
         if not (isinstance(v, bool) or v == "warn"):
-            raise PydanticCustomError("choice", "must be true, false or 'warn' (Lightning's); set "
+            raise _Bad("choice", "must be true, false or 'warn' (Lightning's); set "
                                       "trainer.deterministic=false")
         return v
 
@@ -306,7 +309,7 @@ def _operating_point(v: Any) -> Any:
         if head == "flops" and not ok:
             why = f"a FLOPs budget is a fraction of the backbone's MACs in (0, 1], got {v!r}"
     if not ok:
-        raise PydanticCustomError("point", "{why}; valid forms: {f}", {"why": why, "f": OPERATING_POINTS})
+        raise _Bad("point", "{why}; valid forms: {f}", {"why": why, "f": OPERATING_POINTS})
     return v
 
 
@@ -479,8 +482,8 @@ def rule(info: Any) -> str:
             else "true or false" if "bool" in ann else "a string" if "str" in ann else "a valid value")
     bounds = []
     for m in info.metadata:
-        for cls, op, attr in ((Ge, ">=", "ge"), (Gt, ">", "gt"), (Le, "<=", "le"), (Lt, "<", "lt")):
-            if isinstance(m, cls):
+        for op, attr in ((">=", "ge"), (">", "gt"), ("<=", "le"), ("<", "lt")):  # annotated_types' Ge, Gt, ...
+            if type(m).__name__ == attr.capitalize():
                 bounds.append(f"{op} {getattr(m, attr):{'g' if isinstance(getattr(m, attr), float) else ''}}")
     text = kind + (" " + " and ".join(bounds) if bounds else "")
     null = (info.json_schema_extra or {}).get("null")
@@ -511,8 +514,8 @@ def problems(cfg: Any, model: type[BaseModel], prefix: str = "") -> list[Problem
         if key in out:
             continue
         info = _field(model, loc)
-        if err["type"] in ("choice", "range", "devices", "point", "dir"):
-            message = err["msg"]
+        if err["type"] == "value_error":  # a validator's own message
+            message = err["msg"].removeprefix("Value error, ")
         elif err["type"] == "literal_error":
             what = (info.json_schema_extra or {}).get("what") if info is not None else None
             message = (f"unknown {what or loc[-1]}; valid choices: "
