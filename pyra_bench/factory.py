@@ -115,7 +115,8 @@ def _entries(group: Any) -> list[tuple[str, DictConfig]]:
 def _instantiate(name: str, entry: DictConfig) -> Any:
     from hydra.utils import instantiate
 
-    entry = OmegaConf.masked_copy(entry, [k for k in entry if k != "enabled"]) if "enabled" in entry else entry
+    own = ("enabled", "execution")  # pyra_bench's keys of an entry (whether it is used; whether it changes results)
+    entry = OmegaConf.masked_copy(entry, [k for k in entry if k not in own]) if any(k in entry for k in own) else entry
     try:
         return instantiate(entry, _convert_="partial")
     except Exception as e:  # noqa: BLE001 - a config that does not construct is a config error

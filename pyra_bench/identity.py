@@ -111,11 +111,12 @@ def _is_execution(key: str) -> bool:
 
 
 def _callbacks(entries: Any) -> dict[str, Any]:
-    """The callbacks that can change a result (not null, not ``enabled: false``, not an execution callback)."""
+    """The callbacks that can change a result: not null, not ``enabled: false``, neither a callback the schema
+    knows cannot (:data:`pyra_bench.schema.EXECUTION_CALLBACKS`) nor one whose entry says ``execution: true``."""
     from .schema import EXECUTION_CALLBACKS
 
     return {name: e for name, e in (entries or {}).items() if isinstance(e, dict) and e.get("enabled", True)
-            is not False and e.get("_target_") not in EXECUTION_CALLBACKS}
+            is not False and e.get("execution") is not True and e.get("_target_") not in EXECUTION_CALLBACKS}
 
 
 def result_settings(config: DictConfig | Mapping, weights: Mapping[str, Any] | None = None) -> dict[str, Any]:

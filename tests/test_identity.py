@@ -54,11 +54,13 @@ def test_a_result_changing_callback_is_part_of_the_identity_and_trains(clipped):
     swa = _train(tmp, CLIP, *SWA, "run_tag=swa")
     assert swa["status"] == "completed" and swa["run_id"].endswith("__swa")
     assert read_record(tmp / "results" / f"{swa['run_id']}.json")["settings"]["callbacks.swa.swa_lrs"] == 0.01
-    # what cannot change a result is not part of it: a logging callback, the workers, the progress bar
+    # what cannot change a result is not part of it: a logging callback, one declared `execution: true`, the
+    # workers, the progress bar
     cfg = run_config(RUN, tmp, CLIP)
     base = result_settings(cfg)
     other = result_settings(run_config(RUN, tmp, CLIP, "trainer.num_workers=3", "+trainer.enable_progress_bar=false",
-                                       "+callbacks.lr._target_=lightning.pytorch.callbacks.LearningRateMonitor"))
+                                       "+callbacks.lr._target_=lightning.pytorch.callbacks.LearningRateMonitor",
+                                       "+callbacks.mine._target_=my.Timer", "+callbacks.mine.execution=true"))
     assert settings_diff(other, base) == []
 
 
