@@ -3,10 +3,9 @@
 before Hydra composes anything or makes a folder. Hydra would refuse it too, but with status 1 and after
 its own start-up.
 
-For ``train`` (:func:`precheck_runs`) also every run the command makes -- the run, or each job of a grid
-sweep (``-m``) as :mod:`pyra_bench.sweep` expands it -- is composed and checked
-(:func:`pyra_bench.jobs.check_job`) before Hydra's launcher makes the sweep folder, without importing
-Lightning.
+The settings themselves are checked once per job where the job's config is: a single run by its Hydra task
+(:func:`pyra_bench.train.main`), a sweep's jobs by the sweeper before the first starts
+(:class:`pyra_bench.sweep.DedupSweeperMixin`).
 
 ``--help`` of every Hydra entry point (:func:`hydra_app`, :func:`fast_help`) is printed from the help
 template without Hydra's composition, and names the program as it was started
@@ -120,32 +119,3 @@ def precheck(prog: str, groups: Sequence[str], argv: Sequence[str] | None = None
     if problems:
         print(f"{prog}: error: " + "\n  ".join(problems), file=sys.stderr)
         raise SystemExit(2)
-
-
-#: Hydra flags after which Hydra does something else than run the app, or reads configs from elsewhere.
-_HYDRA_ONLY = ("help", "hydra_help", "cfg", "info", "shell_completion", "config_path", "config_name", "config_dir",
-               "experimental_rerun")
-
-
-def precheck_runs(prog: str, argv: Sequence[str] | None = None) -> None:
-    """Exit with status 2 and one message (naming the bad job's overrides in a sweep) when a run that the
-    ``train`` command line ``argv`` makes has invalid settings; nothing is written."""
-    from hydra._internal.utils import get_args_parser
-
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        args, unknown = get_args_parser().parse_known_args(argv)
-    except SystemExit:  # Hydra's own parser will say what is wrong
-        return
-    if unknown or any(getattr(args, k, None) for k in _HYDRA_ONLY) or any(
-            o.lstrip("+~").startswith("hydra.searchpath") for o in args.overrides):
-        return
-    from .errors import InputError, exit_on_input_error
-    from .jobs import check_jobs, command_jobs
-
-    try:
-        jobs, here = command_jobs(list(args.overrides), bool(args.multirun))
-        if jobs is not None:
-            check_jobs(jobs, machine=here)  # jobs on other machines: their devices, data, network are not ours
-    except InputError as e:
-        exit_on_input_error(e, prog)

@@ -28,15 +28,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError, InputFileNotFoundError
 from .identity import PROTOCOLS, short_hash, wandb_id
+from .schema import RECIPE_FIELDS
 
 log = logging.getLogger("pyra_bench")
 
-#: ``trainer`` keys that are pyra_bench's recipe, not Lightning Trainer options.
-RECIPE_KEYS = frozenset({
-    "epochs", "warmup_epochs", "batch_size", "eval_batch_size", "lr", "weight_decay", "warmup_lr", "min_lr",
-    "drop_path", "lora_dropout", "lora_init", "eval_every", "eval_epochs", "evaluation", "eval_precision",
-    "num_workers", "max_steps_per_epoch", "cpu_threads", "checkpoint_every", "compile",
-})
+#: ``trainer`` keys that are pyra_bench's recipe, not Lightning Trainer options (the fields of
+#: :class:`pyra_bench.schema.Trainer` that are not Lightning's; ``_target_`` chooses the Trainer class).
+RECIPE_KEYS = frozenset(RECIPE_FIELDS) - {"_target_"}
 #: The Trainer class when ``trainer._target_`` is not set.
 DEFAULT_TRAINER = "lightning.pytorch.Trainer"
 #: Trainer options pyra_bench sets itself, with the recipe key to use instead.
@@ -144,7 +142,8 @@ def _entries(group: Any) -> list[tuple[str, DictConfig]]:
 def _instantiate(name: str, entry: DictConfig) -> Any:
     from hydra.utils import instantiate
 
-    entry = OmegaConf.masked_copy(entry, [k for k in entry if k != "enabled"]) if "enabled" in entry else entry
+    own = ("enabled", "execution")  # pyra_bench's keys of an entry (whether it is used; whether it changes results)
+    entry = OmegaConf.masked_copy(entry, [k for k in entry if k not in own]) if any(k in entry for k in own) else entry
     try:
         return instantiate(entry, _convert_="partial")
     except Exception as e:  # noqa: BLE001 - a config that does not construct is a config error
@@ -287,15 +286,16 @@ def make_model(cfg: DictConfig, num_classes: int, pretrained: bool, checkpoint: 
     from .models import build_model
     from .models.backbones import backbone_spec_from_config
 
-    t = cfg.get("trainer") or {}
+    t, peft = cfg.get("trainer") or {}, cfg.get("peft") or {}
     tp = timing if timing is not None else {**(cfg.get("throughput") or {}), "device": run_device(cfg)}
     method = make_method(cfg)
     meta = abstract and not method.measures_at_build
     with torch.device("meta") if meta else contextlib.nullcontext():
         return build_model(
             backbone_spec_from_config(OmegaConf.to_container(cfg.backbone, resolve=True)), num_classes, method,
-            lora_dropout=t.get("lora_dropout", 0.0), lora_init=t.get("lora_init", "standard"), pretrained=pretrained,
-            checkpoint=checkpoint, drop_path_rate=t.get("drop_path", 0.0),
+            lora_rank=peft.get("rank"), lora_alpha=peft.get("alpha"),
+            lora_dropout=peft.get("dropout", 0.1) if t else 0.0, lora_init=peft.get("init", "standard"),
+            pretrained=pretrained, checkpoint=checkpoint, drop_path_rate=t.get("drop_path", 0.0),
             prop_attn=bool(cfg.backbone.get("prop_attn", True)), device=str(tp.get("device", "cpu")),
             bench_batch_size=tp.get("batch_size"), bench_dtype=str(tp.get("dtype", "float32")),
         )

@@ -5,8 +5,10 @@ it came from (weights, code revision, software).
   that changes results, :meth:`Method.run_key`), operating point, seed, protocol and ``run_tag``. The record
   file, the run folder and the W&B run all take this one id.
 - :func:`result_settings` flattens every setting that changes what a run computes (task, backbone,
-  method, trainer recipe, operating point, seed, protocol and the weights' source); a record, a finished
-  stage or a checkpoint made with other settings is never taken for this run (:func:`settings_diff`).
+  method, peft, trainer recipe and options, result-changing callbacks, operating point, seed, protocol and
+  the weights' source; what cannot is marked ``execution`` in :mod:`pyra_bench.schema`); a record, a
+  finished stage or a checkpoint made with other settings is never taken for this run (:func:`settings_diff`,
+  over the union of keys, a missing key read as its schema default).
 - :func:`weights_source`, :func:`git_state`, :func:`software_versions`: provenance for the record.
 """
 
@@ -29,14 +31,10 @@ PROTOCOLS = {  # protocol -> (training split, evaluated split)
     "tuning": ("train800", "val200"),     # hyperparameter selection, never touching the test split
 }
 
-#: Keys (in the flattened run config) that change where or how fast a run computes, not what.
-EXECUTION_KEYS = frozenset({
-    "trainer.num_workers", "trainer.devices", "trainer.strategy", "trainer.accelerator", "trainer.num_nodes",
-    "trainer.cpu_threads", "trainer.eval_batch_size", "trainer.enable_progress_bar", "trainer.log_every_n_steps",
-    "trainer.checkpoint_every", "trainer.compile", "trainer._target_", "backbone.weights",
-})
-#: The config sections whose keys (minus :data:`EXECUTION_KEYS`) are compared.
-IDENTITY_SECTIONS = ("task", "backbone", "method", "trainer", "compression", "seed", "protocol")
+#: The config sections a run's identity compares (minus what :mod:`pyra_bench.schema` marks execution).
+IDENTITY_SECTIONS = ("task", "backbone", "method", "peft", "trainer", "callbacks", "compression", "seed", "protocol")
+#: Settings that moved: an older record's key is read under its new name.
+MOVED = {"trainer.lora_dropout": "peft.dropout", "trainer.lora_init": "peft.init"}
 
 
 def utc_now() -> str:
@@ -105,23 +103,51 @@ def flatten(prefix: str, v: Any, out: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _is_execution(key: str) -> bool:
+    from .schema import execution_keys
+
+    ex = execution_keys()
+    return key in ex or any(key.startswith(p + ".") for p in ex)
+
+
+def _callbacks(entries: Any) -> dict[str, Any]:
+    """The callbacks that can change a result: not null, not ``enabled: false``, neither a callback the schema
+    knows cannot (:data:`pyra_bench.schema.EXECUTION_CALLBACKS`) nor one whose entry says ``execution: true``."""
+    from .schema import EXECUTION_CALLBACKS
+
+    return {name: e for name, e in (entries or {}).items() if isinstance(e, dict) and e.get("enabled", True)
+            is not False and e.get("execution") is not True and e.get("_target_") not in EXECUTION_CALLBACKS}
+
+
 def result_settings(config: DictConfig | Mapping, weights: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Every setting that changes what the run computes, flattened (``trainer.lr``: 0.001, ...), plus the
-    weights' source under ``weights.*`` when given (:func:`weights_source`)."""
+    """Every setting that changes what the run computes, flattened (``trainer.lr``: 0.001, ...): the
+    sections :data:`IDENTITY_SECTIONS` minus what the schema marks execution, result-changing callbacks
+    included, plus the weights' source under ``weights.*`` when given (:func:`weights_source`)."""
     config = _container(config)
     flat: dict[str, Any] = {}
     for key in IDENTITY_SECTIONS:
-        flatten(key, config.get(key), flat)
-    flat = {k: v for k, v in flat.items() if k not in EXECUTION_KEYS}
+        flatten(key, _callbacks(config.get(key)) if key == "callbacks" else config.get(key), flat)
+    flat = {k: v for k, v in flat.items() if not _is_execution(k) and not (k == "callbacks" and v is None)}
     if weights is not None:
         flatten("weights", dict(weights), flat)
     return flat
 
 
 def settings_diff(now: Mapping[str, Any], before: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
-    """(key, before, now) for every setting that differs. Keys only one side has (a setting added to the
-    configs since ``before`` was written) are not compared."""
-    return [(k, before[k], now[k]) for k in sorted(now.keys() & before.keys()) if now[k] != before[k]]
+    """(key, before, now) for every setting that differs, over the union of both sides' keys: a key one side
+    lacks counts as its schema default (:func:`pyra_bench.schema.defaults`; null for a key the schema does
+    not declare, e.g. a Lightning option such as ``trainer.gradient_clip_val``), so a record made before a
+    setting was added with a default that reproduces the old behaviour still matches. Keys the schema
+    marks execution are not compared; an older record's moved keys (:data:`MOVED`) are read as their new ones."""
+    from .schema import defaults
+
+    before = dict(before)
+    for old, new in MOVED.items():
+        if old in before and new not in before:
+            before[new] = before.pop(old)
+    dflt = defaults()
+    return [(k, before.get(k, dflt.get(k)), now.get(k, dflt.get(k))) for k in sorted(now.keys() | before.keys())
+            if not _is_execution(k) and now.get(k, dflt.get(k)) != before.get(k, dflt.get(k))]
 
 
 def describe_diff(diff: list[tuple[str, Any, Any]], limit: int = 6) -> str:

@@ -251,14 +251,17 @@ def options(conf_dir: Path | None = None) -> list[Row]:
 
 
 def recipe(conf_dir: Path | None = None) -> list[Row]:
-    """The paper's recipe: the comment heading ``conf/trainer/paper.yaml``, then each value and its comment."""
+    """The paper's recipe: the comment heading ``conf/trainer/paper.yaml``, then each value and its comment,
+    then LoRA's (``conf/peft/lora.yaml``)."""
     path = Path(conf_dir or CONF_DIR) / "trainer" / "paper.yaml"
     head = []
     for line in path.read_text(encoding="utf-8").splitlines():
         if not line.startswith("#"):
             break
         head.append(line.lstrip("#").strip())
-    return [("trainer=paper", " ".join(head)), *((f"trainer.{k}={v}", c) for k, v, c in yaml_entries(path))]
+    peft = path.parent.parent / "peft" / "lora.yaml"  # the paper's PEFT (LoRA's dropout is part of the recipe)
+    return [("trainer=paper", " ".join(head)), *((f"trainer.{k}={v}", c) for k, v, c in yaml_entries(path)),
+            *((f"peft.{k}={v}", c) for k, v, c in yaml_entries(peft) if k != "name")]
 
 
 def first_sentence(path: Path) -> str:

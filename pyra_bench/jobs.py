@@ -1,20 +1,24 @@
-"""The jobs a command line makes, expanded and checked without Hydra's plugins or Lightning.
+"""A sweep's jobs, composed and checked once, before the first starts.
 
-``train`` (:func:`pyra_bench.cli.precheck`) and ``sweep dry-run`` expand a sweep exactly as Hydra's basic
-sweeper does (:func:`expand_sweep`), compose every job's config and check it (:func:`check_jobs`) before
-anything is launched or written. This module must not import Hydra's sweeper classes
+:func:`check_jobs` is what the sweeper (:class:`pyra_bench.sweep.DedupSweeperMixin`, which already holds
+every job's overrides) and ``sweep dry-run`` call: each job is composed -- once per distinct set of group
+choices; jobs that differ only in values share that composition and get their values as Hydra applies a
+command line's (:func:`compose_jobs`) -- and checked (:func:`check_job`); every bad job is named with its
+problems in one :class:`SweepCheckError`. This module must not import Hydra's sweeper classes
 (:mod:`pyra_bench.sweep` does): Hydra's plugin scan re-executes ``hydra._internal.core_plugins`` modules, and
 a sweeper class imported before that scan is no longer the class its module's ``super()`` calls name.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
+from collections.abc import Callable
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from .errors import ConfigError
+from .errors import ConfigError, InputError
 from .paths import CONF_DIR
 
 
@@ -22,9 +26,18 @@ class SweepCheckError(ConfigError):
     """Jobs of a sweep whose configs are not valid, each named by its overrides with its problems."""
 
 
+def as_config_error(e: Exception, overrides: list[str]) -> ConfigError:
+    """Hydra's refusal of ``overrides`` (a key the config does not have, a malformed value) as one message."""
+    cause = e.__cause__ if e.__cause__ is not None and type(e.__cause__).__module__.startswith(("hydra", "omegaconf")) \
+        else None
+    why = " ".join(str(x).strip() for x in (e, cause) if x is not None and str(x).strip())
+    return ConfigError(f"the overrides {' '.join(overrides) or '(none)'} do not make a valid config: {why}"
+                       "\n  (python -m pyra_bench.train --help lists the groups and settings)")
+
+
 def compose(overrides: list[str], hydra_cfg: bool = False) -> DictConfig:
-    """``conf/train.yaml`` with ``overrides``; an override Hydra cannot apply (a key the config does not have,
-    a malformed value) is a :class:`~pyra_bench.errors.ConfigError` with Hydra's own explanation."""
+    """``conf/train.yaml`` with ``overrides`` (Hydra's compose API); an override Hydra cannot apply is a
+    :class:`~pyra_bench.errors.ConfigError` with Hydra's own explanation."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
@@ -34,15 +47,49 @@ def compose(overrides: list[str], hydra_cfg: bool = False) -> DictConfig:
 
     if GlobalHydra.instance().is_initialized():  # e.g. called from the multirun-end callback
         GlobalHydra.instance().clear()
-
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return compose("train", overrides=overrides, return_hydra_config=hydra_cfg)
     except (HydraException, OmegaConfBaseException) as e:
-        cause = e.__cause__ if isinstance(e.__cause__, (HydraException, OmegaConfBaseException)) else None
-        why = " ".join(str(x).strip() for x in (e, cause) if x is not None and str(x).strip())
-        raise ConfigError(f"the overrides {' '.join(overrides) or '(none)'} do not make a valid config: {why}"
-                          "\n  (python -m pyra_bench.train --help lists the groups and settings)") from None
+        raise as_config_error(e, overrides) from None
+
+
+def _is_group(key: str) -> bool:
+    key = key.lstrip("+~")
+    return "/" in key or key.startswith("hydra") or (CONF_DIR / key).is_dir()
+
+
+def compose_jobs(combos: list[list[str]], compose_fn: Callable[[list[str]], DictConfig]) -> list[Any]:
+    """Each job's config (or the :class:`InputError` composing it raised). Hydra composes the defaults list
+    and then applies the command line's values (``OmegaConf.update(cfg, key, value, merge=True)``); so jobs
+    with the same group choices share one composition and get their plain ``key=value`` overrides applied to
+    a copy. Anything else (``+key``, ``~key``, a key the config lacks) is composed by Hydra itself."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    parser, base, out = OverridesParser.create(), {}, []
+    for combo in combos:
+        groups = tuple(o for o in combo if _is_group(o.split("=", 1)[0]))
+        try:
+            values = parser.parse_overrides([o for o in combo if o not in groups])
+            if any(v.type != OverrideType.CHANGE or v.package is not None for v in values):
+                raise LookupError
+            if groups not in base:
+                base[groups] = compose_fn(list(groups))
+            cfg = copy.deepcopy(base[groups])
+            for v in values:
+                if OmegaConf.select(cfg, v.key_or_group, default=KeyError) is KeyError:
+                    raise LookupError
+                OmegaConf.update(cfg, v.key_or_group, v.value(), merge=True)
+        except (LookupError, InputError, HydraException, OmegaConfBaseException):  # Hydra composes it below
+            cfg = None
+        try:
+            out.append(cfg if cfg is not None else compose_fn(list(combo)))
+        except InputError as e:
+            out.append(e)
+    return out
 
 
 def check_data(cfg: DictConfig) -> None:
@@ -70,18 +117,19 @@ def check_job(cfg: DictConfig, machine: bool = True) -> None:
 SHOW_JOBS = 10
 
 
-def check_jobs(combos: list[list[str]], machine: bool = True) -> list[DictConfig]:
-    """Compose and check (:func:`check_job`) every job of a sweep before anything is launched or written;
-    return their configs. One job: its own error. Several: one :class:`SweepCheckError` naming each bad
-    job by its overrides."""
+def check_jobs(combos: list[list[str]], machine: bool = True,
+               compose_fn: Callable[[list[str]], DictConfig] | None = None) -> list[DictConfig]:
+    """Compose (:func:`compose_jobs`) and check (:func:`check_job`) every job of a sweep before anything is
+    launched or written; return their configs. One job: its own error. Several: one :class:`SweepCheckError`
+    naming each bad job by its overrides."""
     from .checks import remember_hub_checks
-    from .errors import InputError
 
     cfgs, bad = [], []
     with remember_hub_checks():
-        for combo in combos:
+        for combo, cfg in zip(combos, compose_jobs(combos, compose_fn or compose)):
             try:
-                cfg = compose(combo)
+                if isinstance(cfg, InputError):
+                    raise cfg
                 check_job(cfg, machine)
                 cfgs.append(cfg)
             except InputError as e:
@@ -125,22 +173,5 @@ def expand_sweep(overrides: list[str], base: DictConfig | None = None) -> list[l
     return [list(c) for c in itertools.product(*lists)]
 
 
-#: Sweepers whose jobs :func:`expand_sweep` knows in advance (a search such as Optuna's picks them as it goes).
-GRID_SWEEPERS = ("DedupSweeper", "BasicSweeper")
-
-
 #: Launchers that run the jobs on this machine: only then are its devices, data and network the jobs'.
 LOCAL_LAUNCHERS = ("BasicLauncher", "LocalGPULauncher")
-
-
-def command_jobs(overrides: list[str], multirun: bool) -> tuple[list[list[str]] | None, bool]:
-    """The overrides of every run a ``train`` command line makes -- itself for a single run, each job for a
-    grid sweep (``-m``, or ``hydra.mode=MULTIRUN`` from a config), None when a search picks them as it goes
-    -- and whether they run on this machine (a single run, a local launcher; not SLURM)."""
-    base = _base(overrides)
-    if not multirun and not str(base.hydra.get("mode") or "").endswith("MULTIRUN"):
-        return [list(overrides)], True
-    here = str(base.hydra.launcher.get("_target_", "")).endswith(LOCAL_LAUNCHERS)
-    if not str(base.hydra.sweeper.get("_target_", "")).endswith(GRID_SWEEPERS):
-        return None, here
-    return expand_sweep(overrides, base), here

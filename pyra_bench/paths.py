@@ -21,7 +21,7 @@ def _first_existing(*candidates: Path) -> Path:
 CONF_DIR: Path = _first_existing(PACKAGE_DIR / "conf", _CHECKOUT / "conf")
 #: The config groups of ``conf/train.yaml`` whose choices a ``train`` or ``sweep`` command line names
 #: (``method=tome``), checked before Hydra starts (:mod:`pyra_bench.cli`).
-TRAIN_GROUPS = ("task", "method", "backbone", "trainer", "logger", "callbacks", "experiment")
+TRAIN_GROUPS = ("task", "method", "peft", "backbone", "trainer", "logger", "callbacks", "experiment")
 #: The paper's Tables 2-8 as transcribed by ``scripts/transcribe_paper.py``.
 PAPER_CSV: Path = _first_existing(PACKAGE_DIR / "paper" / "paper_tables.csv",
                                   _CHECKOUT / "results" / "paper" / "paper_tables.csv")

@@ -109,10 +109,12 @@ def assign_identity(cfg: DictConfig) -> tuple[str, Path]:
     return rid, Path(cfg.run_dir)
 
 
-def _check_values(cfg: DictConfig) -> None:
-    from .checks import check_run_config
+def _check_values(cfg: DictConfig, checked: bool) -> None:
+    """The schema's checks (unless the entry point has made them: ``checked``) and the Trainer options."""
+    if not checked:
+        from .jobs import check_job
 
-    check_run_config(cfg)
+        check_job(cfg)
     factory.check_trainer_options(cfg)
 
 
@@ -211,10 +213,11 @@ def _check_run_state(plan: Plan) -> None:
             raise _mismatch(plan.run_dir / "config.json", diff)
 
 
-def check(cfg: DictConfig, fresh: bool = False) -> Plan:
-    """Check every input (see the module docstring). Writes nothing (the demo backbone's one-time
-    pre-training writes to the user cache)."""
-    _check_values(cfg)
+def check(cfg: DictConfig, fresh: bool = False, checked: bool = False) -> Plan:
+    """Check every input (see the module docstring); ``checked``: the config's values and data folder have
+    been checked already (:func:`pyra_bench.jobs.check_job`, by ``train`` or the sweeper). Writes nothing
+    (the demo backbone's one-time pre-training writes to the user cache)."""
+    _check_values(cfg, checked)
     rid, run_dir = assign_identity(cfg)
     results_dir = Path(cfg.results_dir)
     plan = Plan(cfg, rid, run_dir, results_dir, results_dir / f"{rid}.json", fresh)
@@ -556,15 +559,16 @@ def log_summary(rec: dict, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # the run
 # ---------------------------------------------------------------------------------------------------------
-def run(cfg: DictConfig, fresh: bool | None = None) -> dict[str, Any]:
+def run(cfg: DictConfig, fresh: bool | None = None, checked: bool = False) -> dict[str, Any]:
     """One run (see the module docstring). ``fresh`` (default ``cfg.force``): discard the run folder's
-    checkpoints and finished stages and retrain; otherwise an interrupted run resumes from them."""
+    checkpoints and finished stages and retrain; otherwise an interrupted run resumes from them.
+    ``checked``: the entry point has checked the config's values (:func:`check`)."""
     import torch
 
     fresh = bool(cfg.get("force", False)) if fresh is None else fresh
     if cfg.trainer.get("cpu_threads"):
         torch.set_num_threads(int(cfg.trainer.cpu_threads))
-    plan = check(cfg, fresh)
+    plan = check(cfg, fresh, checked)
     if plan.skip is not None:
         log.info("%s: record exists (%s), made with the same settings; skipping (force=true to re-run)",
                  plan.run_id, plan.record_path)

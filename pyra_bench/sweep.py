@@ -24,7 +24,13 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from .jobs import check_data, check_jobs, compose, expand_sweep  # the sweep's jobs, expanded and checked
+from .jobs import (  # the sweep's jobs, composed and checked
+    check_data,
+    check_jobs,
+    compose,
+    compose_jobs,
+    expand_sweep,
+)
 
 log = logging.getLogger("pyra_bench")
 
@@ -58,7 +64,10 @@ def plan(overrides: list[str], check: bool = True) -> list[dict[str, Any]]:
 
     jobs, seen, records = [], {}, {}
     combos = expand_sweep(overrides)
-    for combo, cfg in zip(combos, check_jobs(combos, machine=False) if check else [compose(c) for c in combos]):
+    cfgs = check_jobs(combos, machine=False) if check else compose_jobs(combos, compose)
+    for combo, cfg in zip(combos, cfgs):
+        if isinstance(cfg, InputError):
+            raise cfg
         rid = run_id(cfg)
         try:
             check_data(cfg)
@@ -106,12 +115,51 @@ class DedupSweeperMixin:
         self._seen: dict[str, int] = {}
         self._plan: list[dict[str, Any]] = []
         self._launched = 0
+        self._configs: dict[tuple, DictConfig] = {}
+
+    def _compose(self, overrides: list[str]) -> DictConfig:
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
+
+        from .jobs import as_config_error
+
+        try:
+            return self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+        except (HydraException, OmegaConfBaseException) as e:
+            raise as_config_error(e, list(overrides)) from None
+
+    def sweep(self, arguments: list[str]) -> Any:
+        """Every job is composed and checked (:func:`pyra_bench.jobs.check_jobs`) before the first starts and
+        before the sweep folder is made: a bad one is bad input (one message naming each bad job, exit
+        status 2, nothing written). The devices, data and hub of this machine are checked when the
+        launcher runs the jobs here."""
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        from .errors import InputError, exit_on_input_error
+        from .jobs import LOCAL_LAUNCHERS
+
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        combos = [c for batch in self.split_arguments(parser.parse_overrides([*self._parse_config(), *arguments]),
+                                                      None) for c in batch]
+        here = str(self.config.hydra.launcher.get("_target_", "")).endswith(LOCAL_LAUNCHERS)
+        try:
+            cfgs = check_jobs(combos, machine=here, compose_fn=self._compose)
+        except InputError as e:
+            exit_on_input_error(e, "pyra_bench.train")
+        self._configs = {tuple(c): cfg for c, cfg in zip(combos, cfgs)}
+        return super().sweep(arguments)
+
+    def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
+        """Hydra composes each job once more to validate it: :meth:`sweep` has composed and checked them."""
+        if any(tuple(o) not in self._configs for o in batch):
+            super().validate_batch_is_legal(batch)
 
     def _run_id(self, overrides: list[str]) -> str | None:
         from .identity import run_id
 
         try:
-            return run_id(self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides)))
+            cfg = self._configs.get(tuple(overrides)) or self._compose(list(overrides))
+            return run_id(cfg)
         except Exception:  # noqa: BLE001 - the job itself reports what is wrong with it
             return None
 

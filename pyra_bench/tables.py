@@ -772,7 +772,7 @@ class Options:
 
 def check_options(cfg: Any) -> Options:
     """Validate the config before anything is read or written (:class:`~pyra_bench.errors.ConfigError`)."""
-    from .checks import _Checker
+    from . import schema
     from .stats import RESAMPLING
 
     tables = [str(t).strip() for t in _as_list(cfg.get("tables"))]
@@ -795,12 +795,7 @@ def check_options(cfg: Any) -> Options:
     resample = str(p.get("resample", "seeds"))
     if resample not in RESAMPLING:
         raise ConfigError(f"unknown paired.resample {resample!r}; valid choices: {', '.join(RESAMPLING)}")
-    ch = _Checker(cfg)  # the numbers and the output folder, checked as every entry point's config is
-    ch.number("paired.confidence", 0.0, 1.0, low_open=True, meaning="the confidence interval's level", example=0.95)
-    ch.integer("paired.n_resamples", 100, meaning="bootstrap resamples", example=10000)
-    ch.integer("paired.seed", 0, meaning="the bootstrap's random seed", example=0)
-    ch.writable_dir("out")
-    ch.raise_if_any("tables config")
+    schema.check(cfg, schema.Tables, "tables config")  # the numbers and the output folder
     also = {str(k): [str(x) for x in _as_list(v)] for k, v in dict(p.get("also") or {}).items()}
     fm = [str(m).strip() for m in _as_list(cfg.get("figure_methods", ["tome", "pyra"]))]
     if not fm or "" in fm:

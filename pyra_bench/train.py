@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import traceback
 from pathlib import Path
 from typing import Any
@@ -35,22 +36,22 @@ from .records import atomic_write_json
 log = logging.getLogger("pyra_bench")
 
 
-def train(cfg: DictConfig, fresh: bool | None = None) -> dict[str, Any]:
+def train(cfg: DictConfig, fresh: bool | None = None, checked: bool = False) -> dict[str, Any]:
     """One run, with signals turned into :class:`RunInterrupted` (see :func:`pyra_bench.pipeline.run`)."""
     from .lifecycle import handle_signals
     from .pipeline import run
 
     with handle_signals():
-        return run(cfg, fresh)
+        return run(cfg, fresh, checked)
 
 
-def train_with_retries(cfg: DictConfig) -> dict[str, Any]:
+def train_with_retries(cfg: DictConfig, checked: bool = False) -> dict[str, Any]:
     """:func:`train`, tried again up to ``cfg.retries`` times after a failure that is not bad input (a
     transient CUDA / NCCL / file-system error): each attempt resumes from the run's checkpoints."""
     retries = int(cfg.get("retries", 0) or 0)
     for attempt in range(retries + 1):
         try:
-            return train(cfg, fresh=bool(cfg.get("force", False)) and attempt == 0)  # retries resume
+            return train(cfg, fresh=bool(cfg.get("force", False)) and attempt == 0, checked=checked)  # retries resume
         except (InputError, RunError):
             raise  # the same input fails the same way; a diverged run or a full disk too
         except Exception as e:
@@ -123,13 +124,30 @@ def _setup_logging() -> None:
 
 @hydra_app(config_path=str(CONF_DIR), config_name="train")  # hydra.main; --help alone: cli.fast_help
 def main(cfg: DictConfig) -> float | None:
-    """One run; in a sweep (``-m``) a failing run is recorded and reported and the sweep goes on."""
-    from .lifecycle import RunInterrupted  # (imported here: --help and bad group choices stay fast)
+    """One run; in a sweep (``-m``) a failing run is recorded and reported and the sweep goes on. The config
+    is checked here, once, before Lightning is imported -- unless the sweeper has checked it on this machine."""
+    global _TASK_STARTED
+    _TASK_STARTED = True
+    job_dir = _hydra_job_dir()
+    checked = _checked_by_sweeper()
+    try:
+        if not checked:
+            from .jobs import check_job
+
+            check_job(cfg)
+            checked = True
+    except InputError as e:
+        _write_outcome(job_dir, cfg, "failed", e)
+        if job_dir is not None:
+            log.error("bad input: %s", e)
+            return None
+        exit_on_input_error(e, "pyra_bench.train")
+    from .lifecycle import RunInterrupted  # (imported here: --help and bad input stay fast)
 
     _setup_logging()
-    job_dir = _hydra_job_dir()
+
     try:
-        rec = train_with_retries(cfg)
+        rec = train_with_retries(cfg, checked)
     except RunInterrupted as e:
         log.error("%s: %s; its last finished epoch is saved; run the same command to resume", cfg.get("run_id"), e)
         _write_outcome(job_dir, cfg, "interrupted", e)
@@ -169,14 +187,41 @@ def main(cfg: DictConfig) -> float | None:
     return objective(rec, cfg.get("optimized_metric") or "top1")  # to a sweeper (Optuna): conf/hparams_search/
 
 
+def _checked_by_sweeper() -> bool:
+    """Whether this job's config was checked by the sweeper, on this machine, before the sweep started
+    (:class:`pyra_bench.sweep.DedupSweeperMixin` with a local launcher)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from .jobs import LOCAL_LAUNCHERS
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return False
+    h = HydraConfig.get()
+    return (str(h.sweeper.get("_target_", "")).endswith("DedupSweeper")
+            and str(h.launcher.get("_target_", "")).endswith(LOCAL_LAUNCHERS))
+
+
+_TASK_STARTED = False  # set by main(): a Hydra exit before it is Hydra refusing the command line
+
+
 def cli() -> None:
-    """The console entry point: unknown group choices, and invalid settings of the run or of any job of a
-    sweep, exit with status 2 before Hydra starts (nothing written)."""
-    from .cli import precheck, precheck_runs
+    """The console entry point: unknown group choices exit with status 2 before Hydra starts; the settings
+    are checked once where the job's config is (:func:`main`, or the sweeper for a sweep's jobs); a command
+    line Hydra cannot compose (``trainer.lrr=1``) is bad input too: status 2 (nothing is written)."""
+    global _TASK_STARTED
+    from .cli import precheck
 
     precheck("pyra_bench.train", TRAIN_GROUPS)
-    precheck_runs("pyra_bench.train")
-    main()
+    _TASK_STARTED = False
+    try:
+        main()
+    except SystemExit as e:
+        if e.code == 1 and not _TASK_STARTED:  # Hydra printed why it could not compose the config
+            print("pyra_bench.train: error: the command line does not make a valid config (Hydra's message above; "
+                  "python -m pyra_bench.train --help lists the groups and settings)", file=sys.stderr)
+            raise SystemExit(2) from None
+        raise
 
 
 if __name__ == "__main__":

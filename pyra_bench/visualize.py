@@ -163,12 +163,11 @@ def _display(x: torch.Tensor, normalization: str) -> np.ndarray:
 
 def check_options(cfg: DictConfig) -> Options:
     """Every input, checked (and loaded) before anything is written; :class:`InputError` otherwise."""
-    from .checks import _Checker
+    from . import schema
     from .data.tasks import SPLITS
 
-    ch = _Checker(cfg)
-    n = ch.integer("num_images", 1, meaning="images of a split", example=8)
-    ch.raise_if_any("visualize config")
+    schema.check(cfg, schema.Visualize, "visualize config")
+    n = cfg.get("num_images", 8)
     runs = [_load_run(p) for p in _run_paths(cfg.get("run"))]
     for r in runs:
         r.blocks = _blocks(cfg.get("blocks"), len(r.model.blocks), f"run {r.name}" if len(runs) > 1 else "")
@@ -198,9 +197,7 @@ def check_options(cfg: DictConfig) -> Options:
         if len(runs) > 1:
             raise ConfigError(f"out= is needed for several runs ({len(runs)}); e.g. out=visualize_compare")
         out = runs[0].path / "visualize"
-    ch = _Checker(OmegaConf.create({"out": str(out)}))
-    ch.writable_dir("out")
-    ch.raise_if_any("visualize config")
+    schema.check({"out": str(out)}, schema.OutputFolder, "visualize config")
     return Options(runs, images, Path(str(out)))
 
 

@@ -141,14 +141,15 @@ BAD_RUN = [  # (key, value, how the line shows it)
     ("trainer.lr", math.inf, "inf"), ("trainer.lr", "1e-3x", "'1e-3x'"),
     ("trainer.min_lr", -1e-5, "-1e-05"), ("trainer.warmup_lr", math.nan, "nan"),
     ("trainer.weight_decay", -1e-4, "-0.0001"),
-    ("trainer.drop_path", 1.0, "1.0"), ("trainer.drop_path", -0.1, "-0.1"), ("trainer.lora_dropout", 1.5, "1.5"),
+    ("trainer.drop_path", 1.0, "1.0"), ("trainer.drop_path", -0.1, "-0.1"), ("peft.dropout", 1.5, "1.5"),
     ("trainer.precision", "fp33", "'fp33'"), ("trainer.precision", 32.0, "32.0"),
     ("trainer.accelerator", "gpux", "'gpux'"), ("trainer.strategy", "dp", "'dp'"),
     ("trainer.devices", 0, "0"), ("trainer.devices", -2, "-2"), ("trainer.devices", "abc", "'abc'"),
-    ("trainer.devices", [0, 0], "[0, 0]"), ("trainer.lora_init", "xavier", "'xavier'"),
+    ("trainer.devices", [0, 0], "[0, 0]"), ("peft.init", "xavier", "'xavier'"),
     ("trainer.deterministic", "yes", "'yes'"),
     ("seed", -1, "-1"), ("seed", 2**32, "4294967296"), ("seed", 1.5, "1.5"), ("seed", "abc", "'abc'"),
     ("protocol", "tune", "'tune'"), ("retries", -1, "-1"), ("retries", 0.5, "0.5"),
+    ("budget", 2.0, "2.0"), ("budget", "flops:1.5", "'flops:1.5'"), ("compression", "speedup:0.5", "'speedup:0.5'"),
     ("force", 1, "1"), ("verify_images", "no", "'no'"), ("export_inference_model", None, "null"),
 ]
 
@@ -161,7 +162,7 @@ def test_bad_run_value_is_named(base_run, key, value, shown):
 
 GOOD_RUN = [  # settings at the edge of what is allowed (smoke: 2 epochs, 1 warm-up epoch)
     {"trainer.epochs": 1, "trainer.warmup_epochs": 0}, {"trainer.warmup_epochs": 0}, {"trainer.lr": 1e-12},
-    {"trainer.drop_path": 0.0}, {"trainer.lora_dropout": 0.999}, {"trainer.weight_decay": 0},
+    {"trainer.drop_path": 0.0}, {"peft.dropout": 0.999}, {"trainer.weight_decay": 0},
     {"trainer.cpu_threads": None}, {"trainer.max_steps_per_epoch": None}, {"trainer.max_steps_per_epoch": 1},
     {"trainer.num_workers": 0}, {"trainer.precision": "bf16-mixed"}, {"trainer.precision": 32},
     {"trainer.precision": "64-true"}, {"trainer.precision": "bf16"}, {"trainer.devices": "auto"},

@@ -90,6 +90,10 @@ CASES = [
     ("schedule-non-integer", "bench", [*TINY, "compression=[1.7,1,1]"], "1.7 is not a whole number of tokens"),
     ("schedule-tome-form", "bench", [*TINY, "compression='tome:4,5'"], "inflection 5.0 of tome:4,5 is outside [-1, 1]"),
     ("schedule-infeasible", "bench", [*TINY, "compression=r99"], "infeasible merging schedule: block 0 has 17 tokens"),
+    ("train-budget-number", "train", ["budget=2.0"], "budget=2.0: a number is no operating point: a FLOPs budget "
+     "is flops:<fraction>"),
+    ("train-flops-budget", "train", ["compression=flops:2"], "a FLOPs budget is a fraction of the backbone's MACs in "
+     "(0, 1], got 'flops:2'"),
     ("flops-budget", "bench", [*TINY, "compression=flops:1.5"],
      "a FLOPs budget is a fraction of the backbone's MACs in (0, 1], got 'flops:1.5'"),
     ("method-option", "bench", [*TINY, "+method.kwargs.nonsense=1"], "method 'tome' got unknown options: nonsense"),

@@ -117,6 +117,8 @@ def _registry_methods() -> dict[str, tuple[str, list[tuple[str, str]]]]:
     out = {}
     for name in METHODS.names():
         cls = METHODS.get(name)
+        if not cls.__module__.startswith("pyra_bench."):  # a plug-in another test of this worker registered
+            continue
         doc = inspect.getdoc(sys.modules[cls.__module__]) or inspect.getdoc(cls) or ""
         params = [(p.name, "" if p.default is p.empty else
                    {None: "null", True: "true", False: "false"}.get(p.default, str(p.default))

@@ -186,9 +186,9 @@ def test_rap_device_the_machine_lacks(monkeypatch):
     ({"rank": "8"}, OptionTypeError, "rank must be an integer"),
     ({"alpha": -1.0}, ConfigError, "alpha=-1.0.*> 0"),
     ({"alpha": "x"}, OptionTypeError, "alpha"),
-    ({"dropout": 1.0}, ConfigError, r"dropout=1.0.*\[0, 1\).*trainer.lora_dropout"),
+    ({"dropout": 1.0}, ConfigError, r"dropout=1.0.*\[0, 1\).*peft.dropout"),
     ({"dropout": -0.1}, ConfigError, "dropout"),
-    ({"init": "kaiming"}, ConfigError, "init='kaiming'.*standard, authors.*trainer.lora_init"),
+    ({"init": "kaiming"}, ConfigError, "init='kaiming'.*standard, authors.*peft.init"),
 ])
 def test_lora_options(kwargs, error, fragment):
     from pyra_bench.models.lora import LoRALinear, check_lora_options

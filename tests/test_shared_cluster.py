@@ -234,7 +234,7 @@ def test_a_file_size_limit_ends_the_run_with_one_message_and_the_same_command_re
             "export_inference_model=false"]
     stop = ["data.cache=false", "+callbacks.term._target_=helpers.lifecycle_callbacks.SignalOnce",
             "+callbacks.term.epoch=1", f"+callbacks.term.signum={int(signal.SIGTERM)}",
-            f"+callbacks.term.marker={tmp_path}/term.marker"]
+            f"+callbacks.term.marker={tmp_path}/term.marker", "+callbacks.term.execution=true"]  # (not a result's)
     assert _train_cli(tmp_path, monkeypatch, capsys, *data, *stop)[0] == 128 + signal.SIGTERM
     (ckpt,) = (tmp_path / "runs").rglob("last.ckpt")
     assert read_checkpoint_meta(ckpt)["epoch"] == 1

@@ -108,7 +108,7 @@ def test_atomic_record_write_leaves_nothing_half_written(tmp_path, monkeypatch):
     ("backbone.weights=/nonexistent/ViT-B_16.npz", "weights file not found"),
     ("method.kwargs.variant=nope", "valid choices"),
     ("+method.kwargs.nonsense=1", "unknown options: nonsense"),
-    ("trainer.lora_init=zeros", "lora_init.*zeros.*valid choices: standard, authors"),
+    ("peft.init=zeros", "peft.init=.zeros.*valid choices: standard, authors"),
 ])
 def test_bad_input_fails_before_training(tmp_path, override, match):
     cfg = _cfg(tmp_path, "method=pyra", override)
@@ -292,10 +292,11 @@ def test_help_lists_every_group_option_and_the_operating_points():
     imported = {line.rsplit("|", 1)[-1].strip() for line in p.stderr.splitlines() if line.startswith("import time:")}
     assert imported and not imported & {"lightning", "torch", "timm"}, sorted(imported & {"lightning", "torch", "timm"})
 
-    recipe = OmegaConf.load(ROOT / "conf" / "trainer" / "paper.yaml")
-    for key in ("epochs", "warmup_epochs", "batch_size", "lr", "weight_decay", "warmup_lr", "min_lr", "drop_path",
-                "lora_dropout", "precision"):
-        shown = re.search(rf"^  trainer\.{key}=(\S+)", out, re.M)
+    recipe = {f"trainer.{k}": v for k, v in OmegaConf.load(ROOT / "conf" / "trainer" / "paper.yaml").items()}
+    recipe.update({f"peft.{k}": v for k, v in OmegaConf.load(ROOT / "conf" / "peft" / "lora.yaml").items()})
+    for key in ("trainer.epochs", "trainer.warmup_epochs", "trainer.batch_size", "trainer.lr", "trainer.weight_decay",
+                "trainer.warmup_lr", "trainer.min_lr", "trainer.drop_path", "peft.dropout", "trainer.precision"):
+        shown = re.search(rf"^  {re.escape(key)}=(\S+)", out, re.M)
         assert shown, key
         value = OmegaConf.create(f"v: {shown.group(1)}").v  # as YAML reads it: 1.0e-3 == 0.001
         assert (float(value) == float(recipe[key])) if isinstance(recipe[key], float) else value == recipe[key], key

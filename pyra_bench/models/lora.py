@@ -29,14 +29,14 @@ def check_lora_options(rank: object, alpha: object = None, dropout: object = 0.0
     """Validate LoRA's options (cheap; call before building anything); returns them converted.
 
     ``rank``: an integer >= 1 (config ``backbone.lora_rank``); ``alpha``: a number > 0 or None (= rank);
-    ``dropout``: in [0, 1) (``trainer.lora_dropout``); ``init``: one of :data:`LORA_INITS` (``trainer.lora_init``).
+    ``dropout``: in [0, 1) (``peft.dropout``); ``init``: one of :data:`LORA_INITS` (``peft.init``).
     Raises :class:`~pyra_bench.errors.OptionTypeError` / :class:`~pyra_bench.errors.ConfigError`.
     """
     o = OptionChecker("LoRA")
     return (o.integer("rank", rank, low=1, key="backbone.lora_rank (or lora_rank= of build_model)"),
             o.number("alpha", alpha, low=0, low_open=True, none=True, key="lora_alpha= of build_model"),
-            o.number("dropout", dropout, low=0, high=1, high_open=True, key="trainer.lora_dropout"),
-            o.choice("init", init, LORA_INITS, key="trainer.lora_init"))
+            o.number("dropout", dropout, low=0, high=1, high_open=True, key="peft.dropout"),
+            o.choice("init", init, LORA_INITS, key="peft.init"))
 
 
 class LoRALinear(nn.Linear):
@@ -86,7 +86,7 @@ class LoRALinear(nn.Linear):
             nn.init.trunc_normal_(self.lora_a.weight, std=0.02)
             nn.init.trunc_normal_(self.lora_b.weight, std=0.02)
         else:
-            OptionChecker("LoRA").choice("init", init, LORA_INITS, key="trainer.lora_init")
+            OptionChecker("LoRA").choice("init", init, LORA_INITS, key="peft.init")
 
     def delta_weight(self) -> torch.Tensor:
         """``scale * B @ A`` in float32, shape (out, in)."""
