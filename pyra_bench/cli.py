@@ -119,3 +119,14 @@ def precheck(prog: str, groups: Sequence[str], argv: Sequence[str] | None = None
     if problems:
         print(f"{prog}: error: " + "\n  ".join(problems), file=sys.stderr)
         raise SystemExit(2)
+
+
+#: Whether Hydra has composed the command line and started the task (a run, or a sweep: its sweeper or its first
+#: job): a SystemExit(1) before that is Hydra refusing the command line (the entry points report it as bad input).
+TASK_STARTED = False
+
+
+def mark_task_started() -> None:
+    """Called where the task starts (``train.main``; :class:`pyra_bench.sweep.SummaryCallback` for a sweep)."""
+    global TASK_STARTED
+    TASK_STARTED = True

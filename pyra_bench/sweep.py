@@ -238,6 +238,11 @@ class SummaryCallback(Callback):
     """Hydra callback: after a multirun, print (and save) what completed, failed and was skipped, and end
     with a non-zero exit status when a run failed, was interrupted or did not report."""
 
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from .cli import mark_task_started
+
+        mark_task_started()  # the sweep's exit status is its own from here (its jobs may run elsewhere)
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         summary = report_sweep(Path(config.hydra.sweep.dir))
         bad = sum(len(summary[k]) for k in ("failed", "interrupted", "missing"))

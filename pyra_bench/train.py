@@ -126,8 +126,9 @@ def _setup_logging() -> None:
 def main(cfg: DictConfig) -> float | None:
     """One run; in a sweep (``-m``) a failing run is recorded and reported and the sweep goes on. The config
     is checked here, once, before Lightning is imported -- unless the sweeper has checked it on this machine."""
-    global _TASK_STARTED
-    _TASK_STARTED = True
+    from .cli import mark_task_started
+
+    mark_task_started()
     job_dir = _hydra_job_dir()
     checked = _checked_by_sweeper()
     try:
@@ -202,22 +203,18 @@ def _checked_by_sweeper() -> bool:
             and str(h.launcher.get("_target_", "")).endswith(LOCAL_LAUNCHERS))
 
 
-_TASK_STARTED = False  # set by main(): a Hydra exit before it is Hydra refusing the command line
-
-
 def cli() -> None:
     """The console entry point: unknown group choices exit with status 2 before Hydra starts; the settings
     are checked once where the job's config is (:func:`main`, or the sweeper for a sweep's jobs); a command
     line Hydra cannot compose (``trainer.lrr=1``) is bad input too: status 2 (nothing is written)."""
-    global _TASK_STARTED
-    from .cli import precheck
+    from . import cli as cli_module
 
-    precheck("pyra_bench.train", TRAIN_GROUPS)
-    _TASK_STARTED = False
+    cli_module.precheck("pyra_bench.train", TRAIN_GROUPS)
+    cli_module.TASK_STARTED = False
     try:
         main()
     except SystemExit as e:
-        if e.code == 1 and not _TASK_STARTED:  # Hydra printed why it could not compose the config
+        if e.code == 1 and not cli_module.TASK_STARTED:  # Hydra printed why it could not compose the config
             print("pyra_bench.train: error: the command line does not make a valid config (Hydra's message above; "
                   "python -m pyra_bench.train --help lists the groups and settings)", file=sys.stderr)
             raise SystemExit(2) from None

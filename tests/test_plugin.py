@@ -26,6 +26,8 @@ TARGET = "pyra_plugin_demo.MyMethod"
 def plugins(monkeypatch):
     """tests/plugins importable; every name a test registers is removed afterwards."""
     monkeypatch.syspath_prepend(str(PLUGINS))
+    for name in ("mymethod", "epmethod"):  # left by an in-process sweep of another test in this worker
+        METHODS._items.pop(name, None)
     before = set(METHODS._items)
     yield
     for name in set(METHODS._items) - before:
