@@ -31,6 +31,7 @@ log = logging.getLogger("pyra_bench.bench")
 def build_for_bench(cfg: DictConfig):
     """The model ``train`` would build for this config (weights only if ``bench.load_weights``)."""
     from .models import build_model
+    from .models.backbones import merge_variants
 
     pretrained, checkpoint = False, None
     if cfg.bench.get("load_weights", False):
@@ -38,7 +39,7 @@ def build_for_bench(cfg: DictConfig):
     return build_model(
         cfg.backbone.name, int(cfg.num_classes), factory.make_method(cfg),
         lora_rank=cfg.backbone.get("lora_rank"), pretrained=pretrained, checkpoint=checkpoint,
-        drop_path_rate=0.0, prop_attn=bool(cfg.backbone.get("prop_attn", True)),
+        drop_path_rate=0.0, prop_attn=bool(cfg.backbone.get("prop_attn", True)), **merge_variants(cfg.backbone),
     )
 
 

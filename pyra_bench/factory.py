@@ -244,7 +244,7 @@ def make_model(cfg: DictConfig, num_classes: int, pretrained: bool, checkpoint: 
     import torch
 
     from .models import build_model
-    from .models.backbones import backbone_spec_from_config
+    from .models.backbones import backbone_spec_from_config, merge_variants
 
     t, tp, peft = cfg.trainer, cfg.get("throughput") or {}, cfg.get("peft") or {}
     method = make_method(cfg)
@@ -255,6 +255,7 @@ def make_model(cfg: DictConfig, num_classes: int, pretrained: bool, checkpoint: 
             lora_rank=peft.get("rank"), lora_alpha=peft.get("alpha"), lora_dropout=peft.get("dropout", 0.1),
             lora_init=peft.get("init", "standard"), pretrained=pretrained, checkpoint=checkpoint,
             drop_path_rate=t.drop_path, prop_attn=bool(cfg.backbone.get("prop_attn", True)), device=run_device(cfg),
+            **merge_variants(cfg.backbone),
             bench_batch_size=tp.get("batch_size"), bench_dtype=str(tp.get("dtype", "float32")),
         )
 

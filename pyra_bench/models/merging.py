@@ -42,6 +42,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .backbones import MERGE_VARIANTS
+
 
 class Matching(NamedTuple):
     unm_idx: torch.Tensor  # (B, nA - r, 1) kept A tokens (ascending, class token first)
@@ -54,7 +56,7 @@ def max_merge(num_tokens: int, num_protected: int) -> int:
     return max(num_tokens - num_protected, 0) // 2
 
 
-SPLITS = ("alternate", "random")
+SPLITS = MERGE_VARIANTS["merge_split"]  # the official code's first
 
 
 def prefix_split(num_protected: int) -> tuple[int, int]:

@@ -30,6 +30,7 @@ from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import nn
 
 from ..errors import InputError
+from .backbones import MERGE_VARIANTS
 from .merging import TokenReducer
 
 
@@ -40,7 +41,7 @@ class UnsupportedModelError(InputError, TypeError):
 _PLAIN_VIT = ("use a timm VisionTransformer with timm's Block and Attention and a class-token or average-pool "
               "head (e.g. the registered backbones: pyra_bench.models.BACKBONES)")
 #: where in a block the token reducer runs (``backbone.merge_site``); the first is the official code's
-MERGE_SITES = ("after_attention", "before_attention")
+MERGE_SITES = MERGE_VARIANTS["merge_site"]
 #: heads whose pooling the patch handles (``global_pool``): the class token, a size-weighted average
 POOLS = ("token", "avg")
 
