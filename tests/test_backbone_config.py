@@ -64,9 +64,8 @@ def test_config_errors_name_the_value_and_the_choices():
 
 
 @pytest.mark.parametrize("timm_name,reason", [
-    ("vit_small_patch14_reg4_dinov2", "register tokens"),
-    ("vit_medium_patch16_gap_256", "without a class token"),
-    ("vit_base_patch16_siglip_224", "without a class token"),
+    ("vit_small_patch16_18x2_224", "block 0 is a ParallelThingsBlock; only timm's plain Block"),
+    ("vit_base_patch16_siglip_224", "global_pool='map' is not supported"),
     ("resnet18", "cannot be built as a timm VisionTransformer"),
 ])
 def test_unsupported_timm_models_are_refused_by_name(timm_name, reason):

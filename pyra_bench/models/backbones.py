@@ -67,6 +67,13 @@ MERGE_VARIANTS: dict[str, tuple[str, ...]] = {
     "merge_split": ("alternate", "random"),
     "merge_site": ("after_attention", "before_attention"),
 }
+#: One line each, for listings (``pyra-info options``).
+MERGE_VARIANT_HELP = {
+    "merge_split": "ToMe's bipartite split (tome, pyra): alternate = even/odd tokens (official code) | random = a "
+                   "random partition per image and forward in training, alternate in eval (the paper's Eq. 2)",
+    "merge_site": "where a block merges (tome, pyra): after_attention = between attention and MLP (official code) | "
+                  "before_attention = the block's input, matched on the tokens (the paper's Fig. 3 / Eq. 3)",
+}
 
 
 def merge_variants(bcfg: Mapping[str, Any]) -> dict[str, str]:
