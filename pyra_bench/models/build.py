@@ -13,7 +13,14 @@ from .backbones import BackboneSpec, create_backbone, get_backbone, load_checkpo
 from .lora import LORA_INITS, add_lora_to_qkv
 from .macs import ViTGeometry
 from .merging import SPLITS
-from .vit import MERGE_SITES, UnsupportedModelError, has_class_token, num_input_tokens, num_protected_tokens, patch_vit
+from .vit import (
+    MERGE_SITES,
+    UnsupportedModelError,
+    has_class_token,
+    num_input_tokens,
+    num_protected_tokens,
+    patch_vit,
+)
 
 
 def build_model(
