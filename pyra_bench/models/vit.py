@@ -12,10 +12,12 @@ token *sizes* through the blocks:
   ``ls1``/``ls2``, DINOv2, is timm's own). ``merge_site="before_attention"`` (the paper's Fig. 3 reading,
   ``backbone.merge_site``) calls the reducer on the block's input instead, before ``norm1``, with no keys
   (``q = k = None``): ToMe then matches on the tokens themselves (the paper's Eq. 3).
-* the model's ``forward_features`` loops over the blocks carrying ``size`` (after timm's ``norm_pre``, the
-  CLIP pre-norm); its ``pool`` is timm's, except that a global-average-pool head (``global_pool='avg'``)
-  averages the merged tokens *size-weighted* (a token of size s counts s times), over the tokens timm's
-  pool reads (prefix tokens excluded unless ``pool_include_prefix``).
+* the model's ``forward_tokens`` loops over the blocks carrying ``size`` (after timm's ``norm_pre``, the
+  CLIP pre-norm) and returns the tokens and their sizes; ``forward`` then uses timm's head, except that a
+  global-average-pool head (``global_pool='avg'``) averages the merged tokens *size-weighted*
+  (:meth:`~ReducingViTMixin.pool_sized`: a token of size s counts s times), over the tokens timm's pool
+  reads (prefix tokens excluded unless ``pool_include_prefix``). ``forward_features`` is timm's signature
+  (tokens only): code that pools its output itself must use ``forward_tokens`` + ``pool_sized``.
 
 Prefix tokens (class, distillation, registers: timm's ``num_prefix_tokens``, always the leading tokens) are
 protected from merging and pruning as one count, :func:`num_protected_tokens`. With no reducer in any
@@ -83,9 +85,8 @@ class ReducingBlock(Block):
 class ReducingViTMixin:
     """Mixed in front of the host model's class (VisionTransformer or a subclass such as DeiT-distilled)."""
 
-    def forward_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
-        if attn_mask is not None or is_causal:
-            raise NotImplementedError("token-reducing ViTs do not take attention masks")
+    def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The final-normed tokens and their sizes (None when nothing merged)."""
         x = self.patch_embed(x)
         x = self._pos_embed(x)
         x = self.patch_drop(x)
@@ -93,17 +94,29 @@ class ReducingViTMixin:
         size = None
         for blk in self.blocks:
             x, size = blk(x, size)
-        self._token_size = size  # read by pool (an average-pool head weighs merged tokens by their size)
-        return self.norm(x)
+        return self.norm(x), size
 
-    def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
-        size = getattr(self, "_token_size", None)
-        pool_type = self.global_pool if pool_type is None else pool_type
-        if size is None or pool_type != "avg" or self.attn_pool is not None or size.shape[1] != x.shape[1]:
-            return super().pool(x, pool_type)
+    def forward_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise NotImplementedError("token-reducing ViTs do not take attention masks")
+        return self.forward_tokens(x)[0]
+
+    def pool_sized(self, x: torch.Tensor, size: torch.Tensor | None) -> torch.Tensor:
+        """timm's ``pool``, except that an average-pool head weighs each token by its size."""
+        if size is None or self.global_pool != "avg":
+            return self.pool(x)
         p = 0 if getattr(self, "pool_include_prefix", False) else self.num_prefix_tokens
         x, size = x[:, p:], size[:, p:].to(x.dtype)
         return (x * size).sum(dim=1) / size.sum(dim=1)
+
+    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise NotImplementedError("token-reducing ViTs do not take attention masks")
+        x, size = self.forward_tokens(x)
+        if size is None or self.global_pool != "avg":  # timm's head (DeiT-distilled: its own)
+            return self.forward_head(x)
+        x = self.head_drop(self.fc_norm(self.pool_sized(x, size)))
+        return self.head(x)
 
     def token_reducers(self) -> list[TokenReducer | None]:
         return [blk.token_reducer for blk in self.blocks]
