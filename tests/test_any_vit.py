@@ -272,6 +272,17 @@ def test_run_id_names_a_merge_variant_only_when_not_the_default():
     assert run_id(other) == "digits__vit_tiny_test-merge_split=random-merge_site=before_attention__tome__r2__seed0"
 
 
+def test_tables_give_a_merge_variant_rows_of_its_own():
+    from pyra_bench.tables import record_key
+
+    rec = {"backbone": "vit_tiny_test", "method": "tome", "schedule": "r2", "method_options": {}}
+    assert record_key({**rec, "settings": {"backbone.merge_split": "alternate"}})["run_tag"] == ""
+    assert record_key(rec)["run_tag"] == ""  # an older record (no such setting): the defaults
+    both = {"backbone.merge_split": "random", "backbone.merge_site": "before_attention"}
+    assert record_key({**rec, "run_tag": "lr1", "settings": both})["run_tag"] == (
+        "lr1+merge_split=random+merge_site=before_attention")
+
+
 def test_dinov2_reg4_trains_on_the_embedded_data_with_the_random_split(tmp_path):
     """One in-process run: DINOv2-S/14-reg4 reduced to 2 blocks at 56 px (for speed), PYRA at flops:0.7
     (21 tokens in 2 blocks cannot merge down to 0.5; the full-size model at 0.5 is built above)."""
