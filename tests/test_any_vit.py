@@ -213,6 +213,33 @@ def test_random_split_is_a_random_partition_of_the_non_prefix_tokens_in_training
     assert (in_a > 0).all() and (in_a < 30).all()
 
 
+@pytest.mark.parametrize("split", ["alternate", "random"])
+def test_source_trace_follows_prefix_tokens_and_the_random_split(split):
+    """With 5 prefix tokens (class + 4 registers) and either split, two merges in a row: each traced group's
+    patches average (by input token) to the merged token, and their count is the merge's own size."""
+    from pyra_bench.models.merging import SourceTrace
+
+    torch.manual_seed(2)
+    B, N, P = 2, 21, 5
+    x0 = torch.randn(B, N, 6, dtype=torch.float64)
+    trace = SourceTrace(num_prefix=P)
+    trace.start(x0)
+    x, size = x0, None
+    for r in (4, 3):
+        red = ToMeMerge(r, P, split=split).train()
+        red.trace = trace
+        x, size = red(x, size, None, torch.randn(B, 2, x.shape[1], 4, dtype=torch.float64))
+        trace.end_block(x.shape[1])
+    groups = trace.blocks[-1].groups  # (B, 16 patches): the token holding each
+    assert x.shape[1] == N - 7 and (groups >= P).all()
+    for b in range(B):
+        torch.testing.assert_close(x[b, :P], x0[b, :P], rtol=1e-14, atol=0)
+        for t in range(P, x.shape[1]):
+            held = (groups[b] == t).nonzero()[:, 0] + P
+            assert len(held) == size[b, t, 0]
+            torch.testing.assert_close(x[b, t], x0[b, held].mean(0), rtol=1e-12, atol=1e-12)
+
+
 def test_merge_before_attention_hand_worked_example():
     """5 tokens (class + 4 patches), r = 1 in block 0: A = {0, 2, 4}, B = {1, 3}. Token 2 is made equal to
     token 3 (cosine 1), so before the attention token 2 merges into 3 (one token of size 2, equal to both);
