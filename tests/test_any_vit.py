@@ -329,5 +329,6 @@ def test_dinov2_reg4_trains_on_the_embedded_data_with_the_random_split(tmp_path)
     (path,) = (tmp_path / "results").glob("*.json")
     record = json.loads(path.read_text())
     assert record["status"] == "completed" and record["backbone"] == "dinov2_vits14_reg4"
+    assert record["backbone_label"] == "DINOv2-reg ViT-S/14"
     assert "dinov2_vits14_reg4-merge_split=random__pyra" in path.name
     assert abs(record["method_state"]["macs_fraction"] - 0.7) <= 0.01
