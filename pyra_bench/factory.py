@@ -284,7 +284,7 @@ def make_model(cfg: DictConfig, num_classes: int, pretrained: bool, checkpoint: 
     import torch
 
     from .models import build_model
-    from .models.backbones import backbone_spec_from_config
+    from .models.backbones import backbone_spec_from_config, merge_variants
 
     t, peft = cfg.get("trainer") or {}, cfg.get("peft") or {}
     tp = timing if timing is not None else {**(cfg.get("throughput") or {}), "device": run_device(cfg)}
@@ -297,6 +297,7 @@ def make_model(cfg: DictConfig, num_classes: int, pretrained: bool, checkpoint: 
             lora_dropout=peft.get("dropout", 0.1) if t else 0.0, lora_init=peft.get("init", "standard"),
             pretrained=pretrained, checkpoint=checkpoint, drop_path_rate=t.get("drop_path", 0.0),
             prop_attn=bool(cfg.backbone.get("prop_attn", True)), device=str(tp.get("device", "cpu")),
+            **merge_variants(cfg.backbone),
             bench_batch_size=tp.get("batch_size"), bench_dtype=str(tp.get("dtype", "float32")),
         )
 

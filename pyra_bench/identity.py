@@ -81,8 +81,12 @@ def method_key(method_cfg: DictConfig | Mapping) -> str:
 
 
 def run_id(cfg: DictConfig) -> str:
-    """The run's id: ``<task>__<backbone>__<method key>__<operating point>__seed<N>[__tune][__<run_tag>]``."""
-    parts = [str(cfg.task.name), str(cfg.backbone.name), method_key(cfg.method), compression_str(cfg.compression),
+    """The run's id: ``<task>__<backbone>[-merge_split=..][-merge_site=..]__<method key>__<operating
+    point>__seed<N>[__tune][__<run_tag>]`` (a merge variant only when not the default)."""
+    from .models.backbones import variant_suffix
+
+    backbone = str(cfg.backbone.name) + variant_suffix(cfg.backbone)  # non-default merge variants only
+    parts = [str(cfg.task.name), backbone, method_key(cfg.method), compression_str(cfg.compression),
              f"seed{int(cfg.seed)}"]
     rid = "__".join(p.replace("/", "_").replace(" ", "") for p in parts)
     protocol = cfg.get("protocol", "final")

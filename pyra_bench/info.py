@@ -240,13 +240,17 @@ def _hydra_value(v: object) -> str:
 
 
 def options(conf_dir: Path | None = None) -> list[Row]:
-    """One line per method option: ``method=<name> method.kwargs.<key>=<default>`` and its comment."""
+    """One line per method option: ``method=<name> method.kwargs.<key>=<default>`` and its comment; then the
+    labelled merge variants (``backbone.merge_split`` / ``backbone.merge_site``, the default first)."""
     rows: list[Row] = []
     for name, _ in methods(conf_dir):
         opts = method_options(name, conf_dir)
         if not opts:
             rows.append((f"method={name}", "(no options)"))
         rows += [(f"method={name} method.kwargs.{k}={v}", c) for k, v, c in opts]
+    from .models.backbones import MERGE_VARIANT_HELP, MERGE_VARIANTS  # (torch-free)
+
+    rows += [(f"backbone.{k}={'|'.join(v)}", MERGE_VARIANT_HELP[k]) for k, v in MERGE_VARIANTS.items()]
     return rows
 
 

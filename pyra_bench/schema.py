@@ -371,6 +371,12 @@ class Backbone(Section):
     model_config = ConfigDict(extra="allow")
     weights: Any = opt(None, "hub | none | demo | <file>: its source and hash are recorded as weights.*",
                        execution=True)
+    merge_split: Literal["alternate", "random"] = opt(
+        "alternate", "ToMe's bipartite split: alternate (the official code) | random (the paper's text: a random "
+        "partition per image and forward in training, alternate in eval)", what="backbone.merge_split")
+    merge_site: Literal["after_attention", "before_attention"] = opt(
+        "after_attention", "where a block merges: after_attention (between attention and MLP, the official code) | "
+        "before_attention (the block's input, the paper's Fig. 3; matched on the tokens)", what="backbone.merge_site")
 
 
 class Run(Section):

@@ -115,8 +115,14 @@ def _options_str(options: dict[str, Any]) -> str:
 
 
 def _run_tag(r: dict) -> str:
+    """The record's ``run_tag``, with its non-default merge variants (``merge_split=random``) appended: such
+    runs get rows of their own, named by the variant."""
+    from .models.backbones import MERGE_VARIANTS, variant_suffix
+
     tag = r.get("run_tag", (r.get("config") or {}).get("run_tag"))
-    return "" if _null(tag) else str(tag)
+    settings = r.get("settings") or {}
+    variants = variant_suffix({k: settings.get(f"backbone.{k}") for k in MERGE_VARIANTS})[1:].replace("-", "+")
+    return "+".join(t for t in ("" if _null(tag) else str(tag), variants) if t)
 
 
 def record_key(r: dict) -> dict[str, Any]:

@@ -97,6 +97,11 @@ CASES = [
     ("flops-budget", "bench", [*TINY, "compression=flops:1.5"],
      "a FLOPs budget is a fraction of the backbone's MACs in (0, 1], got 'flops:1.5'"),
     ("method-option", "bench", [*TINY, "+method.kwargs.nonsense=1"], "method 'tome' got unknown options: nonsense"),
+    # labelled merge variants (issue 25)
+    ("train-merge-split", "train", ["backbone.merge_split=randm"],
+     "backbone.merge_split='randm': unknown backbone.merge_split; valid choices: alternate, random"),
+    ("merge-site-method", "bench", [*TINY, "method=diffrate", "backbone.merge_site=before_attention"],
+     "method 'diffrate' does not merge with ToMe's bipartite matching"),
     # folders
     ("train-data-folder", "train", ["task=cifar100", "data_root={elsewhere}/nowhere"],
      "VTAB-1k data root not found"),

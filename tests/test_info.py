@@ -188,7 +188,7 @@ HEAVY = ("torch", "timm", "lightning", "tensorflow", "tensorflow_datasets")
 #: script does) or ``python -m <module>`` -- and the first line it must print.
 LISTINGS = [
     (["bin/pyra-info"], "pyra_bench.info:main", "== Backbones (backbone=) =="),
-    (["-m", "section=backbones"], "pyra_bench.info", "deit_b16_distilled "),
+    (["-m", "section=backbones"], "pyra_bench.info", "clip_b16 "),
     (["bin/pyra-train", "--help"], "pyra_bench.train:cli", "pyra-train: train and evaluate one run"),
     (["-m", "--help"], "pyra_bench.bench", "python -m pyra_bench.bench: parameters, MACs"),
     (["bin/pyra-prepare-vtab", "--help"], "pyra_bench.data.prepare:main", "pyra-prepare-vtab: build VTAB-1k task folders"),

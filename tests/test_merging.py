@@ -19,7 +19,7 @@ def _random_inputs(B=3, N=17, D=12, H=3, hd=4, sizes=True):
 @pytest.mark.parametrize("r", [1, 3, 7])
 def test_merge_matches_float64_reference(r, distill):
     x, size, k = _random_inputs()
-    merge = ToMeMerge(r, class_token=True, distill_token=distill)
+    merge = ToMeMerge(r, num_protected=1 + distill)
     out, out_size = merge(x, size, None, k)
     assert out.shape == (3, 17 - r, 12)
     for b in range(3):
@@ -78,7 +78,7 @@ def test_distillation_token_is_protected_in_deit():
     kwargs = dict(get_backbone("vit_tiny_test").kwargs)
     deit = VisionTransformerDistilled(num_classes=3, **kwargs)
     model = build_model(deit, 3, "pyra", [7, 2, 1]).eval()
-    assert model.pyra_context.num_tokens == 18 and model.pyra_context.distill_token
+    assert model.pyra_context.num_tokens == 18 and model.pyra_context.num_protected == 2
     x = torch.randn(2, 3, 32, 32)
     captured = {}
 
@@ -137,15 +137,15 @@ def test_merge_matches_the_previous_implementation(distill, first, modulate):
     B, N, D, r = 4, 33, 16, 9
     x = torch.randn(B, N, D)
     size = None if first else torch.randint(1, 6, (B, N, 1)).float()
-    m = bipartite_matching(torch.randn(B, N, 8), r, True, distill)
+    m = bipartite_matching(torch.randn(B, N, 8), r, 1 + distill)
     mod = None
     if modulate:
         mod = PYRA(r, D)
         torch.nn.init.normal_(mod.w_d)  # not the identity
     with torch.no_grad():
         old_x, old_s = _merge_wavg_v1(x, size, m, mod, distill)
-        new_x, new_s = merge_wavg(x, size, m, mod, distill)
-    xg, sg = merge_wavg(x.requires_grad_(), size, m, mod, distill)  # the autograd path
+        new_x, new_s = merge_wavg(x, size, m, mod, 1 + distill)
+    xg, sg = merge_wavg(x.requires_grad_(), size, m, mod, 1 + distill)  # the autograd path
     assert xg.requires_grad and torch.equal(xg.detach(), new_x) and torch.equal(sg, new_s)
     assert torch.equal(new_s, old_s)
     n_unm = N - (N // 2) - r

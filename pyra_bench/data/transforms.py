@@ -24,6 +24,7 @@ from ..registry import UnknownChoiceError
 NORMALIZATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),  # OpenAI CLIP
 }
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
@@ -32,7 +33,7 @@ INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
 def get_normalization(
     name: str | Sequence[Sequence[float]],
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """``"imagenet"`` / ``"inception"`` -> (mean, std); a (mean, std) pair is passed through."""
+    """``"imagenet"`` / ``"inception"`` / ``"clip"`` -> (mean, std); a (mean, std) pair is passed through."""
     if isinstance(name, str):
         if name not in NORMALIZATIONS:
             raise UnknownChoiceError("normalization", name, list(NORMALIZATIONS))

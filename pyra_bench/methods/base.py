@@ -35,9 +35,11 @@ class BuildContext:
     depth: int
     dim: int
     num_heads: int
-    num_tokens: int  # tokens entering block 0 (patches + class [+ distillation] token)
+    num_tokens: int  # tokens entering block 0 (patches + prefix tokens)
+    #: leading tokens never merged or pruned: timm's prefix tokens (class, distillation, registers)
+    num_protected: int
+    #: whether token 0 is a class token (class-attention methods need one; average-pool heads have none)
     class_token: bool
-    distill_token: bool
     #: matmul shapes for analytic MAC counts (FLOPs targets); None when not known
     geometry: ViTGeometry | None = None
     #: where the run's model runs: speed targets (``speedup:<x>``) are timed there
@@ -47,10 +49,10 @@ class BuildContext:
     bench_dtype: str = "float32"
     #: the patched backbone before LoRA and reducers, for methods that time candidate structures
     model: nn.Module | None = field(default=None, compare=False, repr=False)
-
-    @property
-    def num_protected(self) -> int:
-        return int(self.class_token) + int(self.distill_token)
+    #: ToMe's bipartite split (``backbone.merge_split``) and where a block merges (``backbone.merge_site``);
+    #: only methods with ``Method.merge_variants`` accept other values than these defaults (the official code's)
+    merge_split: str = "alternate"
+    merge_site: str = "after_attention"
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,9 @@ class Method:
     #: True when applying the method times real models (a ``speedup:<x>`` target): input checks then build
     #: the model for real instead of on the meta device (shapes only)
     measures_at_build: bool = False
+    #: True when the method merges with ToMe's bipartite matching, so it takes the labelled merge variants
+    #: ``backbone.merge_split`` / ``backbone.merge_site``; other methods refuse non-default values
+    merge_variants: bool = False
 
     def __init__(self, schedule: Any = "none", **kwargs: Any):
         if kwargs:

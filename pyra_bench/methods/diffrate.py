@@ -346,6 +346,11 @@ class DiffRateMethod(Method):
 
     def apply(self, model: nn.Module, ctx: BuildContext) -> None:
         self.schedule = self.resolve_schedule(ctx)
+        if not ctx.class_token:
+            from ..models.vit import UnsupportedModelError
+
+            raise UnsupportedModelError(f"diffrate ranks tokens by class-token attention, and backbone "
+                                        f"{ctx.backbone.name!r} has no class token: use a class-token backbone")
         if not all(getattr(blk.attn, "prop_attn", False) for blk in model.blocks):
             raise ConfigError("diffrate needs proportional attention (prop_attn=True): its search masks and "
                              "similarity-scaled sizes enter attention as log(size) key biases")

@@ -29,6 +29,7 @@ class ToMe(Method):
     display_name = "ToMe"
     execution_options = frozenset({"speedup_warmup_s", "speedup_duration_s", "speedup_cache"})
     cost_factor = 0.75  # GPU time of a run relative to PEFT (sweep estimates without records)
+    merge_variants = True
 
     def __init__(self, schedule: Any = "none", flops_tolerance: float = 0.01, speedup_warmup_s: float = 2.0,
                  speedup_duration_s: float = 3.0, speedup_cache: bool = True, **kwargs: Any):
@@ -83,6 +84,8 @@ class ToMe(Method):
                               "model with pyra_bench.models.build_model)")
         key = {"backbone": ctx.backbone.name, "timm_name": ctx.backbone.timm_name, "method": self.name,
                "structure": self.describe_structure(), "geometry": repr(ctx.geometry)}
+        if ctx.merge_site != "after_attention":  # (the default keeps older cache entries valid)
+            key["merge_site"] = ctx.merge_site
         return find_speedup_schedule(
             x, lambda: merge_lora(ctx.model, inplace=False), lambda m, s: self._install(m, s, ctx), ctx.geometry,
             ctx.num_protected, key=key, device=ctx.device, batch_size=ctx.bench_batch_size, dtype=ctx.bench_dtype,
@@ -96,7 +99,7 @@ class ToMe(Method):
     def _install(self, model: nn.Module, schedule: list[int], ctx: BuildContext) -> None:
         ref = next(model.parameters())
         set_token_reducers(model, [
-            ToMeMerge(r, ctx.class_token, ctx.distill_token, self.make_modulator(r, ctx)).to(ref.device)
+            ToMeMerge(r, ctx.num_protected, self.make_modulator(r, ctx), split=ctx.merge_split).to(ref.device)
             if r > 0 else None for r in schedule
         ])
 

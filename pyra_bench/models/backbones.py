@@ -5,9 +5,16 @@ paper uses with it, the family of merging-schedule presets, and the smaller back
 Weights come from the hub (``pretrained=True``, needs the network) or from a local file
 (``checkpoint=...``: ``.npz`` of the original ViT release, ``.pth``/``.bin``, ``.safetensors``), offline.
 
-Any other timm ViT works from a config alone (:func:`backbone_spec_from_config`): give ``timm_name`` (and
-``lora_rank``); a registered name's fields can be overridden the same way. Models the token merge cannot
-handle (register tokens, no class token, pooled heads) are refused by name when the model is built.
+Any other timm ``VisionTransformer`` works from a config alone (:func:`backbone_spec_from_config`): give
+``timm_name`` (and ``lora_rank``); a registered name's fields can be overridden the same way (``kwargs``:
+e.g. ``depth``, ``class_token: false`` with ``global_pool: avg``). Prefix tokens (class, distillation,
+register tokens) are protected from merging and pruning; CLIP's pre-norm and DINOv2's layer scale are
+patched like the rest; what the patch cannot handle (other block or attention classes, attention-pool or
+max-pool heads, hybrid stems) is refused by name when the model is built.
+
+The labelled merge variants (:data:`MERGE_VARIANTS`, ``backbone.merge_split`` / ``backbone.merge_site``)
+are backbone config keys read by the run (:func:`merge_variants`); their first choice is the official
+code's, and only a non-default value enters the run id (:func:`variant_suffix`).
 """
 
 from __future__ import annotations
@@ -50,6 +57,41 @@ class BackboneSpec:
 
 BACKBONES: Registry[BackboneSpec] = Registry("backbone")
 
+#: The labelled merge variants (backbone config keys) and their choices, the official code's first:
+#: ``merge_split`` -- ToMe's bipartite split: ``alternate`` (even/odd tokens, the official code) or
+#: ``random`` (a random partition per image and forward in training, as the paper's Eq. 2 reads;
+#: alternate in eval, so evaluation and timing are deterministic); ``merge_site`` -- where a block merges:
+#: ``after_attention`` (between attention and MLP, the official code) or ``before_attention`` (the block's
+#: input, before its attention, as the paper's Fig. 3; the similarity is then the tokens' own cosine, Eq. 3).
+MERGE_VARIANTS: dict[str, tuple[str, ...]] = {
+    "merge_split": ("alternate", "random"),
+    "merge_site": ("after_attention", "before_attention"),
+}
+#: One line each, for listings (``pyra-info options``).
+MERGE_VARIANT_HELP = {
+    "merge_split": "ToMe's bipartite split (tome, pyra): alternate = even/odd tokens (official code) | random = a "
+                   "random partition per image and forward in training, alternate in eval (the paper's Eq. 2)",
+    "merge_site": "where a block merges (tome, pyra): after_attention = between attention and MLP (official code) | "
+                  "before_attention = the block's input, matched on the tokens (the paper's Fig. 3 / Eq. 3)",
+}
+
+
+def merge_variants(bcfg: Mapping[str, Any]) -> dict[str, str]:
+    """``{"merge_split": ..., "merge_site": ...}`` of a backbone config (absent: the defaults), checked."""
+    out = {}
+    for key, choices in MERGE_VARIANTS.items():
+        v = bcfg.get(key) if bcfg.get(key) is not None else choices[0]
+        if v not in choices:
+            raise UnknownChoiceError(f"backbone.{key}", str(v), list(choices))
+        out[key] = str(v)
+    return out
+
+
+def variant_suffix(bcfg: Mapping[str, Any]) -> str:
+    """The merge variants' part of a run id after the backbone name: ``-merge_split=random`` etc., only for
+    non-default values (so ids of runs with the defaults, older ones included, do not change)."""
+    return "".join(f"-{k}={v}" for k, v in merge_variants(bcfg).items() if v != MERGE_VARIANTS[k][0])
+
 
 def _add(spec: BackboneSpec) -> None:
     BACKBONES.add(spec.name, spec)
@@ -74,6 +116,14 @@ _add(BackboneSpec("deit_b16_distilled", "deit_base_distilled_patch16_224.fb_in1k
                   description="DeiT-B distilled (class + distillation token)", display_name="DeiT-B"))
 _add(BackboneSpec("deit_s16_distilled", "deit_small_distilled_patch16_224.fb_in1k", 4, None,
                   description="DeiT-S distilled (class + distillation token)", display_name="DeiT-S"))
+# Any timm VisionTransformer: pre-norm (CLIP) and register tokens with layer scale (DINOv2).
+_add(BackboneSpec("clip_b16", "vit_base_patch16_clip_224.openai", 8, "vit_b", "vit_s16_in21k",
+                  description="CLIP ViT-B/16 (OpenAI), pre-norm image tower, class-token head",
+                  display_name="CLIP ViT-B/16"))
+_add(BackboneSpec("dinov2_vits14_reg4", "vit_small_patch14_reg4_dinov2.lvd142m", 4, None,
+                  kwargs={"img_size": 224},
+                  description="DINOv2 ViT-S/14 with 4 register tokens (LayerScale), at 224 px (256 patches + 5 "
+                              "prefix tokens)", display_name="DINOv2-reg ViT-S/14"))
 # Tiny architectures for tests and the offline demo (random init unless a checkpoint is given).
 _add(BackboneSpec("vit_tiny_test", None, 2, "tiny", kwargs=dict(
     img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, mlp_ratio=2.0, qkv_bias=True),
@@ -96,7 +146,7 @@ def get_backbone(name: str) -> BackboneSpec:
 SPEC_KEYS = ("timm_name", "lora_rank", "schedule_family", "display_name", "smaller", "description", "kwargs",
              "paper_params_m")
 #: Backbone-config keys the run reads elsewhere (weights, transform, attention).
-RUN_KEYS = ("name", "weights", "image_size", "normalization", "prop_attn")
+RUN_KEYS = ("name", "weights", "image_size", "normalization", "prop_attn", *MERGE_VARIANTS)
 
 
 def backbone_spec_from_config(bcfg: Mapping[str, Any]) -> BackboneSpec:
@@ -107,7 +157,7 @@ def backbone_spec_from_config(bcfg: Mapping[str, Any]) -> BackboneSpec:
     ``lora_rank``. ``image_size`` (when set) becomes the model's ``img_size``, so positional embeddings fit
     the images (timm resamples pretrained ones). ``schedule_family: none`` = no preset schedules (then use
     ``r<N>``, ``tome:...``, ``flops:<f>`` or ``speedup:<x>``). ``kwargs``: extra ``timm.create_model``
-    arguments. ``weights``, ``normalization`` and ``prop_attn`` are read by the run, not here.
+    arguments. ``weights``, ``normalization``, ``prop_attn`` and the merge variants are read by the run.
     """
     if hasattr(bcfg, "_metadata"):  # an OmegaConf DictConfig
         from omegaconf import OmegaConf

@@ -12,7 +12,15 @@ from ..errors import ConfigError, InputFileNotFoundError
 from .backbones import BackboneSpec, create_backbone, get_backbone, load_checkpoint
 from .lora import LORA_INITS, add_lora_to_qkv
 from .macs import ViTGeometry
-from .vit import UnsupportedModelError, num_input_tokens, num_protected_tokens, patch_vit
+from .merging import SPLITS
+from .vit import (
+    MERGE_SITES,
+    UnsupportedModelError,
+    has_class_token,
+    num_input_tokens,
+    num_protected_tokens,
+    patch_vit,
+)
 
 
 def build_model(
@@ -29,6 +37,8 @@ def build_model(
     checkpoint: str | os.PathLike | None = None,
     drop_path_rate: float = 0.1,
     prop_attn: bool = True,
+    merge_split: str = "alternate",
+    merge_site: str = "after_attention",
     method_kwargs: dict[str, Any] | None = None,
     device: str = "cpu",
     bench_batch_size: int | None = None,
@@ -47,6 +57,8 @@ def build_model(
         model = build_model(spec, num_classes, cfg.method.name, cfg.compression,
                             prop_attn=cfg.backbone.get("prop_attn", True), ...)
 
+    ``merge_split`` / ``merge_site``: the labelled merge variants (``backbone.merge_split``,
+    ``backbone.merge_site``; defaults: the official code's), taken by methods with ``merge_variants``.
     ``backbone`` may also be a timm ``VisionTransformer`` instance (its head is reset to ``num_classes``).
     ``method`` is a registered name (``pyra_bench.methods.METHODS``) or a ``Method`` instance; the
     method and spec objects are attached as ``model.pyra_method`` / ``model.pyra_backbone``.
@@ -59,6 +71,9 @@ def build_model(
 
     if lora_init not in LORA_INITS:
         raise ConfigError(f"unknown lora_init {lora_init!r}; valid choices: {', '.join(LORA_INITS)}")
+    for key, value, valid in (("merge_split", merge_split, SPLITS), ("merge_site", merge_site, MERGE_SITES)):
+        if value not in valid:
+            raise ConfigError(f"unknown backbone.{key} {value!r}; valid choices: {', '.join(valid)}")
     if isinstance(method, Method):
         m = method
     else:
@@ -77,20 +92,27 @@ def build_model(
             raise InputFileNotFoundError(f"checkpoint file not found: {checkpoint}")
         model = create_backbone(spec, num_classes, pretrained=pretrained, drop_path_rate=drop_path_rate)
     try:
-        patch_vit(model, prop_attn=prop_attn)
+        patch_vit(model, prop_attn=prop_attn, merge_site=merge_site)
         if not isinstance(model.patch_embed, PatchEmbed):
             raise UnsupportedModelError(f"its patch embedding is a {type(model.patch_embed).__name__} (a hybrid "
                                         "CNN stem?); only timm's PatchEmbed is supported")
     except UnsupportedModelError as e:
         arch = f" (timm {spec.timm_name})" if spec.timm_name else ""
         raise UnsupportedModelError(f"backbone {spec.name!r}{arch} is not supported: {e}") from None
-    has_cls, has_dist = num_protected_tokens(model)
+    if (merge_split, merge_site) != (SPLITS[0], MERGE_SITES[0]) and not m.merge_variants:
+        from ..methods import METHODS
+
+        takers = ", ".join(n for n in METHODS.names() if getattr(METHODS.get(n), "merge_variants", False))
+        raise ConfigError(f"backbone.merge_split={merge_split!r} / merge_site={merge_site!r}: method {m.name!r} "
+                          f"does not merge with ToMe's bipartite matching, so only the defaults ({SPLITS[0]}, "
+                          f"{MERGE_SITES[0]}) apply; methods that take them: {takers}")
 
     from ..methods import BuildContext
 
     ctx = BuildContext(spec, len(model.blocks), model.embed_dim, model.blocks[0].attn.num_heads,
-                       num_input_tokens(model), has_cls, has_dist, geometry=ViTGeometry.from_model(model),
-                       device=str(device), bench_batch_size=bench_batch_size, bench_dtype=bench_dtype, model=model)
+                       num_input_tokens(model), num_protected_tokens(model), has_class_token(model),
+                       geometry=ViTGeometry.from_model(model), device=str(device), bench_batch_size=bench_batch_size,
+                       bench_dtype=bench_dtype, model=model, merge_split=merge_split, merge_site=merge_site)
     # Check the schedule before any further work (it is cheap and a common mistake).
     m.resolve_schedule(ctx)
     if checkpoint is not None:

@@ -6,13 +6,14 @@ independent cross-check of the measured counters in :mod:`pyra_bench.measure`. C
 ViT-B/16 at 224 = 17.56 G MACs.
 
 In a block the attention runs on the tokens entering it (``n_in``) and the MLP on the tokens left after
-the block's reduction (``n_out``), because merging happens between the two (spec section 2).
+the block's reduction (``n_out``), because merging happens between the two (spec section 2); a block that
+merges before its attention (``backbone.merge_site=before_attention``) runs both on ``n_out``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -52,6 +53,8 @@ class ViTGeometry:
     dim: int
     attn_dims: tuple[int, ...]  # qkv width / 3, per block
     mlp_hiddens: tuple[int, ...]  # fc1 width, per block
+    #: blocks merge before their attention (not in the repr: speed-cache keys of the default stay valid)
+    merge_before_attention: bool = field(default=False, repr=False)
 
     @classmethod
     def from_model(cls, model: nn.Module) -> ViTGeometry:
@@ -59,7 +62,8 @@ class ViTGeometry:
         return cls(pe.num_patches + model.num_prefix_tokens, pe.num_patches,
                    pe.proj.in_channels * pe.proj.kernel_size[0] * pe.proj.kernel_size[1], model.embed_dim,
                    tuple(blk.attn.qkv.out_features // 3 for blk in model.blocks),
-                   tuple(blk.mlp.fc1.out_features for blk in model.blocks))
+                   tuple(blk.mlp.fc1.out_features for blk in model.blocks),
+                   bool(getattr(model.blocks[0], "merge_before_attention", False)))
 
     @property
     def depth(self) -> int:
@@ -69,7 +73,7 @@ class ViTGeometry:
         """MACs of one image when block ``l`` merges ``schedule[l]`` tokens (between attention and MLP)."""
         t_in, t_out, n = [], [], self.num_tokens
         for r in schedule if schedule is not None else [0] * self.depth:
-            t_in.append(n)
+            t_in.append(n - int(r) if self.merge_before_attention else n)
             n -= int(r)
             t_out.append(n)
         return vit_macs(t_in, t_out, self.dim, self.attn_dims, self.mlp_hiddens, self.num_patches, self.patch_dim)
@@ -88,8 +92,9 @@ def model_macs(model: nn.Module, include_head: bool = False) -> int:
     t_in, t_out, attn_dims, hiddens = [], [], [], []
     extra = 0
     for blk in model.blocks:
-        t_in.append(n)
         red = getattr(blk, "token_reducer", None)
+        before = red is not None and getattr(blk, "merge_before_attention", False)
+        t_in.append(red.tokens_out(n) if before else n)
         if red is not None:
             extra += int(getattr(red, "extra_macs", lambda _n: 0)(n))  # e.g. SPViT's selector MLPs
             n = red.tokens_out(n)

@@ -1,13 +1,21 @@
 """Token merging (ToMe, Bolya et al. 2023) as the PYRA code uses it (spec section 2).
 
-In a block with ``r > 0`` the tokens are merged *after the attention residual and before the MLP*:
+In a block with ``r > 0`` the tokens are merged *after the attention residual and before the MLP* (the
+official code; ``backbone.merge_site=before_attention`` merges the block's input before its attention
+instead, see :mod:`pyra_bench.models.vit`):
 
-* metric: the block's attention keys averaged over heads, L2-normalised (cosine similarity);
-* bipartite split by parity: A = tokens 0, 2, 4, ..., B = tokens 1, 3, 5, ...;
-  the class token (A[0]) never merges, a DeiT distillation token (B[0]) never receives a merge;
+* metric: the block's attention keys averaged over heads, L2-normalised (cosine similarity); merged before
+  the attention, where the block has no keys yet, the tokens themselves (the paper's Eq. 3);
+* bipartite split (``split``): ``alternate`` (the official code): A = tokens 0, 2, 4, ..., B = tokens 1, 3,
+  5, ...; ``random`` (the paper's text, Eq. 2): in training every forward draws, per image, a random
+  partition of the non-prefix tokens (equal sizes as alternate); in eval the split is ``alternate``, so
+  test accuracy and measured speed are deterministic;
+* the ``num_protected`` leading (prefix) tokens -- class, distillation, register tokens -- never merge:
+  those in A are never sources, those in B never receive a merge (for a class token: A[0]; a DeiT
+  distillation token: B[0], as the official code);
 * each A token picks its most similar B token; the ``r`` A tokens with the highest similarity are merged
   into their partners (sources ordered by descending similarity), the rest of A is kept;
-* output order: kept A tokens (class token first), then B (distillation token kept second);
+* output order: the prefix tokens first, in their original order, then the kept A tokens, then B;
 * size-weighted average: ``x = sum(s * x) / sum(s)``, sizes add; the next attention adds ``log(s)`` to
   the key logits (proportional attention, see :mod:`pyra_bench.models.vit`). Tokens that take part in no
   merge are passed through unchanged.
@@ -34,6 +42,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .backbones import MERGE_VARIANTS
+
 
 class Matching(NamedTuple):
     unm_idx: torch.Tensor  # (B, nA - r, 1) kept A tokens (ascending, class token first)
@@ -46,24 +56,51 @@ def max_merge(num_tokens: int, num_protected: int) -> int:
     return max(num_tokens - num_protected, 0) // 2
 
 
+SPLITS = MERGE_VARIANTS["merge_split"]  # the official code's first
+
+
+def prefix_split(num_protected: int) -> tuple[int, int]:
+    """How many of the ``num_protected`` leading tokens fall in A (even indices) and in B (odd ones)."""
+    return (num_protected + 1) // 2, num_protected // 2
+
+
 @torch.no_grad()
-def bipartite_matching(metric: torch.Tensor, r: int, class_token: bool = True, distill_token: bool = False) -> Matching:
-    """ToMe's bipartite soft matching on ``metric`` (B, N, C). ``r`` must already be feasible."""
+def bipartite_matching(metric: torch.Tensor, r: int, num_protected: int = 1) -> Matching:
+    """ToMe's bipartite soft matching on ``metric`` (B, N, C), alternate split, the ``num_protected``
+    leading tokens never merged. ``r`` must already be feasible."""
     metric = metric / metric.norm(dim=-1, keepdim=True)
     a, b = metric[:, ::2], metric[:, 1::2]
     scores = a @ b.transpose(-1, -2)
-    if class_token:
-        scores[:, 0, :] = -math.inf
-    if distill_token:
-        scores[:, :, 0] = -math.inf
+    pa, pb = prefix_split(num_protected)
+    if pa:
+        scores[:, :pa, :] = -math.inf
+    if pb:
+        scores[:, :, :pb] = -math.inf
     node_max, node_idx = scores.max(dim=-1)
     edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
     unm_idx = edge_idx[:, r:]
     src_idx = edge_idx[:, :r]
     dst_idx = node_idx[..., None].gather(dim=1, index=src_idx)
-    if class_token:
+    if num_protected:
         unm_idx = unm_idx.sort(dim=1)[0]
     return Matching(unm_idx, src_idx, dst_idx)
+
+
+def random_order(B: int, N: int, num_protected: int, device: torch.device | str) -> torch.Tensor:
+    """(B, N) long: the prefix tokens in place, the others in a random order per image (the random split:
+    after this permutation the alternate split is a uniformly random partition of the non-prefix tokens)."""
+    front = torch.arange(num_protected, device=device).expand(B, num_protected)
+    rest = torch.rand(B, N - num_protected, device=device).argsort(dim=1) + num_protected
+    return torch.cat([front, rest], dim=1)
+
+
+def _prefix_first(a: torch.Tensor, b: torch.Tensor, pa: int, pb: int) -> torch.Tensor:
+    """``[a, b]`` (kept A, then B) with the ``pa`` + ``pb`` prefix tokens moved to the front, interleaved in
+    their original order (A0, B0, A1, B1, ...)."""
+    if not pb:
+        return torch.cat([a, b], dim=1)
+    pre = torch.stack([a[:, :pb], b[:, :pb]], dim=2).flatten(1, 2)
+    return torch.cat([pre, a[:, pb:pa], a[:, pa:], b[:, pb:]], dim=1)
 
 
 def merge_wavg(
@@ -71,7 +108,7 @@ def merge_wavg(
     size: torch.Tensor | None,
     m: Matching,
     modulator: nn.Module | None = None,
-    distill_token: bool = False,
+    num_protected: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Size-weighted merge of ``x`` (B, N, D) under matching ``m``; returns the new ``(x, size)``.
 
@@ -92,7 +129,8 @@ def merge_wavg(
     s_src = sa.gather(1, m.src_idx)
     s = xa.gather(1, src_idx) * s_src  # size-weighted sources, by descending similarity
     s_unm, s_dst = sa.gather(1, m.unm_idx), sb.scatter_add(1, m.dst_idx, s_src)
-    inplace = not torch.is_grad_enabled() and not distill_token and not torch.compiler.is_compiling()
+    pa, pb = prefix_split(num_protected)
+    inplace = not torch.is_grad_enabled() and not pb and not torch.compiler.is_compiling()
     if inplace:
         out = x.new_empty(B, n_unm + xb.shape[1], D)
         torch.gather(xa, 1, m.unm_idx.expand(B, n_unm, D), out=out[:, :n_unm])
@@ -106,10 +144,7 @@ def merge_wavg(
         dst.scatter_add_(1, dst_idx, s).div_(s_dst)
         return out, torch.cat([s_unm, s_dst], dim=1)
     dst = dst.scatter_add(1, dst_idx, s) / s_dst
-    if distill_token:  # class token, distillation token, then the rest of A and of B
-        return (torch.cat([unm[:, :1], dst[:, :1], unm[:, 1:], dst[:, 1:]], dim=1),
-                torch.cat([s_unm[:, :1], s_dst[:, :1], s_unm[:, 1:], s_dst[:, 1:]], dim=1))
-    return torch.cat([unm, dst], dim=1), torch.cat([s_unm, s_dst], dim=1)
+    return _prefix_first(unm, dst, pa, pb), _prefix_first(s_unm, s_dst, pa, pb)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -200,25 +235,38 @@ class TokenReducer(nn.Module):
     and the attention's queries and keys (B, H, N, head_dim), and returns the new ``(x, size)``.
     ``tokens_out(n)`` tells the token count it leaves for ``n`` input tokens (used for schedule checks,
     FLOP estimates and tests). ``trace``: a :class:`SourceTrace` to report token moves to, set only inside
-    :func:`trace_sources` (None otherwise: no tracing work).
+    :func:`trace_sources` (None otherwise: no tracing work). ``sites``: where in a block it can run
+    (``before_attention`` reducers are called with ``q = k = None``, before the block has keys).
     """
 
     trace: SourceTrace | None = None
+    sites: tuple[str, ...] = ("after_attention",)
 
     def tokens_out(self, n: int) -> int:
         raise NotImplementedError
 
 
 class ToMeMerge(TokenReducer):
-    """Merge ``r`` tokens per image (ToMe), optionally modulating the merged sources (PYRA)."""
+    """Merge ``r`` tokens per image (ToMe), optionally modulating the merged sources (PYRA).
 
-    def __init__(self, r: int, class_token: bool = True, distill_token: bool = False, modulator: nn.Module | None = None):
+    ``num_protected``: the leading (prefix) tokens that never merge; ``split``: ``alternate`` or ``random``
+    (random in training only, see the module docstring). Called before the attention (``k`` None), the
+    metric is the tokens themselves.
+    """
+
+    sites = ("after_attention", "before_attention")
+
+    def __init__(self, r: int, num_protected: int = 1, modulator: nn.Module | None = None,
+                 split: str = "alternate"):
         super().__init__()
+        if isinstance(num_protected, bool) or int(num_protected) < 0:
+            raise TypeError(f"num_protected is a count of leading tokens (int >= 0), got {num_protected!r}")
+        if split not in SPLITS:
+            raise ValueError(f"unknown merge split {split!r}; valid choices: {', '.join(SPLITS)}")
         self.r = int(r)
-        self.class_token = class_token
-        self.distill_token = distill_token
-        self.num_protected = int(class_token) + int(distill_token)
+        self.num_protected = int(num_protected)
         self.modulator = modulator
+        self.split = split
 
     def tokens_out(self, n: int) -> int:
         return n - min(self.r, max_merge(n, self.num_protected))
@@ -227,15 +275,23 @@ class ToMeMerge(TokenReducer):
         r = min(self.r, max_merge(x.shape[1], self.num_protected))
         if r <= 0:
             return x, size
-        metric = k.mean(dim=1)  # (B, N, head_dim): keys averaged over heads
-        m = bipartite_matching(metric, r, self.class_token, self.distill_token)
+        metric = x if k is None else k.mean(dim=1)  # (B, N, C): keys averaged over heads (or the tokens)
+        order = None
+        if self.split == "random" and self.training:
+            B, N, D = x.shape
+            order = random_order(B, N, self.num_protected, x.device)
+            x = x.gather(1, order[..., None].expand(B, N, D))
+            metric = metric.gather(1, order[..., None].expand(B, N, metric.shape[-1]))
+            size = None if size is None else size.gather(1, order[..., None])
+        m = bipartite_matching(metric, r, self.num_protected)
         if self.trace is not None:
-            self._trace(x, size, m)
-        return merge_wavg(x, size, m, self.modulator, self.distill_token)
+            self._trace(x, size, m, order)
+        return merge_wavg(x, size, m, self.modulator, self.num_protected)
 
     @torch.no_grad()
-    def _trace(self, x: torch.Tensor, size: torch.Tensor | None, m: Matching) -> None:
-        """Report the merge of matching ``m`` (and, with a modulator, its strength) to ``self.trace``."""
+    def _trace(self, x: torch.Tensor, size: torch.Tensor | None, m: Matching, order: torch.Tensor | None) -> None:
+        """Report the merge of matching ``m`` (and, with a modulator, its strength) to ``self.trace``;
+        ``order``: the random split's permutation of the input tokens (None: alternate)."""
         B, N, D = x.shape
         n_unm, r, n_b = m.unm_idx.shape[1], m.src_idx.shape[1], N // 2
         ar = torch.arange(N, device=x.device).expand(B, N)
@@ -244,9 +300,13 @@ class ToMeMerge(TokenReducer):
         new_a.scatter_(1, m.src_idx[..., 0], n_unm + m.dst_idx[..., 0])
         new_of_old = torch.empty(B, N, dtype=torch.long, device=x.device)
         new_of_old[:, ::2], new_of_old[:, 1::2] = new_a, n_unm + ar[:, :n_b]
-        if self.distill_token:  # output order: class, distillation, the rest of A, the rest of B
-            c = new_of_old
-            new_of_old = torch.where(c == n_unm, 1, torch.where((c > 0) & (c < n_unm), c + 1, c))
+        pa, pb = prefix_split(self.num_protected)
+        if pb:  # output order: the prefix tokens (interleaved), the rest of A, the rest of B
+            cat_at = _prefix_first(ar[:1, :n_unm, None], ar[:1, n_unm:n_unm + n_b, None], pa, pb)[0, :, 0]
+            new_of_cat = torch.empty_like(cat_at).scatter_(0, cat_at, torch.arange(len(cat_at), device=x.device))
+            new_of_old = new_of_cat[new_of_old]
+        if order is not None:  # back to the input order
+            new_of_old = torch.empty_like(new_of_old).scatter_(1, order, new_of_old)
         if self.modulator is not None:
             s_all = x.new_ones(B, N, 1) if size is None else size
             s_src = s_all[:, ::2].gather(1, m.src_idx)
@@ -255,8 +315,11 @@ class ToMeMerge(TokenReducer):
             strength = torch.broadcast_to(self.modulator.gate(src, dst).mean(dim=-1), (B, r))
             per_token = torch.full((B, N), math.nan, device=x.device)
             per_token[:, ::2] = per_token[:, ::2].scatter(1, m.src_idx[..., 0], strength.float())
+            if order is not None:
+                per_token = torch.empty_like(per_token).scatter_(1, order, per_token)
             self.trace.modulate(per_token)
         self.trace.move(new_of_old)
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, protected={self.num_protected}"
+        split = "" if self.split == "alternate" else f", split={self.split}"
+        return f"r={self.r}, protected={self.num_protected}{split}"

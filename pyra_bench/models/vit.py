@@ -7,11 +7,21 @@ token *sizes* through the blocks:
 * :class:`ReducingAttention`: timm's attention on ``torch.nn.functional.scaled_dot_product_attention``,
   with proportional attention entering as an additive ``log(size)`` bias on the keys; it also returns
   ``q`` and ``k`` (references, nothing extra is computed) for the block's token reducer.
-* :class:`ReducingBlock`: ``x = x + attn(norm1(x)); x, size = token_reducer(x, size, q, k);
-  x = x + mlp(norm2(x))`` -- merging happens between attention and MLP (spec section 2).
-* the model's ``forward_features`` loops over the blocks carrying ``size``.
+* :class:`ReducingBlock`: ``x = x + ls1(attn(norm1(x))); x, size = token_reducer(x, size, q, k);
+  x = x + ls2(mlp(norm2(x)))`` -- merging happens between attention and MLP (spec section 2; layer scale
+  ``ls1``/``ls2``, DINOv2, is timm's own). ``merge_site="before_attention"`` (the paper's Fig. 3 reading,
+  ``backbone.merge_site``) calls the reducer on the block's input instead, before ``norm1``, with no keys
+  (``q = k = None``): ToMe then matches on the tokens themselves (the paper's Eq. 3).
+* the model's ``forward_tokens`` loops over the blocks carrying ``size`` (after timm's ``norm_pre``, the
+  CLIP pre-norm) and returns the tokens and their sizes; ``forward`` then uses timm's head, except that a
+  global-average-pool head (``global_pool='avg'``) averages the merged tokens *size-weighted*
+  (:meth:`~ReducingViTMixin.pool_sized`: a token of size s counts s times), over the tokens timm's pool
+  reads (prefix tokens excluded unless ``pool_include_prefix``). ``forward_features`` is timm's signature
+  (tokens only): code that pools its output itself must use ``forward_tokens`` + ``pool_sized``.
 
-With no reducer in any block the patched model computes exactly timm's function.
+Prefix tokens (class, distillation, registers: timm's ``num_prefix_tokens``, always the leading tokens) are
+protected from merging and pruning as one count, :func:`num_protected_tokens`. With no reducer in any
+block the patched model computes exactly timm's function.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import nn
 
 from ..errors import InputError
+from .backbones import MERGE_VARIANTS
 from .merging import TokenReducer
 
 
@@ -29,8 +40,12 @@ class UnsupportedModelError(InputError, TypeError):
     """A backbone the token-reducing patch (or a method) cannot handle; the message says what it needs."""
 
 
-_PLAIN_VIT = ("use a plain timm VisionTransformer with a class token and a class-token head (e.g. the "
-              "registered backbones: pyra_bench.models.BACKBONES)")
+_PLAIN_VIT = ("use a timm VisionTransformer with timm's Block and Attention and a class-token or average-pool "
+              "head (e.g. the registered backbones: pyra_bench.models.BACKBONES)")
+#: where in a block the token reducer runs (``backbone.merge_site``); the first is the official code's
+MERGE_SITES = MERGE_VARIANTS["merge_site"]
+#: heads whose pooling the patch handles (``global_pool``): the class token, a size-weighted average
+POOLS = ("token", "avg")
 
 
 class ReducingAttention(Attention):
@@ -53,12 +68,16 @@ class ReducingAttention(Attention):
 
 class ReducingBlock(Block):
     token_reducer: TokenReducer | None
+    merge_before_attention: bool = False
 
     def forward(self, x: torch.Tensor, size: torch.Tensor | None = None):  # type: ignore[override]
+        red = self.token_reducer
+        if red is not None and self.merge_before_attention:
+            x, size = red(x, size, None, None)
         x_attn, q, k = self.attn(self.norm1(x), size)
         x = x + self.drop_path1(self.ls1(x_attn))
-        if self.token_reducer is not None:
-            x, size = self.token_reducer(x, size, q, k)
+        if red is not None and not self.merge_before_attention:
+            x, size = red(x, size, q, k)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x, size
 
@@ -66,9 +85,8 @@ class ReducingBlock(Block):
 class ReducingViTMixin:
     """Mixed in front of the host model's class (VisionTransformer or a subclass such as DeiT-distilled)."""
 
-    def forward_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
-        if attn_mask is not None or is_causal:
-            raise NotImplementedError("token-reducing ViTs do not take attention masks")
+    def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The final-normed tokens and their sizes (None when nothing merged)."""
         x = self.patch_embed(x)
         x = self._pos_embed(x)
         x = self.patch_drop(x)
@@ -76,7 +94,29 @@ class ReducingViTMixin:
         size = None
         for blk in self.blocks:
             x, size = blk(x, size)
-        return self.norm(x)
+        return self.norm(x), size
+
+    def forward_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise NotImplementedError("token-reducing ViTs do not take attention masks")
+        return self.forward_tokens(x)[0]
+
+    def pool_sized(self, x: torch.Tensor, size: torch.Tensor | None) -> torch.Tensor:
+        """timm's ``pool``, except that an average-pool head weighs each token by its size."""
+        if size is None or self.global_pool != "avg":
+            return self.pool(x)
+        p = 0 if getattr(self, "pool_include_prefix", False) else self.num_prefix_tokens
+        x, size = x[:, p:], size[:, p:].to(x.dtype)
+        return (x * size).sum(dim=1) / size.sum(dim=1)
+
+    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise NotImplementedError("token-reducing ViTs do not take attention masks")
+        x, size = self.forward_tokens(x)
+        if size is None or self.global_pool != "avg":  # timm's head (DeiT-distilled: its own)
+            return self.forward_head(x)
+        x = self.head_drop(self.fc_norm(self.pool_sized(x, size)))
+        return self.head(x)
 
     def token_reducers(self) -> list[TokenReducer | None]:
         return [blk.token_reducer for blk in self.blocks]
@@ -91,36 +131,37 @@ def _reducing_class(cls: type) -> type:
     return _CLASS_CACHE[cls]
 
 
-def num_protected_tokens(model: VisionTransformer) -> tuple[bool, bool]:
-    """(has class token, has distillation token)."""
-    has_cls = getattr(model, "cls_token", None) is not None
-    has_dist = getattr(model, "dist_token", None) is not None
-    return has_cls, has_dist
+def num_protected_tokens(model: VisionTransformer) -> int:
+    """How many leading tokens never merge or get pruned: timm's prefix tokens (class, distillation and
+    register tokens)."""
+    return int(model.num_prefix_tokens)
 
 
-def patch_vit(model: VisionTransformer, prop_attn: bool = True) -> VisionTransformer:
-    """Patch ``model`` in place (idempotent). Refuses, by name, what the merge cannot handle."""
+def has_class_token(model: VisionTransformer) -> bool:
+    """Whether token 0 is a class token (what class-attention methods read)."""
+    return getattr(model, "cls_token", None) is not None
+
+
+def patch_vit(model: VisionTransformer, prop_attn: bool = True, merge_site: str = "after_attention") -> VisionTransformer:
+    """Patch ``model`` in place (idempotent; ``merge_site`` is set again). Refuses, by name, what the
+    merge cannot handle."""
+    if merge_site not in MERGE_SITES:
+        raise UnsupportedModelError(f"unknown merge_site {merge_site!r}; valid choices: {', '.join(MERGE_SITES)}")
     if isinstance(model, ReducingViTMixin):
+        for blk in model.blocks:
+            blk.merge_before_attention = merge_site == "before_attention"
         return model
     if not isinstance(model, VisionTransformer):
         raise UnsupportedModelError(f"expected a timm VisionTransformer, got {type(model).__name__}; {_PLAIN_VIT}")
-    has_cls, has_dist = num_protected_tokens(model)
-    if not has_cls:
+    if getattr(model, "attn_pool", None) is not None or model.global_pool not in POOLS:
         raise UnsupportedModelError(
-            "models without a class token (class_token=False) are not supported: token merging protects the "
-            f"class token and the head reads it; {_PLAIN_VIT}")
-    if getattr(model, "reg_token", None) is not None or getattr(model, "num_reg_tokens", 0):
-        raise UnsupportedModelError(
-            f"ViTs with register tokens (reg_tokens={getattr(model, 'num_reg_tokens', '?')}) are not supported: "
-            f"merging would mix them into the image tokens; {_PLAIN_VIT}")
-    if model.global_pool != "token" or getattr(model, "attn_pool", None) is not None:
-        raise UnsupportedModelError(
-            f"global_pool={model.global_pool!r} is not supported: merged tokens would be pooled unweighted; "
-            "create the model with global_pool='token' (class-token head), as the PYRA code does")
-    if model.num_prefix_tokens != int(has_cls) + int(has_dist):
-        raise UnsupportedModelError(
-            f"unexpected number of prefix tokens ({model.num_prefix_tokens}; expected class "
-            f"{int(has_cls)} + distillation {int(has_dist)}); {_PLAIN_VIT}")
+            f"global_pool={model.global_pool!r} is not supported (merged tokens have sizes the pooling must "
+            f"weigh); supported: {', '.join(POOLS)} (create the model with global_pool='token' or 'avg')")
+    if model.global_pool == "token" and not has_class_token(model):
+        raise UnsupportedModelError("global_pool='token' needs a class token; use global_pool='avg'")
+    if getattr(model, "dynamic_img_size", False):
+        raise UnsupportedModelError(f"dynamic_img_size=True is not supported (token counts are fixed per "
+                                    f"backbone); {_PLAIN_VIT}")
     for i, blk in enumerate(model.blocks):
         if type(blk) is not Block:
             raise UnsupportedModelError(
@@ -135,6 +176,7 @@ def patch_vit(model: VisionTransformer, prop_attn: bool = True) -> VisionTransfo
         blk.attn.prop_attn = prop_attn
         blk.__class__ = ReducingBlock
         blk.token_reducer = None
+        blk.merge_before_attention = merge_site == "before_attention"
     model.__class__ = _reducing_class(type(model))
     return model
 
@@ -142,7 +184,11 @@ def patch_vit(model: VisionTransformer, prop_attn: bool = True) -> VisionTransfo
 def set_token_reducers(model: nn.Module, reducers: list[TokenReducer | None]) -> None:
     if len(reducers) != len(model.blocks):
         raise ValueError(f"{len(reducers)} reducers for {len(model.blocks)} blocks")
-    for blk, red in zip(model.blocks, reducers):
+    for i, (blk, red) in enumerate(zip(model.blocks, reducers)):
+        if red is not None and getattr(blk, "merge_before_attention", False) and "before_attention" not in red.sites:
+            raise UnsupportedModelError(
+                f"block {i}: a {type(red).__name__} cannot run before the attention (backbone.merge_site="
+                f"before_attention); it needs the block's queries and keys: use merge_site=after_attention")
         blk.token_reducer = red
 
 

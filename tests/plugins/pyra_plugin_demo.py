@@ -16,7 +16,7 @@ class MyMethod(Method):
 
     def apply(self, model, ctx):
         super().apply(model, ctx)  # resolves and checks self.schedule from `compression`
-        set_token_reducers(model, [ToMeMerge(r, ctx.class_token, ctx.distill_token) if r else None
+        set_token_reducers(model, [ToMeMerge(r, ctx.num_protected) if r else None
                                    for r in self.schedule])
 
 
