@@ -98,3 +98,7 @@ class WriteFailedError(RunError, OSError):
 
     def __str__(self) -> str:  # the message alone (OSError would add "[Errno N]" and the file name again)
         return str(self.strerror)
+
+
+class UnsupportedModelError(InputError, TypeError):
+    """A backbone the token-reducing patch (or a method) cannot handle; the message says what it needs."""

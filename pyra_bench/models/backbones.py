@@ -27,8 +27,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError, InputFileNotFoundError
+from ..errors import ConfigError, InputFileNotFoundError, UnsupportedModelError
 from ..registry import Registry, UnknownChoiceError
+from .variants import MERGE_VARIANT_HELP, MERGE_VARIANTS, merge_variants, variant_suffix
 
 if TYPE_CHECKING:  # the registry is read without torch or timm (listings, --help); building imports them
     from timm.models.vision_transformer import VisionTransformer
@@ -56,42 +57,6 @@ class BackboneSpec:
 
 
 BACKBONES: Registry[BackboneSpec] = Registry("backbone")
-
-#: The labelled merge variants (backbone config keys) and their choices, the official code's first:
-#: ``merge_split`` -- ToMe's bipartite split: ``alternate`` (even/odd tokens, the official code) or
-#: ``random`` (a random partition per image and forward in training, as the paper's Eq. 2 reads;
-#: alternate in eval, so evaluation and timing are deterministic); ``merge_site`` -- where a block merges:
-#: ``after_attention`` (between attention and MLP, the official code) or ``before_attention`` (the block's
-#: input, before its attention, as the paper's Fig. 3; the similarity is then the tokens' own cosine, Eq. 3).
-MERGE_VARIANTS: dict[str, tuple[str, ...]] = {
-    "merge_split": ("alternate", "random"),
-    "merge_site": ("after_attention", "before_attention"),
-}
-#: One line each, for listings (``pyra-info options``).
-MERGE_VARIANT_HELP = {
-    "merge_split": "ToMe's bipartite split (tome, pyra): alternate = even/odd tokens (official code) | random = a "
-                   "random partition per image and forward in training, alternate in eval (the paper's Eq. 2)",
-    "merge_site": "where a block merges (tome, pyra): after_attention = between attention and MLP (official code) | "
-                  "before_attention = the block's input, matched on the tokens (the paper's Fig. 3 / Eq. 3)",
-}
-
-
-def merge_variants(bcfg: Mapping[str, Any]) -> dict[str, str]:
-    """``{"merge_split": ..., "merge_site": ...}`` of a backbone config (absent: the defaults), checked."""
-    out = {}
-    for key, choices in MERGE_VARIANTS.items():
-        v = bcfg.get(key) if bcfg.get(key) is not None else choices[0]
-        if v not in choices:
-            raise UnknownChoiceError(f"backbone.{key}", str(v), list(choices))
-        out[key] = str(v)
-    return out
-
-
-def variant_suffix(bcfg: Mapping[str, Any]) -> str:
-    """The merge variants' part of a run id after the backbone name: ``-merge_split=random`` etc., only for
-    non-default values (so ids of runs with the defaults, older ones included, do not change)."""
-    return "".join(f"-{k}={v}" for k, v in merge_variants(bcfg).items() if v != MERGE_VARIANTS[k][0])
-
 
 def _add(spec: BackboneSpec) -> None:
     BACKBONES.add(spec.name, spec)
@@ -236,8 +201,6 @@ def create_backbone(
         else:
             model = timm.create_model(spec.timm_name, pretrained=pretrained, num_classes=num_classes, **kwargs)
     except TypeError as e:  # e.g. img_size given to a model that is no ViT
-        from .vit import UnsupportedModelError
-
         raise UnsupportedModelError(f"backbone {spec.name!r} (timm {spec.timm_name}) cannot be built as a timm "
                                     f"VisionTransformer with {sorted(kwargs)}: {e}") from None
     if checkpoint is not None:

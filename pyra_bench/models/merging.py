@@ -42,7 +42,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .backbones import MERGE_VARIANTS
+from .variants import MERGE_VARIANTS
 
 
 class Matching(NamedTuple):

@@ -31,13 +31,9 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import nn
 
-from ..errors import InputError
-from .backbones import MERGE_VARIANTS
+from ..errors import InputError, UnsupportedModelError
+from .variants import MERGE_VARIANTS
 from .merging import TokenReducer
-
-
-class UnsupportedModelError(InputError, TypeError):
-    """A backbone the token-reducing patch (or a method) cannot handle; the message says what it needs."""
 
 
 _PLAIN_VIT = ("use a timm VisionTransformer with timm's Block and Attention and a class-token or average-pool "
