@@ -284,7 +284,8 @@ def make_model(cfg: DictConfig, num_classes: int, pretrained: bool, checkpoint: 
     import torch
 
     from .models import build_model
-    from .models.backbones import backbone_spec_from_config, merge_variants
+    from .models.backbones import backbone_spec_from_config
+    from .models.variants import merge_variants
 
     t, peft = cfg.get("trainer") or {}, cfg.get("peft") or {}
     tp = timing if timing is not None else {**(cfg.get("throughput") or {}), "device": run_device(cfg)}

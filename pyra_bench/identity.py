@@ -83,7 +83,7 @@ def method_key(method_cfg: DictConfig | Mapping) -> str:
 def run_id(cfg: DictConfig) -> str:
     """The run's id: ``<task>__<backbone>[-merge_split=..][-merge_site=..]__<method key>__<operating
     point>__seed<N>[__tune][__<run_tag>]`` (a merge variant only when not the default)."""
-    from .models.backbones import variant_suffix
+    from .models.variants import variant_suffix
 
     backbone = str(cfg.backbone.name) + variant_suffix(cfg.backbone)  # non-default merge variants only
     parts = [str(cfg.task.name), backbone, method_key(cfg.method), compression_str(cfg.compression),

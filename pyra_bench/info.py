@@ -248,7 +248,7 @@ def options(conf_dir: Path | None = None) -> list[Row]:
         if not opts:
             rows.append((f"method={name}", "(no options)"))
         rows += [(f"method={name} method.kwargs.{k}={v}", c) for k, v, c in opts]
-    from .models.backbones import MERGE_VARIANT_HELP, MERGE_VARIANTS  # (torch-free)
+    from .models.variants import MERGE_VARIANT_HELP, MERGE_VARIANTS  # (torch-free)
 
     rows += [(f"backbone.{k}={'|'.join(v)}", MERGE_VARIANT_HELP[k]) for k, v in MERGE_VARIANTS.items()]
     return rows

@@ -117,7 +117,7 @@ def _options_str(options: dict[str, Any]) -> str:
 def _run_tag(r: dict) -> str:
     """The record's ``run_tag``, with its non-default merge variants (``merge_split=random``) appended: such
     runs get rows of their own, named by the variant."""
-    from .models.backbones import MERGE_VARIANTS, variant_suffix
+    from .models.variants import MERGE_VARIANTS, variant_suffix
 
     tag = r.get("run_tag", (r.get("config") or {}).get("run_tag"))
     settings = r.get("settings") or {}

@@ -12,9 +12,8 @@ register tokens) are protected from merging and pruning; CLIP's pre-norm and DIN
 patched like the rest; what the patch cannot handle (other block or attention classes, attention-pool or
 max-pool heads, hybrid stems) is refused by name when the model is built.
 
-The labelled merge variants (:data:`MERGE_VARIANTS`, ``backbone.merge_split`` / ``backbone.merge_site``)
-are backbone config keys read by the run (:func:`merge_variants`); their first choice is the official
-code's, and only a non-default value enters the run id (:func:`variant_suffix`).
+The labelled merge variants (``backbone.merge_split`` / ``backbone.merge_site``) are backbone config keys
+too; their choices live in :mod:`pyra_bench.models.variants`.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, InputFileNotFoundError, UnsupportedModelError
 from ..registry import Registry, UnknownChoiceError
-from .variants import MERGE_VARIANT_HELP, MERGE_VARIANTS, merge_variants, variant_suffix
+from .variants import MERGE_VARIANTS
 
 if TYPE_CHECKING:  # the registry is read without torch or timm (listings, --help); building imports them
     from timm.models.vision_transformer import VisionTransformer

@@ -31,10 +31,9 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import nn
 
-from ..errors import InputError, UnsupportedModelError
-from .variants import MERGE_VARIANTS
+from ..errors import UnsupportedModelError
 from .merging import TokenReducer
-
+from .variants import MERGE_VARIANTS
 
 _PLAIN_VIT = ("use a timm VisionTransformer with timm's Block and Attention and a class-token or average-pool "
               "head (e.g. the registered backbones: pyra_bench.models.BACKBONES)")
