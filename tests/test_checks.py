@@ -471,7 +471,7 @@ def test_reachable_hub_passes(reachable_hub):
 
 
 def test_hanging_lookup_gives_up_after_the_timeout(no_env_offline, monkeypatch):
-    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: time.sleep(30))
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: time.sleep(30) or _Conn())
     t0 = time.perf_counter()
     with pytest.raises(HubUnreachableError):
         check_hub_reachable(timeout_s=0.3)
