@@ -14,15 +14,12 @@ registered by :func:`register_help_resolver`; ``${pyra_help:config,<name>}``: a 
 listing and ``--help`` must be faster than ``import torch`` (``scripts/bench_cli.py``), so nothing here
 imports torch or timm: the backbones and tasks come from their registries, which are plain data
 (:mod:`pyra_bench.models.backbones`, :mod:`pyra_bench.data.tasks`), and the built-in methods from their
-source files (:func:`source_methods`: the names, docstrings and constructor signatures the method registry
-gets when they are imported).
+declared options (:mod:`pyra_bench.methods.options`).
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
-import functools
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -75,90 +72,14 @@ def backbones(conf_dir: Path | None = None) -> list[Row]:
     return _merge("backbone", _config_names("backbone", conf_dir), BACKBONES.names(), describe, conf_dir)
 
 
-#: Where the built-in methods are defined (one module each, registered with ``@METHODS.register("<name>")``).
-METHODS_SRC = Path(__file__).resolve().parent / "methods"
-
-
-@functools.lru_cache(maxsize=4)
-def _parse_sources(src: Path) -> tuple[ast.Module, ...]:
-    return tuple(ast.parse(p.read_text(encoding="utf-8")) for p in sorted(src.glob("*.py")))
-
-
-def source_methods(src: Path | None = None) -> dict[str, tuple[ast.Module, ast.ClassDef, dict[str, ast.ClassDef]]]:
-    """The methods registered in the source files of ``src`` (the built-in ones), read without importing
-    them: name -> (its module's syntax tree, its class, every class of the package by name)."""
-    trees = _parse_sources(Path(src or METHODS_SRC))
-    classes = {n.name: n for t in trees for n in t.body if isinstance(n, ast.ClassDef)}
-    found = {}
-    for tree in trees:
-        for node in tree.body:
-            for d in getattr(node, "decorator_list", []) if isinstance(node, ast.ClassDef) else []:
-                if (isinstance(d, ast.Call) and ast.unparse(d.func).endswith("METHODS.register") and d.args
-                        and isinstance(d.args[0], ast.Constant)):
-                    found[str(d.args[0].value)] = (tree, node, classes)
-    return found
-
-
-def _class_attr(cls: ast.ClassDef, name: str) -> object:
-    for node in cls.body:
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
-            try:
-                return ast.literal_eval(node.value)
-            except ValueError:
-                return None
-    return None
-
-
-def method_description(tree: ast.Module, cls: ast.ClassDef) -> str:
-    """The first line of the docstring of the method's module (one method, one file), else of its class,
-    with its ``display_name`` where the name does not say it."""
-    doc = (ast.get_docstring(tree) or "").strip() or (ast.get_docstring(cls) or "").strip()
-    text = doc.splitlines()[0].strip() if doc else ""
-    label, name = _class_attr(cls, "display_name"), _class_attr(cls, "name")
-    return f"{text} [{label}]" if label and label != name and label not in text else text
-
-
-def _source_init(cls: ast.ClassDef, classes: dict[str, ast.ClassDef]) -> ast.FunctionDef | None:
-    """The ``__init__`` a class uses: its own, else the first base's (within the package) that has one."""
-    for node in cls.body:
-        if isinstance(node, ast.FunctionDef) and node.name == "__init__":
-            return node
-    for base in cls.bases:
-        if isinstance(base, ast.Name) and base.id in classes and base.id != cls.name:
-            init = _source_init(classes[base.id], classes)
-            if init is not None:
-                return init
-    return None
-
-
-def _source_signature(cls: ast.ClassDef, classes: dict[str, ast.ClassDef]) -> list[tuple[str, str]]:
-    """``(name, default)`` of the constructor options, as :func:`inspect.signature` has them (no ``self``,
-    no ``*args`` / ``**kwargs``; no default: ``""``)."""
-    init = _source_init(cls, classes)
-    if init is None:
-        return []
-    a = init.args
-    positional = [*a.posonlyargs, *a.args][1:]
-    defaults = [None] * (len(positional) - len(a.defaults)) + list(a.defaults)
-    out = []
-    for arg, default in [*zip(positional, defaults), *zip(a.kwonlyargs, a.kw_defaults)]:
-        if default is None:
-            out.append((arg.arg, ""))
-            continue
-        try:
-            out.append((arg.arg, _hydra_value(ast.literal_eval(default))))
-        except ValueError:
-            out.append((arg.arg, ast.unparse(default)))
-    return out
-
-
 def methods(conf_dir: Path | None = None) -> list[Row]:
-    """The built-in methods, read from their source files (:func:`source_methods`: the names, docstrings
-    and constructors the registry gets when they are imported, without importing torch), and every method
-    config; a method known only to the registry (a plug-in) is listed when it has a config."""
-    found = source_methods()
-    return _merge("method", _config_names("method", conf_dir), sorted(found),
-                  lambda n: method_description(*found[n][:2]), conf_dir)
+    """The built-in methods, described by their declared options (:mod:`pyra_bench.methods.options`, read
+    without importing torch), and every method config; a method known only to the registry (a plug-in) is
+    listed when it has a config."""
+    from .methods.options import BUILT_IN
+
+    return _merge("method", _config_names("method", conf_dir), sorted(BUILT_IN),
+                  lambda n: (BUILT_IN[n].__doc__ or "").strip().splitlines()[0], conf_dir)
 
 
 def tasks(conf_dir: Path | None = None) -> list[Row]:
@@ -224,15 +145,17 @@ def yaml_blocks(path: Path) -> list[str]:
 
 
 def method_options(name: str, conf_dir: Path | None = None) -> list[tuple[str, str, str]]:
-    """``(key, default, comment)`` of each ``kwargs`` entry of ``conf/method/<name>.yaml``, then the other
-    constructor options of a built-in method (default from its signature, read from its source file; see
-    :func:`source_methods`), no comment. A plug-in method: its config's options."""
+    """``(key, default, comment)`` of each ``kwargs`` entry of ``conf/method/<name>.yaml`` (its comment, else
+    the option's help), then the other declared options of a built-in method
+    (:mod:`pyra_bench.methods.options`). A plug-in method: its config's options."""
+    from .methods.options import BUILT_IN
+
     path = Path(conf_dir or CONF_DIR) / "method" / f"{name}.yaml"
-    rows = yaml_entries(path, "kwargs") if path.is_file() else []
+    fields = BUILT_IN[name].model_fields if name in BUILT_IN else {}
+    rows = [(k, v, c or (fields[k].description if k in fields else ""))
+            for k, v, c in (yaml_entries(path, "kwargs") if path.is_file() else [])]
     known = {k for k, _, _ in rows}
-    found = source_methods().get(name)
-    params = _source_signature(*found[1:]) if found else []
-    return rows + [(k, v, "") for k, v in params if k not in known and k != "schedule"]
+    return rows + [(k, _hydra_value(f.default), f.description) for k, f in fields.items() if k not in known]
 
 
 def _hydra_value(v: object) -> str:

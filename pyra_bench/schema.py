@@ -24,9 +24,9 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, NoReturn, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 
 def _Bad(kind: str, template: str, ctx: dict | None = None) -> ValueError:  # noqa: N802
@@ -35,10 +35,11 @@ def _Bad(kind: str, template: str, ctx: dict | None = None) -> ValueError:  # no
 
 
 def opt(default: Any, help: str, *, execution: bool = False, null: str | None = None, what: str | None = None,
-        **constraints: Any) -> Any:
+        key: str | None = None, **constraints: Any) -> Any:
     """One setting: its default and help; ``execution``: cannot change a result; ``null``: what null means;
-    ``what``: the noun of a choice's message; ``constraints``: pydantic's (``ge``, ``gt``, ``lt``, ``le``)."""
-    extra = {k: v for k, v in (("execution", execution), ("null", null), ("what", what)) if v}
+    ``what``: the noun of a choice's message; ``key``: where an :class:`Options` field is set, if not under
+    its prefix; ``constraints``: pydantic's (``ge``, ``gt``, ``lt``, ``le``)."""
+    extra = {k: v for k, v in (("execution", execution), ("null", null), ("what", what), ("key", key)) if v}
     return Field(default, description=help, json_schema_extra=extra or None, **constraints)
 
 
@@ -578,6 +579,98 @@ def check(cfg: Any, model: type[BaseModel], what: str, more: list[Problem] = ())
     found += [p for p in more if all(p.key != q.key for q in found)]
     if found:
         raise ConfigCheckError(what, found)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A component's options (a method's ``method.kwargs``, LoRA's): declared as fields, checked one at a time
+# ---------------------------------------------------------------------------------------------------------
+Int = Annotated[int, BeforeValidator(lambda v: int(v) if isinstance(v, float) and v.is_integer() else v)]
+
+
+def Items(item: Any, **bounds: Any) -> Any:  # noqa: N802
+    """A non-empty list of ``item`` within ``bounds`` (``ge``, ``gt``, ``le``, ``lt``)."""
+    return Annotated[list[Annotated[item, Field(**bounds)]], Field(min_length=1)]
+
+
+def _interval(meta: Any) -> str:
+    b = {a: getattr(x, a) for m in meta for x in getattr(m, "metadata", [m]) for a in ("ge", "gt", "le", "lt")
+         if type(x).__name__ == a.capitalize()}
+    lo, hi = b.get("ge", b.get("gt")), b.get("le", b.get("lt"))
+    if lo is not None and hi is not None:
+        return f" in {'(' if 'gt' in b else '['}{lo:g}, {hi:g}{')' if 'lt' in b else ']'}"
+    return f" {'>' if 'gt' in b else '>='} {lo:g}" if lo is not None else \
+        f" {'<' if 'lt' in b else '<='} {hi:g}" if hi is not None else ""
+
+
+def option_rule(ann: Any, meta: Any = ()) -> str:
+    """What an option's declaration allows, in words (``a number in (0, 1]``, ``an integer >= 1 or null``)."""
+    args = get_args(ann)
+    if get_origin(ann) is Annotated:
+        return option_rule(args[0], [*meta, *args[1:]])
+    if type(None) in args:
+        return option_rule(next(a for a in args if a is not type(None)), meta) + " or null"
+    if get_origin(ann) is Literal:
+        return f"one of the valid choices: {', '.join(args)}"
+    if get_origin(ann) is list:
+        item = option_rule(args[0]).replace("an integer", "integers").replace("a number", "numbers")
+        return f"a non-empty list of {item}"
+    kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(ann, "a valid value")
+    return kind + (_interval(meta) if ann in (int, float) else "")
+
+
+class Options(BaseModel):
+    """A component's options (a method's: ``method.kwargs.*``), each one ``opt(default, help, ...)`` line;
+    :meth:`check` validates given values and raises the first problem, naming the component, the option, its
+    value, what is allowed and the key that fixes it. A wrong type (``"abc"`` for a number, ``3.7`` for an
+    integer, a number for a name) is an :class:`~pyra_bench.errors.OptionTypeError`, a value out of range or
+    not among the choices a :class:`~pyra_bench.errors.ConfigError`. The docstring's first line describes
+    the component (``--help``)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+    owner: ClassVar[str] = "method"
+    prefix: ClassVar[str | None] = "method.kwargs"
+
+    @classmethod
+    def check(cls, values: dict[str, Any]) -> Options:
+        from omegaconf import OmegaConf
+
+        data = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else list(v) if isinstance(v, tuple) else v
+                for k, v in values.items()}
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            err = e.errors(include_url=False)[0]
+        name, value, i = str(err["loc"][0]), data[str(err["loc"][0])], (err["loc"][1:] or [None])[0]
+        info = cls.model_fields[name]
+        rule = option_rule(info.annotation, info.metadata)
+        kind = err["type"]
+        if kind.endswith("_type") or kind == "literal_error" and not isinstance(err["input"], str):
+            cls.wrong_type(name if i is None else f"{name}[{i}]", err["input"], rule, name)
+        why = "empty" if kind == "too_short" else f"entry {i} is {err['input']!r}" if i is not None else ""
+        cls.fail(name, value, rule, why=why)
+
+    @classmethod
+    def _fix(cls, name: str) -> str:
+        info = cls.model_fields.get(name)
+        key = (info and (info.json_schema_extra or {}).get("key")) or (f"{cls.prefix}.{name}" if cls.prefix else None)
+        return f"; set {key} to such a value" if key else ""
+
+    @classmethod
+    def fail(cls, name: str, value: Any, rule: str, why: str = "") -> NoReturn:
+        """Raise :class:`~pyra_bench.errors.ConfigError`: ``value`` has the right type, but ``rule`` says what
+        is allowed."""
+        from .errors import ConfigError
+
+        raise ConfigError(f"{cls.owner}: {name}={value!r} is not allowed{f' ({why})' if why else ''}: it must be "
+                          f"{rule}{cls._fix(name)}")
+
+    @classmethod
+    def wrong_type(cls, name: str, value: Any, rule: str, option: str | None = None) -> NoReturn:
+        """Raise :class:`~pyra_bench.errors.OptionTypeError`: ``value`` is not of the kind ``rule`` says."""
+        from .errors import OptionTypeError
+
+        raise OptionTypeError(f"{cls.owner}: {name} must be {rule}, got {value!r} ({type(value).__name__})"
+                              + cls._fix(option or name))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ def test_method_options_come_from_the_config_then_the_signature(tmp_path):
     (conf / "method" / "pyra.yaml").write_text("name: pyra\nkwargs:\n  variant: gated  # mine\nlr: null\n")
     opts = {k: (v, c) for k, v, c in info.method_options("pyra", conf)}
     assert opts["variant"] == ("gated", "mine")
-    assert opts["ln_eps"] == ("1e-05", "")  # not in this config: PYRAMethod's own default
+    assert opts["ln_eps"] == ("1e-05", "eps of the token-information LayerNorm")  # not in this config: declared
     assert "lr" not in opts  # outside kwargs
     (conf / "method" / "peft.yaml").write_text("name: peft\nkwargs: {}\n")
     lines = dict(info.options(conf))
@@ -107,48 +107,38 @@ def test_help_resolver_in_a_hydra_help(tmp_path):
     assert "\n  table2_vit_b             Table 2 (vit_b): 19 tasks" in p.stdout
 
 
-def _registry_methods() -> dict[str, tuple[str, list[tuple[str, str]]]]:
-    """The reference: what the method registry holds once the methods are imported -- each name, the first
-    docstring line of its module (else its class) and its constructor options with their defaults."""
-    import inspect
+def test_methods_are_described_by_their_declared_options(tmp_path):
+    """The listing (and --help) reads the built-in methods' declared options (pyra_bench.methods.options,
+    without torch): each method's description and every option with its default and help (those the config
+    does not set included); a plug-in method without declared options: its config's keys."""
+    from pyra_bench.methods.options import BUILT_IN
 
-    from pyra_bench.methods import METHODS
-
-    out = {}
-    for name in METHODS.names():
-        cls = METHODS.get(name)
-        if not cls.__module__.startswith("pyra_bench."):  # a plug-in another test of this worker registered
-            continue
-        doc = inspect.getdoc(sys.modules[cls.__module__]) or inspect.getdoc(cls) or ""
-        params = [(p.name, "" if p.default is p.empty else
-                   {None: "null", True: "true", False: "false"}.get(p.default, str(p.default))
-                   if isinstance(p.default, (bool, type(None))) else str(p.default))
-                  for p in list(inspect.signature(cls.__init__).parameters.values())[1:]
-                  if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "schedule"]
-        out[name] = (doc.splitlines()[0].strip(), params)
-    return out
-
-
-def test_methods_are_read_from_their_source_as_the_registry_has_them(tmp_path):
-    """The listing (and --help) reads the built-in methods from their source files, without importing
-    them: the names, descriptions and constructor options (a signature-only one included: ToMe's
-    flops_tolerance) are those of the imported registry."""
-    reference = _registry_methods()
     rows = dict(info.methods())
-    assert set(rows) == set(reference)
-    for name, (doc, params) in reference.items():
-        assert rows[name].startswith(doc), name
+    assert set(rows) == set(BUILT_IN)
+    for name, options in BUILT_IN.items():
         opts = {k: v for k, v, _ in info.method_options(name)}
         config = {k for k, _, _ in info.yaml_entries(CONF_DIR / "method" / f"{name}.yaml", "kwargs")}
-        assert {k: v for k, v in params if k not in config} == {k: v for k, v in opts.items() if k not in config}, name
-        assert set(opts) == config | {k for k, _ in params}, name
-    assert ("flops_tolerance", "0.01", "") in info.method_options("tome")
+        assert set(opts) == config | set(options.model_fields), name
+    assert ("flops_tolerance", "0.01", BUILT_IN["tome"].model_fields["flops_tolerance"].description) \
+        in info.method_options("tome")
     (tmp_path / "method").mkdir()
     (tmp_path / "method" / "mine.yaml").write_text("# My method, from a plug-in\nname: mine\nkwargs:\n  k: 3\n")
     rows = dict(info.methods(tmp_path))
     assert rows == {"mine": "My method, from a plug-in (defined by its config)",
                     **{n: f"{d} (no conf/ file: Python API only)" for n, d in info.methods()}}
     assert info.method_options("mine", tmp_path) == [("k", "3", "")]
+
+
+def test_declared_options_are_the_constructors():
+    """A method with declared options takes exactly them: its signature, defaults and validation."""
+    import inspect
+
+    from pyra_bench.methods import METHODS
+
+    for name in ("tome", "pyra", "rap"):
+        cls = METHODS.get(name)
+        assert list(inspect.signature(cls).parameters)[1:] == list(cls.options.model_fields), name
+        assert cls.option_defaults() == {n: f.default for n, f in cls.options.model_fields.items()}
 
 
 def test_launchers_are_hydras_default_and_the_launcher_configs():

@@ -1,4 +1,6 @@
-"""Method registry. Importing this package registers every built-in method.
+"""Method registry. The built-in methods are imported (and registered) the first time the registry is used
+(:data:`METHODS`, :func:`method_class`, ...); their options are read without them (and without torch) from
+:mod:`pyra_bench.methods.options`.
 
 A method defined outside the package is found in one of two ways, with no edit here:
 
@@ -19,18 +21,36 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, InputError
-from . import diffrate, evit, peft, pyra, rap, spvit, tome  # noqa: F401  (registration)
-from .base import METHODS, BuildContext, Method, Stage
+
+if TYPE_CHECKING:
+    from .base import Method
 
 __all__ = ["ENTRY_POINT_GROUP", "METHODS", "BuildContext", "Method", "Stage", "UntrustedTargetError", "display_name",
            "get_method", "loaded_method_config", "method_class"]
 
 #: The entry-point group searched for methods that are not registered.
 ENTRY_POINT_GROUP = "pyra_bench.methods"
-METHODS.entry_points = METHODS.entry_points or ENTRY_POINT_GROUP
+
+
+def _registry() -> Any:
+    """The registry, every built-in method registered (this imports them, and torch)."""
+    from . import diffrate, evit, peft, pyra, rap, spvit, tome  # noqa: F401  (registration)
+    from .base import METHODS
+
+    return METHODS
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: the registry and the interface, imported on first use
+    if name not in ("METHODS", "BuildContext", "Method", "Stage"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from . import base
+
+    _registry()
+    globals()[name] = getattr(base, name)
+    return globals()[name]
 
 
 def _import_target(target: str, name: str) -> type:
@@ -55,12 +75,15 @@ def method_class(name: str, target: str | None = None) -> type[Method]:
     Unknown names are looked up among the ``pyra_bench.methods`` entry points; still unknown, an
     :class:`~pyra_bench.registry.UnknownChoiceError` lists every choice.
     """
+    from .base import Method
+
+    registry = _registry()
     if not target:
-        cls = METHODS.get(name)
+        cls = registry.get(name)
     else:
         cls = _import_target(target, name)
-        if name in METHODS and METHODS.get(name) is not cls:
-            other = METHODS.get(name)
+        if name in registry and registry.get(name) is not cls:
+            other = registry.get(name)
             raise ConfigError(f"method {name!r} is already registered as {other.__module__}.{other.__qualname__}; "
                               f"_target_ {target!r} is another class. Give the config another name.")
     if not (isinstance(cls, type) and issubclass(cls, Method)):
@@ -71,8 +94,8 @@ def method_class(name: str, target: str | None = None) -> type[Method]:
                           f"(the config's `name:` and the class's `name =`)")
     if own is None:  # a plug-in class without a name of its own: the registry's name is its identity
         cls.name = name
-    if target and name not in METHODS:
-        METHODS.add(name, cls)
+    if target and name not in registry:
+        registry.add(name, cls)
     return cls
 
 
@@ -94,7 +117,7 @@ def loaded_method_config(method_cfg: Mapping[str, Any], source: str | os.PathLik
         return out
     name = str(out.get("name"))
     try:
-        cls = METHODS.get(name)  # a built-in, one registered by the user's config, or an installed entry point
+        cls = _registry().get(name)  # a built-in, one registered by the user's config, or an installed entry point
     except InputError:
         cls = None
     if cls is None or _dotted(cls) != str(target):
@@ -111,7 +134,7 @@ def display_name(name: str, fallback: str | None = None) -> str:
     """How tables and figures name a method: the class's ``display_name`` where it sets one, else
     ``fallback`` (e.g. a record's ``method_label``), else the registered name."""
     try:
-        cls = METHODS.get(name)
+        cls = _registry().get(name)
     except InputError:  # a record of a method that is not installed here
         cls = None
     label = getattr(cls, "display_name", None)

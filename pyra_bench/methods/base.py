@@ -25,6 +25,7 @@ from ..models.lora import merge_lora
 from ..models.macs import ViTGeometry
 from ..models.schedules import check_schedule, resolve_schedule
 from ..registry import Registry
+from ..schema import Options
 
 
 @dataclass(frozen=True)
@@ -95,11 +96,27 @@ class Method:
     #: ``backbone.merge_split`` / ``backbone.merge_site``; other methods refuse non-default values
     merge_variants: bool = False
 
+    #: the declared options (:mod:`pyra_bench.methods.options`): the constructor takes and validates them
+    #: (as ``self.opts``); None (a plug-in's own constructor): the constructor's keyword arguments are its options
+    options: type[Options] | None = None
+
     def __init__(self, schedule: Any = "none", **kwargs: Any):
-        if kwargs:
-            raise UnknownOptionError(f"method {self.name!r} got unknown options: {', '.join(sorted(kwargs))}")
+        unknown = sorted(set(kwargs) - set(self.options.model_fields if self.options else ()))
+        if unknown:
+            raise UnknownOptionError(f"method {self.name!r} got unknown options: {', '.join(unknown)}")
+        self.opts = self.options.check(kwargs) if self.options else None
         self.schedule_spec = schedule
         self.schedule: list[int] = []
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A class with declared options: ``inspect.signature`` shows them as its constructor's."""
+        super().__init_subclass__(**kwargs)
+        if "options" in vars(cls):
+            P = inspect.Parameter  # noqa: N806
+            first = inspect.signature(cls.__init__).parameters["schedule"]
+            cls.__signature__ = inspect.Signature([first] + [
+                P(n, P.KEYWORD_ONLY, default=f.default, annotation=f.annotation)
+                for n, f in cls.options.model_fields.items()])
 
     # -- identity -----------------------------------------------------------------------------------
     @classmethod
@@ -108,7 +125,10 @@ class Method:
 
     @classmethod
     def option_defaults(cls) -> dict[str, Any]:
-        """The constructor's options (all classes in the MRO) with their defaults; ``schedule`` excluded."""
+        """The options with their defaults: the declared ones, else the constructor's (all classes in the
+        MRO; ``schedule`` excluded)."""
+        if cls.options is not None:
+            return {n: f.default for n, f in cls.options.model_fields.items()}
         out: dict[str, Any] = {}
         for klass in reversed(cls.__mro__):
             init = klass.__dict__.get("__init__")
@@ -189,4 +209,4 @@ class Method:
         return {"method": self.name, "schedule": self.schedule}
 
 
-METHODS: Registry[type[Method]] = Registry("method")
+METHODS: Registry[type[Method]] = Registry("method", entry_points="pyra_bench.methods")

@@ -75,6 +75,7 @@ from ..models.macs import BudgetError, block_macs, budget_fraction, model_macs
 from ..models.merging import TokenReducer
 from ..models.schedules import ScheduleError
 from ..models.vit import set_token_reducers
+from . import options
 from .base import METHODS, BuildContext, Method, Stage
 
 #: DiffRate's published schedules (``compression_rate.json``; kept tokens incl. the class token, per block).
@@ -309,26 +310,17 @@ class DiffRateMethod(Method):
     name = "diffrate"
     display_name = "DiffRate"
     cost_factor = 1.1  # GPU time of a run relative to PEFT (sweep estimates without records)
+    options = options.DiffRate
 
-    def __init__(self, schedule: Any = "low", kept_schedule: Any = None, granularity: int = 4,
-                 search_epochs: float = 0.3, search_task: str | None = None, search_objective: str = "distill",
-                 flops_weight: float = 1542.0, budget_tolerance: float = 0.02, **kwargs: Any):
+    def __init__(self, schedule: Any = "low", **kwargs: Any):
         super().__init__(schedule, **kwargs)
-        from ..option_checks import OptionChecker
-
-        o = OptionChecker(f"method {self.name!r}", prefix="method.kwargs")
-        if kept_schedule is not None and not isinstance(kept_schedule, (str, list, tuple, dict)):
-            o.wrong_type("kept_schedule", kept_schedule, "null, 'published:<name>', a record/JSON file or "
-                                                       "{prune_kept: [...], merge_kept: [...]}")
-        if search_task is not None and not isinstance(search_task, str):
-            o.wrong_type("search_task", search_task, "null or a task name")
-        self.kept_schedule_opt = kept_schedule
-        self.granularity = o.integer("granularity", granularity, low=1)
-        self.search_epochs = o.number("search_epochs", search_epochs, low=0, low_open=True)
-        self.search_task = search_task
-        self.search_objective = o.choice("search_objective", search_objective, ("distill", "ce"))
-        self.flops_weight = o.number("flops_weight", flops_weight, low=0)
-        self.budget_tolerance = o.number("budget_tolerance", budget_tolerance, low=0)
+        o = self.opts
+        if o.kept_schedule is not None and not isinstance(o.kept_schedule, (str, list, tuple, dict)):
+            o.wrong_type("kept_schedule", o.kept_schedule, "null, 'published:<name>', a record/JSON file or "
+                                                           "{prune_kept: [...], merge_kept: [...]}")
+        self.kept_schedule_opt, self.granularity, self.search_epochs = o.kept_schedule, o.granularity, o.search_epochs
+        self.search_task, self.search_objective = o.search_task, o.search_objective
+        self.flops_weight, self.budget_tolerance = o.flops_weight, o.budget_tolerance
         self.stage = "train"
         self.prune_kept: list[int] | None = None
         self.merge_kept: list[int] | None = None

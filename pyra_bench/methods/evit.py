@@ -36,7 +36,7 @@ from torch import nn
 from ..models.macs import vit_macs
 from ..models.merging import TokenReducer
 from ..models.vit import UnsupportedModelError, set_token_reducers
-from ..option_checks import OptionChecker
+from . import options
 from .base import METHODS, BuildContext, Method
 from .diffrate import class_attention
 from .spvit import BudgetError, parse_budget
@@ -120,20 +120,15 @@ class EViTMethod(Method):
     name = "evit"
     display_name = "EViT"
     cost_factor = 0.75  # GPU time of a run relative to PEFT (sweep estimates without records)
+    options = options.EViT
 
-    def __init__(self, schedule: Any = "low", locations: list[int] | None = None, keep_rate: float | None = None,
-                 keep_rates: list[float] | None = None, fuse_token: bool = True, budget_tolerance: float = 0.02,
-                 **kwargs: Any):
+    def __init__(self, schedule: Any = "low", **kwargs: Any):
         super().__init__(schedule, **kwargs)
-        o = OptionChecker(f"method {self.name!r}", prefix="method.kwargs")
-        self.locations_opt = o.integers("locations", locations, low=0, none=True)
-        if self.locations_opt is not None and (not self.locations_opt
-                                               or sorted(set(self.locations_opt)) != self.locations_opt):
+        o = self.opts
+        self.locations_opt, self.keep_rate_opt, self.keep_rates_opt = o.locations, o.keep_rate, o.keep_rates
+        if self.locations_opt is not None and sorted(set(self.locations_opt)) != self.locations_opt:
             o.fail("locations", self.locations_opt, "a list of increasing block indices, e.g. [3, 6, 9]")
-        self.keep_rate_opt = o.number("keep_rate", keep_rate, low=0, high=1, low_open=True, none=True)
-        self.keep_rates_opt = o.numbers("keep_rates", keep_rates, low=0, high=1, low_open=True, none=True)
-        self.fuse_token = o.boolean("fuse_token", fuse_token)
-        self.budget_tolerance = o.number("budget_tolerance", budget_tolerance, low=0)
+        self.fuse_token, self.budget_tolerance = o.fuse_token, o.budget_tolerance
         self.budget = parse_budget(schedule, self.name)  # the form, before any work (None: compression=none)
         self.keep_rates: list[float] = []
         self.macs_fraction = 1.0
@@ -154,7 +149,7 @@ class EViTMethod(Method):
 
     def resolve_schedule(self, ctx: BuildContext) -> list[int]:
         """The keep rate per block (in :attr:`keep_rates`); returns the tokens removed per block."""
-        o = OptionChecker(f"method {self.name!r}", prefix="method.kwargs")
+        o = self.opts
         if not ctx.class_token:
             raise UnsupportedModelError(f"evit ranks tokens by the class token's attention; backbone "
                                         f"{ctx.backbone.name!r} has no class token")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ConfigError
+from . import options
 from .base import METHODS, BuildContext, Method
 
 
@@ -13,6 +14,7 @@ class PEFT(Method):
     name = "peft"
     display_name = "PEFT"
     cost_factor = 1.0  # GPU time of a run relative to PEFT (sweep estimates without records)
+    options = options.PEFT
 
     def __init__(self, schedule: Any = "none", **kwargs: Any):
         super().__init__(schedule, **kwargs)

@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 
 from ..models.pyra import build_modulator, check_modulator_options
+from . import options
 from .base import METHODS, BuildContext
 from .tome import ToMe
 
@@ -18,11 +19,12 @@ class PYRAMethod(ToMe):
     display_name = "PYRA"
     param_group = "pyra"
     bare_key_options = ("variant",)
+    options = options.PYRA
 
-    def __init__(self, schedule: Any = "high", variant: str = "full", wr_init: str = "uniform",
-                 ln_eps: float = 1e-5, **kwargs: Any):
+    def __init__(self, schedule: Any = "high", **kwargs: Any):
         super().__init__(schedule, **kwargs)
-        self.variant, self.wr_init, self.ln_eps = check_modulator_options(variant, wr_init, ln_eps)  # fail early
+        o = self.opts
+        self.variant, self.wr_init, self.ln_eps = check_modulator_options(o.variant, o.wr_init, o.ln_eps)
 
     def make_modulator(self, r: int, ctx: BuildContext) -> nn.Module:
         return build_modulator(self.variant, r, ctx.dim, wr_init=self.wr_init, ln_eps=self.ln_eps)

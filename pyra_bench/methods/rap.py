@@ -64,7 +64,7 @@ from __future__ import annotations
 import copy
 import random
 import warnings
-from typing import Any
+from typing import Any, get_args
 
 import torch
 import torch.nn.functional as F
@@ -74,13 +74,14 @@ from torch import nn
 from ..models.lora import LoRALinear
 from ..models.macs import model_macs, vit_macs
 from ..models.vit import UnsupportedModelError
-from ..option_checks import OptionChecker
+from ..schema import Options
+from . import options
 from .base import METHODS, BuildContext, Method, Stage
 from .spvit import BudgetError, parse_budget
 
 STAGES = ("lora", "prune", "retrain")
-RETRAIN_SETS = ("lora", "lora+bias", "lora+bias+norm")
-CRITERIA = ("l1", "random")
+RETRAIN_SETS = get_args(options.RaP.model_fields["retrain_params"].annotation)
+CRITERIA = get_args(options.RaP.model_fields["criterion"].annotation)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -169,7 +170,7 @@ def l1_mlp_scores(blk: nn.Module) -> torch.Tensor:
     return (_lin_weight(blk.mlp.fc1).abs().sum(1) + _lin_weight(blk.mlp.fc2).abs().sum(0)).cpu()
 
 
-def check_device(o: OptionChecker, name: str, device: Any) -> str:
+def check_device(o: Options, name: str, device: Any) -> str:
     """``auto``, ``cpu``, ``cuda``, ``cuda:<i>`` or ``mps``, and present on this machine."""
     rule = "auto, cpu, cuda, cuda:<index> or mps (a device this machine has)"
     if not isinstance(device, str):
@@ -218,26 +219,16 @@ class RaPMethod(Method):
     display_name = "RaP"
     cost_factor = 2.0  # GPU time of a run relative to PEFT (sweep estimates without records)
     param_group = "rap"
+    options = options.RaP
 
-    def __init__(self, schedule: Any = "low", num_candidates: int = 20, eval_batches: int = 4,
-                 criterion: str = "l1", min_ratio: float = 0.1, budget_tolerance: float = 0.01,
-                 mlp_unit: int | None = None, seed: int = 0, retrain_params: str = "lora+bias+norm",
-                 device: str = "auto", max_draws: int = 20000, lora_epochs: float = 1.0,
-                 prune_epochs: float = 0.0, retrain_epochs: float = 1.0, **kwargs: Any):
+    def __init__(self, schedule: Any = "low", **kwargs: Any):
         super().__init__(schedule, **kwargs)
-        o = OptionChecker(f"method {self.name!r}", prefix="method.kwargs")
-        self.num_candidates = o.integer("num_candidates", num_candidates, low=1)
-        self.eval_batches = o.integer("eval_batches", eval_batches, low=0)
-        self.criterion = o.choice("criterion", criterion, CRITERIA)
-        self.min_ratio = o.number("min_ratio", min_ratio, low=0, high=1, low_open=True)
-        self.budget_tolerance = o.number("budget_tolerance", budget_tolerance, low=0)
-        self.mlp_unit_opt = o.integer("mlp_unit", mlp_unit, low=1, none=True)
-        self.seed = o.integer("seed", seed)
-        self.retrain_params = o.choice("retrain_params", retrain_params, RETRAIN_SETS)
-        self.device = check_device(o, "device", device)
-        self.max_draws = o.integer("max_draws", max_draws, low=1)
-        self.epochs = {s: o.number(f"{s}_epochs", v, low=0)
-                       for s, v in (("lora", lora_epochs), ("prune", prune_epochs), ("retrain", retrain_epochs))}
+        o = self.opts
+        self.num_candidates, self.eval_batches, self.criterion = o.num_candidates, o.eval_batches, o.criterion
+        self.min_ratio, self.budget_tolerance, self.mlp_unit_opt = o.min_ratio, o.budget_tolerance, o.mlp_unit
+        self.seed, self.retrain_params, self.max_draws = o.seed, o.retrain_params, o.max_draws
+        self.device = check_device(o, "device", o.device)
+        self.epochs = {s: getattr(o, f"{s}_epochs") for s in ("lora", "prune", "retrain")}
         if parse_budget(schedule, self.name) is None:  # the form, before any work
             raise BudgetError("method 'rap' prunes channels to a FLOPs budget: use compression=low|high|"
                               f"flops:<fraction>, got compression={schedule!r}")
@@ -270,7 +261,7 @@ class RaPMethod(Method):
         for u, h in zip(self.units, self.hidden_full):
             if h % u:
                 divisors = [d for d in range(1, max(1, h // 12) + 1) if h % d == 0][-4:]
-                OptionChecker("method 'rap'", "method.kwargs").fail(
+                self.opts.fail(
                     "mlp_unit", u, f"null (auto) or a divisor of the MLP width {h}, e.g. {divisors}",
                     why=f"it does not divide the MLP width {h} of backbone {ctx.backbone.name!r}")
         pe = model.patch_embed

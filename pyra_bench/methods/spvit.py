@@ -78,7 +78,7 @@ from ..errors import ConfigError
 from ..models.macs import BUDGETS, block_macs, budget_fraction, model_macs, vit_macs
 from ..models.merging import TokenReducer
 from ..models.vit import set_token_reducers
-from ..option_checks import OptionChecker
+from . import options
 from .base import METHODS, BuildContext, Method, Stage
 
 #: The masked-token size in soft (training) mode: log(EPS) = -13.8 as a key bias.
@@ -274,25 +274,18 @@ class SPViTMethod(Method):
     display_name = "SPViT"
     cost_factor = 2.0  # GPU time of a run relative to PEFT (sweep estimates without records)
     param_group = "spvit"
+    options = options.SPViT
 
-    def __init__(self, schedule: Any = "low", selector_blocks: list[int] | None = None,
-                 selector_hidden: float = 1.0, keep_ratios: list[float] | None = None,
-                 ratio_weight: float = 2.0, flops_weight: float = 2.0, tau: float = 1.0,
-                 budget_tolerance: float = 0.01, lora_epochs: float = 1.0, prune_epochs: float = 0.5,
-                 retrain_epochs: float = 0.5, **kwargs: Any):
+    def __init__(self, schedule: Any = "low", **kwargs: Any):
         super().__init__(schedule, **kwargs)
-        o = OptionChecker(f"method {self.name!r}", prefix="method.kwargs")
-        self.selector_blocks_opt = o.integers("selector_blocks", selector_blocks, low=0, none=True)
+        o = self.opts
+        self.selector_blocks_opt = o.selector_blocks
         if self.selector_blocks_opt is not None and sorted(set(self.selector_blocks_opt)) != self.selector_blocks_opt:
             o.fail("selector_blocks", self.selector_blocks_opt, "a list of increasing block indices, e.g. [2, 5, 8]")
-        self.selector_hidden_opt = o.number("selector_hidden", selector_hidden, low=0, low_open=True)
-        self.keep_ratios_opt = o.numbers("keep_ratios", keep_ratios, low=0, high=1, low_open=True, none=True)
-        self.ratio_weight = o.number("ratio_weight", ratio_weight, low=0)
-        self.flops_weight = o.number("flops_weight", flops_weight, low=0)
-        self.tau = o.number("tau", tau, low=0, low_open=True)
-        self.budget_tolerance = o.number("budget_tolerance", budget_tolerance, low=0)
-        self.epochs = {s: o.number(f"{s}_epochs", v, low=0)
-                       for s, v in (("lora", lora_epochs), ("prune", prune_epochs), ("retrain", retrain_epochs))}
+        self.selector_hidden_opt, self.keep_ratios_opt = o.selector_hidden, o.keep_ratios
+        self.ratio_weight, self.flops_weight, self.tau = o.ratio_weight, o.flops_weight, o.tau
+        self.budget_tolerance = o.budget_tolerance
+        self.epochs = {s: getattr(o, f"{s}_epochs") for s in ("lora", "prune", "retrain")}
         if parse_budget(schedule, self.name) is None and self.keep_ratios_opt is None:  # the form, before any work
             raise BudgetError(f"method 'spvit' prunes tokens to a FLOPs budget: use compression=low|high|"
                               f"flops:<fraction> (or give method.kwargs.keep_ratios), got compression={schedule!r}")
@@ -308,7 +301,7 @@ class SPViTMethod(Method):
     # -- building -----------------------------------------------------------------------------------
     def resolve_schedule(self, ctx: BuildContext) -> list[int]:
         parse_budget(self.schedule_spec, self.name)  # the form (checked at construction too)
-        o = OptionChecker(f"method {self.name!r}", prefix="method.kwargs")
+        o = self.opts
         blocks = self.selector_blocks_opt or default_selector_blocks(ctx.depth)
         if blocks[-1] >= ctx.depth:
             o.fail("selector_blocks", blocks, f"increasing block indices in [0, {ctx.depth})",

@@ -20,6 +20,7 @@ from ..models.macs import operating_point
 from ..models.merging import ToMeMerge
 from ..models.schedules import check_schedule, schedule_for_macs
 from ..models.vit import set_token_reducers
+from . import options
 from .base import METHODS, BuildContext, Method
 
 
@@ -30,18 +31,13 @@ class ToMe(Method):
     execution_options = frozenset({"speedup_warmup_s", "speedup_duration_s", "speedup_cache"})
     cost_factor = 0.75  # GPU time of a run relative to PEFT (sweep estimates without records)
     merge_variants = True
+    options = options.ToMe
 
-    def __init__(self, schedule: Any = "none", flops_tolerance: float = 0.01, speedup_warmup_s: float = 2.0,
-                 speedup_duration_s: float = 3.0, speedup_cache: bool = True, **kwargs: Any):
+    def __init__(self, schedule: Any = "none", **kwargs: Any):
         super().__init__(schedule, **kwargs)
-        from ..option_checks import OptionChecker
-
-        o = OptionChecker(f"method {self.name!r}", prefix="method.kwargs")
-        self.flops_tolerance = o.number("flops_tolerance", flops_tolerance, low=0, high=1, low_open=True,
-                                        high_open=True)
-        self.speedup_warmup_s = o.number("speedup_warmup_s", speedup_warmup_s, low=0)
-        self.speedup_duration_s = o.number("speedup_duration_s", speedup_duration_s, low=0, low_open=True)
-        self.speedup_cache = o.boolean("speedup_cache", speedup_cache)
+        o = self.opts
+        self.flops_tolerance, self.speedup_cache = o.flops_tolerance, o.speedup_cache
+        self.speedup_warmup_s, self.speedup_duration_s = o.speedup_warmup_s, o.speedup_duration_s
         self.target = operating_point(schedule)  # validates flops:/speedup: forms early
         self.target_info: dict[str, Any] | None = None
         self.macs_fraction: float | None = None

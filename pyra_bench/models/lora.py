@@ -13,30 +13,35 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..option_checks import OptionChecker
+from ..schema import Int, Options, opt
 from .vit import UnsupportedModelError
 
-LORA_INITS = ("standard", "authors")
+
+class LoRAOptions(Options):
+    """LoRA's options, as :func:`check_lora_options` takes them."""
+
+    owner, prefix = "LoRA", None
+    rank: Int = opt(..., "LoRA rank", key="backbone.lora_rank (or lora_rank= of build_model)", ge=1)
+    alpha: float | None = opt(None, "LoRA alpha; null = rank", key="lora_alpha= of build_model", gt=0)
+    dropout: float = opt(0.0, "dropout on the LoRA branch's input", key="peft.dropout", ge=0, lt=1)
+    init: Literal["standard", "authors"] = opt("standard", "the initialisation", key="peft.init")
+
+
+LORA_INITS = get_args(LoRAOptions.model_fields["init"].annotation)
 
 
 def check_lora_options(rank: object, alpha: object = None, dropout: object = 0.0,
                        init: object = "standard") -> tuple[int, float | None, float, str]:
-    """Validate LoRA's options (cheap; call before building anything); returns them converted.
-
-    ``rank``: an integer >= 1 (config ``backbone.lora_rank``); ``alpha``: a number > 0 or None (= rank);
-    ``dropout``: in [0, 1) (``peft.dropout``); ``init``: one of :data:`LORA_INITS` (``peft.init``).
-    Raises :class:`~pyra_bench.errors.OptionTypeError` / :class:`~pyra_bench.errors.ConfigError`.
-    """
-    o = OptionChecker("LoRA")
-    return (o.integer("rank", rank, low=1, key="backbone.lora_rank (or lora_rank= of build_model)"),
-            o.number("alpha", alpha, low=0, low_open=True, none=True, key="lora_alpha= of build_model"),
-            o.number("dropout", dropout, low=0, high=1, high_open=True, key="peft.dropout"),
-            o.choice("init", init, LORA_INITS, key="peft.init"))
+    """Validate LoRA's options (cheap; call before building anything); returns them converted (raises
+    :class:`~pyra_bench.errors.OptionTypeError` / :class:`~pyra_bench.errors.ConfigError`)."""
+    o = LoRAOptions.check({"rank": rank, "alpha": alpha, "dropout": dropout, "init": init})
+    return o.rank, o.alpha, o.dropout, o.init
 
 
 class LoRALinear(nn.Linear):
@@ -86,7 +91,7 @@ class LoRALinear(nn.Linear):
             nn.init.trunc_normal_(self.lora_a.weight, std=0.02)
             nn.init.trunc_normal_(self.lora_b.weight, std=0.02)
         else:
-            OptionChecker("LoRA").choice("init", init, LORA_INITS, key="peft.init")
+            LoRAOptions.check({"rank": self.rank, "init": init})
 
     def delta_weight(self) -> torch.Tensor:
         """``scale * B @ A`` in float32, shape (out, in)."""

@@ -29,25 +29,24 @@ Ablation variants (Tables 6-8). Where the paper leaves a detail open, the choice
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import torch
 from torch import nn
 
-from ..option_checks import OptionChecker
+from ..methods.options import PYRA as PYRAOptions
 from ..registry import Registry
 
 MODULATORS: Registry[type[nn.Module]] = Registry("PYRA variant")
-WR_INITS = ("uniform", "normal", "zeros")
+WR_INITS = get_args(PYRAOptions.model_fields["wr_init"].annotation)
 
 
 def check_modulator_options(variant: object = "full", wr_init: object = "uniform",
                             ln_eps: object = 1e-5) -> tuple[str, str, float]:
     """Validate PYRA's options (``method.kwargs.variant/wr_init/ln_eps``); returns them converted."""
-    o = OptionChecker("method 'pyra'", prefix="method.kwargs")
-    if not isinstance(variant, str):
-        o.wrong_type("variant", variant, f"one of the valid choices: {', '.join(MODULATORS.names())}")
-    MODULATORS.get(variant)  # UnknownChoiceError (a KeyError) listing the variants
-    return variant, o.choice("wr_init", wr_init, WR_INITS), o.number("ln_eps", ln_eps, low=0, low_open=True)
+    o = PYRAOptions.check({"variant": variant, "wr_init": wr_init, "ln_eps": ln_eps})
+    MODULATORS.get(o.variant)  # UnknownChoiceError (a KeyError) listing the variants
+    return o.variant, o.wr_init, o.ln_eps
 
 
 class _Modulator(nn.Module):
@@ -81,7 +80,7 @@ def _init_wr(w: torch.Tensor, init: str) -> None:
     elif init == "zeros":
         nn.init.zeros_(w)
     else:
-        OptionChecker("method 'pyra'", prefix="method.kwargs").choice("wr_init", init, WR_INITS)
+        PYRAOptions.check({"wr_init": init})
 
 
 @MODULATORS.register("full")
