@@ -25,28 +25,8 @@ from urllib.parse import urlparse
 from omegaconf import DictConfig, OmegaConf
 
 from . import schema
-from .errors import ConfigCheckError, HubUnreachableError, InputError
-from .schema import (  # noqa: F401  (the names' home is the schema; tests read them here too)
-    ACCELERATORS,
-    EVALUATIONS,
-    PRECISION_ALIASES,
-    PRECISIONS,
-    PROTOCOLS,
-    STRATEGIES,
-    Problem,
-    _lightning_loaded,
-    lightning_accelerators,
-    lightning_precisions,
-    lightning_strategies,
-    output_dir_problem,
-)
-
-
-def check_output_dir(path: str | os.PathLike, key: str = "results_dir") -> None:
-    """Raise :class:`ConfigCheckError` when ``path`` cannot be used as an output folder (creates nothing)."""
-    if (why := output_dir_problem(path)) is not None:
-        raise ConfigCheckError("output folder", [Problem(key, str(path), f"{why}; set {key}=<a folder you can "
-                                                                          f"write to>")])
+from .errors import HubUnreachableError, InputError
+from .schema import PRECISION_ALIASES, PRECISIONS, Problem, output_dir_problem
 
 
 def resolved(cfg: DictConfig, skip: tuple[str, ...] = ("hydra", "logger", "callbacks")) -> tuple[dict, list[Problem]]:
@@ -85,7 +65,7 @@ def visible_devices(accelerator: str) -> int:
     importing Lightning unless it is loaded already or XLA (tpu) is installed."""
     import importlib.util
 
-    if not _lightning_loaded() and accelerator in ACCELERATORS and (
+    if not schema._lightning_loaded() and accelerator in schema.ACCELERATORS and (
             accelerator != "tpu" or importlib.util.find_spec("torch_xla") is None):
         import torch
 
@@ -128,7 +108,7 @@ def _no_device_message(accelerator: str) -> str:
 def _hardware_problems(t: dict) -> list[Problem]:
     """What ``trainer``'s accelerator, devices and precision ask of this machine (their names: the schema)."""
     acc, devices, prec, k = t.get("accelerator", "auto"), t.get("devices", 1), t.get("precision"), "trainer."
-    if acc not in lightning_accelerators():
+    if acc not in schema.lightning_accelerators():
         return []
     concrete = _concrete_accelerator(acc)
     visible = visible_devices(concrete) if concrete else 0

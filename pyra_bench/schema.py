@@ -29,11 +29,6 @@ from typing import Annotated, Any, ClassVar, Literal, NoReturn, Union, get_args,
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 
-def _Bad(kind: str, template: str, ctx: dict | None = None) -> ValueError:  # noqa: N802
-    """A validator's refusal: pydantic reports a ``ValueError`` raised in a validator as ``value_error``."""
-    return ValueError(template.format(**(ctx or {})))
-
-
 def opt(default: Any, help: str, *, execution: bool = False, null: str | None = None, what: str | None = None,
         key: str | None = None, **constraints: Any) -> Any:
     """One setting: its default and help; ``execution``: cannot change a result; ``null``: what null means;
@@ -56,11 +51,12 @@ EVAL_PRECISIONS = ("auto", "32", "32-true", "fp32", "bf16", "bf16-mixed")
 SEED_LIMIT = 2**32
 
 
-def _choices(values: tuple, what: str):
+def _choices(values: tuple, what: str) -> Any:
+    """A validator taking one of ``values`` (a validator's ``ValueError`` is pydantic's ``value_error``)."""
     def check(v: Any) -> Any:
         if isinstance(v, (bool, float)) or v not in values:
-            raise _Bad("choice", "unknown {what}; valid choices: {c}",
-                                      {"what": what, "c": ", ".join("null" if c is None else str(c) for c in values)})
+            c = ", ".join("null" if c is None else str(c) for c in values)
+            raise ValueError(f"unknown {what}; valid choices: {c}")
         return v
     return check
 
@@ -90,9 +86,9 @@ def output_dir_problem(path: str | os.PathLike) -> str | None:
 
 def _out_dir(v: Any) -> Any:
     if v is None or not isinstance(v, str) or v.strip() == "":
-        raise _Bad("dir", "must be a folder path; set it to <folder>")
+        raise ValueError("must be a folder path; set it to <folder>")
     if (why := output_dir_problem(v)) is not None:
-        raise _Bad("dir", "{why}; set it to <a folder you can write to>", {"why": why})
+        raise ValueError(f"{why}; set it to <a folder you can write to>")
     return v
 
 
@@ -167,18 +163,6 @@ def _lightning_loaded() -> bool:
     return "lightning.pytorch" in sys.modules
 
 
-@functools.cache
-def lightning_precisions() -> tuple[Any, ...]:
-    """Every ``precision`` value Lightning's Trainer accepts, from Lightning itself (names, ints, aliases);
-    the checks use the copy :data:`PRECISIONS`."""
-    from typing import get_args
-
-    from lightning.fabric.plugins.precision import precision as p
-
-    return (get_args(p._PRECISION_INPUT_STR) + get_args(p._PRECISION_INPUT_INT)
-            + get_args(p._PRECISION_INPUT_STR_ALIAS))
-
-
 def lightning_accelerators() -> tuple[str, ...]:
     """``auto``, ``gpu`` and every accelerator registered with Lightning (cpu, cuda, mps, tpu ...)."""
     if not _lightning_loaded():
@@ -195,6 +179,33 @@ def lightning_strategies() -> tuple[str, ...]:
     from lightning.pytorch.strategies import StrategyRegistry
 
     return ("auto", *StrategyRegistry.available_strategies())
+
+
+def _precision(v: Any) -> Any:
+    if isinstance(v, (float, bool)) or v not in PRECISIONS:
+        raise ValueError(f"not a precision Lightning accepts; valid choices: {', '.join(map(str, PRECISIONS))} (e.g. "
+                         f"trainer.precision=32-true)")
+    return v
+
+
+def _strategy(v: Any) -> Any:
+    if isinstance(v, str) and v.lower() not in lightning_strategies():
+        raise ValueError(f"unknown Lightning strategy; valid choices: {', '.join(lightning_strategies())} (multi-GPU: "
+                         f"trainer.strategy=ddp)")
+    return v
+
+
+def _devices(v: Any) -> Any:
+    if isinstance(why := _parse_devices(v), str):
+        raise ValueError(f"{why}; valid: a count >= 1, -1 (all visible), auto, or a list of device indices such as "
+                         f"[0,1] (e.g. trainer.devices=1)")
+    return v
+
+
+def _deterministic(v: Any) -> Any:
+    if not (isinstance(v, bool) or v == "warn"):
+        raise ValueError("must be true, false or 'warn' (Lightning's); set trainer.deterministic=false")
+    return v
 
 
 class Trainer(Section):
@@ -233,79 +244,44 @@ class Trainer(Section):
     @field_validator("warmup_epochs")
     @classmethod
     def _below_epochs(cls, v: int, info: Any) -> int:
-        epochs = info.data.get("epochs")
-        if epochs is not None and v >= epochs:
-            raise _Bad("range", "must be a whole number >= 0 and < trainer.epochs={e} (linear warm-up "
-                                      "epochs); set e.g. trainer.warmup_epochs=0", {"e": epochs})
+        if (e := info.data.get("epochs")) is not None and v >= e:
+            raise ValueError(f"must be a whole number >= 0 and < trainer.epochs={e} (linear warm-up epochs); set "
+                             f"e.g. trainer.warmup_epochs=0")
         return v
-
-    _evaluation = field_validator("evaluation")(lambda v: _choices(EVALUATIONS, "evaluation schedule")(v))
 
     @field_validator("eval_every")
     @classmethod
     def _every(cls, v: Any, info: Any) -> Any:
-        kind = info.data.get("evaluation")
-        if kind in ("final", "epochs"):
+        if info.data.get("evaluation") in ("final", "epochs"):
             if v is not None and v < 0:
-                raise _Bad("range", "must be null (not used) or a whole number >= 0")
+                raise ValueError("must be null (not used) or a whole number >= 0")
         elif v is None or v < 1:
-            raise _Bad("range", "must be a whole number >= 1 (evaluate every this many epochs and "
-                                      "after the last; for the last only set trainer.evaluation=final)")
+            raise ValueError("must be a whole number >= 1 (evaluate every this many epochs and after the last; for "
+                             "the last only set trainer.evaluation=final)")
         return v
 
     @field_validator("eval_epochs")
     @classmethod
     def _epochs(cls, v: Any, info: Any) -> Any:
-        if v is None:
-            if info.data.get("evaluation") == "epochs":
-                raise _Bad("range", "trainer.evaluation=epochs needs the list of epochs to evaluate "
-                                          "after; set e.g. trainer.eval_epochs=[1,50,100], or trainer.evaluation=every_n")
-        elif not isinstance(v, list) or not v or not all(isinstance(e, int) and not isinstance(e, bool) and e >= 1
-                                                         for e in v):
-            raise _Bad("range", "must be null or a non-empty list of epochs, each a whole number >= 1")
-        elif len(set(v)) != len(v):
-            raise _Bad("range", "lists an epoch twice; give each epoch once, e.g. [1,50,100]")
+        if v is None and info.data.get("evaluation") == "epochs":
+            raise ValueError("trainer.evaluation=epochs needs the list of epochs to evaluate after; set e.g. "
+                             "trainer.eval_epochs=[1,50,100], or trainer.evaluation=every_n")
+        if v is not None and (not isinstance(v, list) or not v or not all(
+                isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in v)):
+            raise ValueError("must be null or a non-empty list of epochs, each a whole number >= 1")
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError("lists an epoch twice; give each epoch once, e.g. [1,50,100]")
         return v
 
+    _precision = field_validator("precision")(lambda v: _precision(v))
+    _strategy = field_validator("strategy")(lambda v: _strategy(v))
+    _devices = field_validator("devices")(lambda v: _devices(v))
+    _deterministic = field_validator("deterministic")(lambda v: _deterministic(v))
+    _evaluation = field_validator("evaluation")(lambda v: _choices(EVALUATIONS, "evaluation schedule")(v))
     _eval_precision = field_validator("eval_precision")(
         lambda v: _choices(EVAL_PRECISIONS, "evaluation precision")(str(v) if isinstance(v, int) else v))
-
-    @field_validator("precision")
-    @classmethod
-    def _precision(cls, v: Any) -> Any:
-        if isinstance(v, (float, bool)) or v not in PRECISIONS:
-            raise _Bad("choice", "not a precision Lightning accepts; valid choices: {c} (e.g. "
-                                      "trainer.precision=32-true)", {"c": ", ".join(map(str, PRECISIONS))})
-        return v
-
-    @field_validator("accelerator")
-    @classmethod
-    def _accelerator(cls, v: Any) -> Any:
-        return _choices(lightning_accelerators(), "Lightning accelerator")(v)
-
-    @field_validator("strategy")
-    @classmethod
-    def _strategy(cls, v: Any) -> Any:
-        if isinstance(v, str) and v.lower() not in lightning_strategies():
-            raise _Bad("choice", "unknown Lightning strategy; valid choices: {c} (multi-GPU: "
-                                      "trainer.strategy=ddp)", {"c": ", ".join(lightning_strategies())})
-        return v
-
-    @field_validator("devices")
-    @classmethod
-    def _devices(cls, v: Any) -> Any:
-        if isinstance(why := _parse_devices(v), str):
-            raise _Bad("devices", "{why}; valid: a count >= 1, -1 (all visible), auto, or a list of "
-                                      "device indices such as [0,1] (e.g. trainer.devices=1)", {"why": why})
-        return v
-
-    @field_validator("deterministic")
-    @classmethod
-    def _deterministic(cls, v: Any) -> Any:
-        if not (isinstance(v, bool) or v == "warn"):
-            raise _Bad("choice", "must be true, false or 'warn' (Lightning's); set "
-                                      "trainer.deterministic=false")
-        return v
+    _accelerator = field_validator("accelerator")(
+        lambda v: _choices(lightning_accelerators(), "Lightning accelerator")(v))
 
 
 #: The recipe keys of ``trainer/`` (what is not a lightning.pytorch.Trainer option).
@@ -343,7 +319,7 @@ def _operating_point(v: Any) -> Any:
         if head == "flops" and not ok:
             why = f"a FLOPs budget is a fraction of the backbone's MACs in (0, 1], got {v!r}"
     if not ok:
-        raise _Bad("point", "{why}; valid forms: {f}", {"why": why, "f": OPERATING_POINTS})
+        raise ValueError(f"{why}; valid forms: {OPERATING_POINTS}")
     return v
 
 
@@ -515,26 +491,25 @@ def _field(model: type[BaseModel], loc: tuple) -> Any:
     return info
 
 
+_OPS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+
+
+def _bounds(meta: Any) -> dict[str, Any]:
+    """The bounds among pydantic's metadata (annotated_types' ``Ge``, ``Gt``, ...; a nested ``Field``'s)."""
+    return {a: getattr(x, a) for m in meta for x in getattr(m, "metadata", [m]) for a in _OPS
+            if type(x).__name__ == a.capitalize()}
+
+
 def rule(info: Any) -> str:
     """What a declared field allows, in words (``null (the whole split) or a whole number >= 1``)."""
     ann = str(info.annotation)
     kind = ("a whole number" if "int" in ann and "float" not in ann else "a finite number" if "float" in ann
             else "true or false" if "bool" in ann else "a string" if "str" in ann else "a valid value")
-    bounds = []
-    for m in info.metadata:
-        for op, attr in ((">=", "ge"), (">", "gt"), ("<=", "le"), ("<", "lt")):  # annotated_types' Ge, Gt, ...
-            if type(m).__name__ == attr.capitalize():
-                bounds.append(f"{op} {getattr(m, attr):{'g' if isinstance(getattr(m, attr), float) else ''}}")
-    text = kind + (" " + " and ".join(bounds) if bounds else "")
+    bounds = " and ".join(f"{_OPS[a]} {v:{'g' if isinstance(v, float) else ''}}"
+                          for a, v in _bounds(info.metadata).items())
+    text = kind + (" " + bounds if bounds else "")
     null = (info.json_schema_extra or {}).get("null")
     return f"null ({null}) or {text}" if null else text
-
-
-def _strip_union(loc: tuple) -> tuple:
-    """Drop a discriminated union's tag from an error location (``peft.lora.dropout`` -> ``peft.dropout``)."""
-    if len(loc) > 1 and loc[0] == "peft":
-        return (loc[0], *loc[2:])
-    return loc
 
 
 def problems(cfg: Any, model: type[BaseModel], prefix: str = "") -> list[Problem]:
@@ -549,7 +524,8 @@ def problems(cfg: Any, model: type[BaseModel], prefix: str = "") -> list[Problem
         errors = e.errors(include_url=False)
     out: dict[str, Problem] = {}
     for err in errors:
-        loc = _strip_union(tuple(str(x) for x in err["loc"]))
+        loc = tuple(str(x) for x in err["loc"])
+        loc = (loc[0], *loc[2:]) if len(loc) > 1 and loc[0] == "peft" else loc  # peft.lora.dropout: peft.dropout
         key = prefix + ".".join(loc)
         if key in out:
             continue
@@ -593,8 +569,7 @@ def Items(item: Any, **bounds: Any) -> Any:  # noqa: N802
 
 
 def _interval(meta: Any) -> str:
-    b = {a: getattr(x, a) for m in meta for x in getattr(m, "metadata", [m]) for a in ("ge", "gt", "le", "lt")
-         if type(x).__name__ == a.capitalize()}
+    b = _bounds(meta)
     lo, hi = b.get("ge", b.get("gt")), b.get("le", b.get("lt"))
     if lo is not None and hi is not None:
         return f" in {'(' if 'gt' in b else '['}{lo:g}, {hi:g}{')' if 'lt' in b else ']'}"

@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import pyra_bench.train  # noqa: F401  (registers the config resolvers run_id / first)
-from pyra_bench import checks
+from pyra_bench import checks, schema
 from pyra_bench.checks import check_bench_config, check_experiment_name, check_hub_reachable, check_run_config
 from pyra_bench.errors import (
     ConfigCheckError,
@@ -117,13 +117,13 @@ def test_protocols_match_train():
         from pyra_bench.identity import PROTOCOLS
     except ImportError:
         from pyra_bench.train import PROTOCOLS
-    assert checks.PROTOCOLS == tuple(PROTOCOLS)
+    assert schema.PROTOCOLS == tuple(PROTOCOLS)
 
 
 def test_evaluations_match_the_pipeline():
     pipeline = pytest.importorskip("pyra_bench.pipeline", reason="the run pipeline (issue 11) has not landed here",
                                    exc_type=ImportError)
-    assert checks.EVALUATIONS == tuple(pipeline.EVALUATIONS)
+    assert schema.EVALUATIONS == tuple(pipeline.EVALUATIONS)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -217,11 +217,21 @@ def test_unresolvable_value_is_named(base_run, base_bench, monkeypatch):
           "'${oc.env:PYRA_NOPE_XYZ}'")
 
 
+def lightning_precisions() -> tuple:
+    """Every ``precision`` value Lightning's Trainer accepts, from Lightning itself (names, ints, aliases)."""
+    from typing import get_args
+
+    from lightning.fabric.plugins.precision import precision as p
+
+    return (get_args(p._PRECISION_INPUT_STR) + get_args(p._PRECISION_INPUT_INT)
+            + get_args(p._PRECISION_INPUT_STR_ALIAS))
+
+
 def test_precision_names_are_lightnings():
     """Lightning itself accepts every precision the check accepts, and refuses what it refuses."""
     from lightning.fabric.connector import _convert_precision_to_unified_args
 
-    accepted = checks.lightning_precisions()
+    accepted = lightning_precisions()
     assert {"32-true", "16-mixed", "bf16-mixed", "64-true", 32, "bf16"} <= set(accepted)
     for p in accepted:
         _convert_precision_to_unified_args(p)
@@ -238,14 +248,14 @@ def test_lightning_name_copies_are_lightnings(monkeypatch):
     from lightning.pytorch.accelerators import AcceleratorRegistry
     from lightning.pytorch.strategies import StrategyRegistry
 
-    assert checks.PRECISIONS == checks.lightning_precisions()
-    assert checks.PRECISION_ALIASES == _PRECISION_INPUT_STR_ALIAS_CONVERSION
-    assert sorted(checks.ACCELERATORS) == sorted(AcceleratorRegistry.available_accelerators())
-    assert list(checks.STRATEGIES) == list(StrategyRegistry.available_strategies())
+    assert schema.PRECISIONS == lightning_precisions()
+    assert schema.PRECISION_ALIASES == _PRECISION_INPUT_STR_ALIAS_CONVERSION
+    assert sorted(schema.ACCELERATORS) == sorted(AcceleratorRegistry.available_accelerators())
+    assert list(schema.STRATEGIES) == list(StrategyRegistry.available_strategies())
     lightnings = {acc: checks.visible_devices(acc) for acc in ("cpu", "cuda", "mps", "tpu")}  # its classes
-    monkeypatch.setattr(checks, "_lightning_loaded", lambda: False)  # as before Lightning's import
+    monkeypatch.setattr(schema, "_lightning_loaded", lambda: False)  # as before Lightning's import
     assert {acc: checks.visible_devices(acc) for acc in lightnings} == lightnings
-    assert checks.lightning_accelerators() == ("auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators()))
+    assert schema.lightning_accelerators() == ("auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators()))
 
 
 # ---------------------------------------------------------------------------------------------------------
