@@ -343,16 +343,13 @@ def remember_hub_checks() -> Iterator[None]:
 
 def _hub_problem(backbone: str | None) -> str | None:
     """:func:`check_hub_reachable`'s refusal as one line (None: the weights can be had)."""
-    if _HUB_MEMO is not None and backbone in _HUB_MEMO:
-        return _HUB_MEMO[backbone]
-    try:
-        check_hub_reachable(backbone)
-        why = None
-    except HubUnreachableError as e:
-        why = str(e).replace("backbone.weights=hub needs", "needs").replace("\n  ", " ")
-    if _HUB_MEMO is not None:
-        _HUB_MEMO[backbone] = why
-    return why
+    memo = {} if _HUB_MEMO is None else _HUB_MEMO
+    if backbone not in memo:
+        try:
+            memo[backbone] = check_hub_reachable(backbone)  # (None)
+        except HubUnreachableError as e:
+            memo[backbone] = str(e).replace("backbone.weights=hub needs", "needs").replace("\n  ", " ")
+    return memo[backbone]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -92,6 +92,34 @@ def _resolvers():
             continue
 
 
+def test_a_plugin_may_declare_its_options_as_the_built_in_methods_do():
+    """A plug-in without declared options takes its constructor's (the template above); one that declares
+    them (``options = <a MethodOptions class>``) gets them validated, named by its signature and defaults."""
+    import inspect
+
+    from pyra_bench.errors import OptionTypeError, UnknownOptionError
+    from pyra_bench.methods.options import MethodOptions
+    from pyra_bench.schema import opt
+
+    class DeclaredOptions(MethodOptions):
+        name = "declared_demo"
+        k: int = opt(3, "a count", ge=1)
+
+    class Declared(Method):
+        name = "declared_demo"
+        options = DeclaredOptions
+
+    assert Declared(k=4).opts.k == 4 and Declared.option_defaults() == {"k": 3}
+    assert list(inspect.signature(Declared).parameters) == ["schedule", "k"]
+    with pytest.raises(ConfigError, match=r"^method 'declared_demo': k=0 is not allowed: it must be an integer >= 1; "
+                                          r"set method.kwargs.k to such a value$"):
+        Declared(k=0)
+    with pytest.raises(OptionTypeError, match=r"k must be an integer >= 1, got 'x' \(str\)"):
+        Declared(k="x")
+    with pytest.raises(UnknownOptionError, match="unknown options: j"):
+        Declared(j=1)
+
+
 def test_the_plugin_config_follows_the_sweep_budget(plugins):
     _resolvers()
     with initialize_config_dir(config_dir=str(paths.CONF_DIR), version_base="1.3"):
