@@ -30,11 +30,13 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 
 def opt(default: Any, help: str, *, execution: bool = False, null: str | None = None, what: str | None = None,
-        key: str | None = None, **constraints: Any) -> Any:
+        key: str | None = None, rule: str | None = None, **constraints: Any) -> Any:
     """One setting: its default and help; ``execution``: cannot change a result; ``null``: what null means;
-    ``what``: the noun of a choice's message; ``key``: where an :class:`Options` field is set, if not under
-    its prefix; ``constraints``: pydantic's (``ge``, ``gt``, ``lt``, ``le``)."""
-    extra = {k: v for k, v in (("execution", execution), ("null", null), ("what", what), ("key", key)) if v}
+    ``what``: the noun of a choice's message; ``key`` / ``rule``: where an :class:`Options` field is set, if
+    not under its prefix, and what it allows, if not what its type says; ``constraints``: pydantic's (``ge``,
+    ``gt``, ``lt``, ``le``)."""
+    extra = {k: v for k, v in (("execution", execution), ("null", null), ("what", what), ("key", key),
+                               ("rule", rule)) if v}
     return Field(default, description=help, json_schema_extra=extra or None, **constraints)
 
 
@@ -617,7 +619,7 @@ class Options(BaseModel):
             err = e.errors(include_url=False)[0]
         name, value, i = str(err["loc"][0]), data[str(err["loc"][0])], (err["loc"][1:] or [None])[0]
         info = cls.model_fields[name]
-        rule = option_rule(info.annotation, info.metadata)
+        rule = (info.json_schema_extra or {}).get("rule") or option_rule(info.annotation, info.metadata)
         kind = err["type"]
         if kind.endswith("_type") or kind == "literal_error" and not isinstance(err["input"], str):
             cls.wrong_type(name if i is None else f"{name}[{i}]", err["input"], rule, name)

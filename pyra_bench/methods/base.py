@@ -111,12 +111,14 @@ class Method:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """A class with declared options: ``inspect.signature`` shows them as its constructor's."""
         super().__init_subclass__(**kwargs)
+        P = inspect.Parameter  # noqa: N806
         if "options" in vars(cls):
-            P = inspect.Parameter  # noqa: N806
-            first = inspect.signature(cls.__init__).parameters["schedule"]
+            first = inspect.signature(cls.__init__).parameters.get("schedule", P("schedule", P.POSITIONAL_OR_KEYWORD))
             cls.__signature__ = inspect.Signature([first] + [
                 P(n, P.KEYWORD_ONLY, default=f.default, annotation=f.annotation)
                 for n, f in cls.options.model_fields.items()])
+        elif "__init__" in vars(cls):  # its own constructor: inspect reads it
+            cls.__signature__ = None
 
     # -- identity -----------------------------------------------------------------------------------
     @classmethod
@@ -125,11 +127,9 @@ class Method:
 
     @classmethod
     def option_defaults(cls) -> dict[str, Any]:
-        """The options with their defaults: the declared ones, else the constructor's (all classes in the
-        MRO; ``schedule`` excluded)."""
-        if cls.options is not None:
-            return {n: f.default for n, f in cls.options.model_fields.items()}
-        out: dict[str, Any] = {}
+        """The options with their defaults: the declared ones and the constructors' keyword arguments (all
+        classes in the MRO; ``schedule`` excluded)."""
+        out = {n: f.default for n, f in cls.options.model_fields.items()} if cls.options else {}
         for klass in reversed(cls.__mro__):
             init = klass.__dict__.get("__init__")
             if init is None or klass is object:

@@ -43,7 +43,7 @@ class PYRA(ToMe):
     """PYRA + LoRA: ToMe merging whose source tokens are modulated by PYRA (or one of the ablations)."""
 
     name = "pyra"
-    variant: str = opt("full", "the modulator: full (PYRA) or an ablation of Tables 6-8")
+    variant: Any = opt("full", "the modulator: full (PYRA) or an ablation of Tables 6-8 (models.pyra.MODULATORS)")
     wr_init: Literal["uniform", "normal", "zeros"] = opt("uniform", "initialisation of W_r")
     ln_eps: float = opt(1e-5, "eps of the token-information LayerNorm", gt=0)
 
@@ -87,7 +87,8 @@ class RaP(MethodOptions):
     mlp_unit: Int | None = opt(None, "MLP channels pruned in groups of this size; null = auto", ge=1)
     seed: Int = opt(0, "sampling seed")
     retrain_params: Literal["lora", "lora+bias", "lora+bias+norm"] = opt("lora+bias+norm", "what trains after pruning")
-    device: str = opt("auto", "where candidates are scored: auto | cpu | cuda | cuda:<index> | mps")
+    device: str = opt("auto", "where candidates are scored: auto | cpu | cuda | cuda:<index> | mps",
+                      rule="auto, cpu, cuda, cuda:<index> or mps (a device this machine has)")
     max_draws: Int = opt(20000, "random draws tried to hit the budget", ge=1)
     lora_epochs: float = opt(1.0, "LoRA stage length, a fraction of trainer.epochs", ge=0)
     prune_epochs: float = opt(0.0, "prune stage length, a fraction of trainer.epochs", ge=0)
@@ -101,7 +102,8 @@ class DiffRate(MethodOptions):
     kept_schedule: Any = opt(None, "null = search | published:<key> | a JSON file | {prune_kept, merge_kept}")
     granularity: Int = opt(4, "step between candidate kept-patch counts", ge=1)
     search_epochs: float = opt(0.3, "search stage length, a fraction of trainer.epochs", gt=0)
-    search_task: str | None = opt(None, "search on another task's train split; null = the run's task")
+    search_task: str | None = opt(None, "search on another task's train split; null = the run's task",
+                                  rule="null or a task name")
     search_objective: Literal["distill", "ce"] = opt("distill", "distill (label-free) | ce (task labels)")
     flops_weight: float = opt(1542.0, "weight of (MACs fraction - budget)^2", ge=0)
     budget_tolerance: float = opt(0.02, "warn if the MACs are further than this from the budget", ge=0)

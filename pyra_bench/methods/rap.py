@@ -172,7 +172,7 @@ def l1_mlp_scores(blk: nn.Module) -> torch.Tensor:
 
 def check_device(o: Options, name: str, device: Any) -> str:
     """``auto``, ``cpu``, ``cuda``, ``cuda:<i>`` or ``mps``, and present on this machine."""
-    rule = "auto, cpu, cuda, cuda:<index> or mps (a device this machine has)"
+    rule = o.model_fields[name].json_schema_extra["rule"]
     if not isinstance(device, str):
         o.wrong_type(name, device, rule)
     if device == "auto":

@@ -45,6 +45,8 @@ def check_modulator_options(variant: object = "full", wr_init: object = "uniform
                             ln_eps: object = 1e-5) -> tuple[str, str, float]:
     """Validate PYRA's options (``method.kwargs.variant/wr_init/ln_eps``); returns them converted."""
     o = PYRAOptions.check({"variant": variant, "wr_init": wr_init, "ln_eps": ln_eps})
+    if not isinstance(variant, str):
+        o.wrong_type("variant", variant, f"one of the valid choices: {', '.join(MODULATORS.names())}")
     MODULATORS.get(o.variant)  # UnknownChoiceError (a KeyError) listing the variants
     return o.variant, o.wr_init, o.ln_eps
 
