@@ -479,18 +479,8 @@ def show(v: Any) -> str:
 
 
 def _field(model: type[BaseModel], loc: tuple) -> Any:
-    """The FieldInfo at ``loc`` (None when it is not a declared field)."""
-    info = None
-    for part in loc:
-        fields = getattr(model, "model_fields", {})
-        name = next((n for n, f in fields.items() if part in (n, f.alias)), None)
-        if name is None:
-            return None
-        info = fields[name]
-        ann = info.annotation
-        model = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and
-                      issubclass(a, BaseModel)), None)
-    return info
+    """The FieldInfo at ``loc`` (None when it is not a declared field; under ``peft``, the first choice's)."""
+    return next((info for key, info, _ in _walk(model) if key == ".".join(loc)), None)
 
 
 _OPS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
