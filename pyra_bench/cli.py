@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .info import _config_names  # a group's choices: its configs
 from .paths import CONF_DIR
 
 
@@ -49,17 +50,12 @@ def hydra_app(config_name: str, config_path: str = str(CONF_DIR)) -> Callable[[C
     return deco
 
 
-def group_choices(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
-    folder = Path(conf_dir) / group
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
-
-
 def app_config_groups(conf_dir: Path = CONF_DIR) -> str:
     """Hydra's ``$APP_CONFIG_GROUPS`` of a help template: one ``group: choice, ...`` line per config group
     of ``conf_dir`` (folders holding configs, ``hydra/`` excepted), sorted, each line ending in a newline."""
     conf_dir = Path(conf_dir)
     groups = sorted({p.parent.relative_to(conf_dir).as_posix() for p in conf_dir.rglob("*.yaml")} - {"."})
-    return "".join(f"{g}: {', '.join(group_choices(g, conf_dir))}\n" for g in groups
+    return "".join(f"{g}: {', '.join(_config_names(g, conf_dir))}\n" for g in groups
                    if g != "hydra" and not g.startswith("hydra/"))
 
 
@@ -102,7 +98,7 @@ def unknown_choices(argv: Sequence[str], groups: Sequence[str], conf_dir: Path =
             continue
         if any(c in value for c in "()[]{}$*"):  # sweep functions, interpolations: left to Hydra
             continue
-        choices = group_choices(key, conf_dir)
+        choices = _config_names(key, conf_dir)
         if not choices:
             continue
         for v in value.split(","):
