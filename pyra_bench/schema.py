@@ -11,6 +11,9 @@ help -- written once, as pydantic models that mirror the config groups and files
 - A setting that cannot change a result (workers, devices, log intervals, progress, paths) is declared
   with ``execution=True``: :func:`execution_keys` and :func:`defaults` give :mod:`pyra_bench.identity` what a
   run's identity compares, and the default an older record that lacks a key is read with.
+- :class:`Options` is a component's options (a method's ``method.kwargs``, declared in
+  :mod:`pyra_bench.methods.options`; LoRA's), declared with the same ``opt()`` and checked one at a time by
+  its constructor, as the Python API needs them.
 
 Extending: a setting is one ``opt(...)`` line in its section; a new ``peft`` choice is one class with
 ``name: Literal["<choice>"]`` added to :data:`PEFT_CHOICES` (and ``conf/peft/<choice>.yaml``).

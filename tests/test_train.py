@@ -303,7 +303,7 @@ def test_help_lists_every_group_option_and_the_operating_points():
     assert "== The paper's recipe (trainer=paper) ==" in out and "AdamW" in out.split("recipe (trainer=paper)")[1]
     for name in builtin:
         assert re.search(rf"^  {name} +\S", out, re.M), name  # the method and its description
-        opts = info.method_options(name)  # the config's kwargs, then the signature (tests/test_info.py: as the registry's)
+        opts = info.method_options(name)  # the config's kwargs, then the declared options (methods/options.py)
         assert opts or f"method={name} " in out
         for key, default, _ in opts:
             assert re.search(rf"^  method={name} method\.kwargs\.{key}={re.escape(default)}( |$)", out, re.M), (name, key)
