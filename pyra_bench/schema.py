@@ -113,9 +113,48 @@ class Lora(Section):
                                               what="LoRA initialisation")
 
 
-#: The ``peft`` choices; add a class here for a new one.
-PEFT_CHOICES: tuple[type[Section], ...] = (Lora,)
+class Adapter(Section):
+    """``peft=adapter``: a bottleneck adapter on each block's MLP branch (the official PYRA/NOAH Adapter)."""
+
+    name: Literal["adapter"] = "adapter"
+    dim: int | None = opt(None, "the bottleneck width d (Linear D -> d -> D)",
+                          null="the backbone's adapter_dim: 4 / 8 / 12 for ViT-S / B / L", ge=1)
+    dropout: float = opt(0.1, "dropout after QuickGELU (a probability; the official drop_rate_adapter)", ge=0, lt=1)
+    init: Literal["standard", "authors"] = opt(
+        "standard", "standard: xavier-uniform weights, N(0, 1e-6) biases; authors: trunc-normal 0.02, zero biases "
+        "(what the official code's global init pass leaves)", what="adapter initialisation")
+
+
+class Vpt(Section):
+    """``peft=vpt``: VPT-deep, learned prompt tokens in every block (protected from merging and pruning)."""
+
+    name: Literal["vpt"] = "vpt"
+    num_tokens: int = opt(10, "prompt tokens per block (the official VISUAL_PROMPT_DIM)", ge=1)
+    dropout: float = opt(0.1, "dropout on the prompts (a probability; the official drop_rate_prompt)", ge=0, lt=1)
+
+
+class Prefix(Section):
+    """``peft=prefix``: learned keys and values prepended in every attention (prefix tuning)."""
+
+    name: Literal["prefix"] = "prefix"
+    num_tokens: int = opt(10, "learned keys and values per attention (the official PREFIX_DIM)", ge=1)
+
+
+#: The ``peft`` choices; add a class here for a new one (and its module in pyra_bench.models.peft).
+PEFT_CHOICES: tuple[type[Section], ...] = (Lora, Adapter, Vpt, Prefix)
 Peft = Annotated[Union[PEFT_CHOICES], Field(discriminator="name")]  # noqa: UP007 (a tuple of classes)
+
+
+class _PeftOnly(Section):
+    peft: Peft = opt(Lora(), "the parameter-efficient fine-tuning (conf/peft/)")
+
+
+def check_peft(options: dict[str, Any]) -> Section:
+    """A ``peft`` config (``{"name": "adapter", "dim": 8}``; no name: LoRA) validated: its schema object, or
+    one :class:`~pyra_bench.errors.ConfigCheckError` naming every bad key, value and what is allowed."""
+    data = {"peft": {"name": "lora", **dict(options)}}
+    check(data, _PeftOnly, "peft")
+    return _PeftOnly.model_validate(data).peft
 
 
 # ---------------------------------------------------------------------------------------------------------
