@@ -539,17 +539,23 @@ def show(v: Any) -> str:
 
 
 def _field(model: type[BaseModel], loc: tuple) -> Any:
-    """The FieldInfo at ``loc`` (None when it is not a declared field)."""
-    info = None
+    """The FieldInfo at ``loc`` (None when it is not a declared field); in a discriminated union (``peft``)
+    the part after the section is the choice's tag (``peft.adapter.dim``)."""
+    info, models = None, [model]
     for part in loc:
-        fields = getattr(model, "model_fields", {})
+        if len(models) > 1:
+            chosen = [m for m in models if getattr(m.model_fields.get("name"), "default", None) == part]
+            if chosen:
+                models = chosen
+                continue
+        fields = getattr(models[0], "model_fields", {})
         name = next((n for n, f in fields.items() if part in (n, f.alias)), None)
         if name is None:
             return None
         info = fields[name]
         ann = info.annotation
-        model = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and
-                      issubclass(a, BaseModel)), None)
+        models = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)] \
+            or [None]
     return info
 
 
@@ -587,11 +593,12 @@ def problems(cfg: Any, model: type[BaseModel], prefix: str = "") -> list[Problem
         errors = e.errors(include_url=False)
     out: dict[str, Problem] = {}
     for err in errors:
-        loc = _strip_union(tuple(str(x) for x in err["loc"]))
+        full = tuple(str(x) for x in err["loc"])
+        loc = _strip_union(full)
         key = prefix + ".".join(loc)
         if key in out:
             continue
-        info = _field(model, loc)
+        info = _field(model, full)
         if err["type"] == "value_error":  # a validator's own message
             message = err["msg"].removeprefix("Value error, ")
         elif err["type"] == "literal_error":
