@@ -541,22 +541,31 @@ def show(v: Any) -> str:
 def _field(model: type[BaseModel], loc: tuple) -> Any:
     """The FieldInfo at ``loc`` (None when it is not a declared field); in a discriminated union (``peft``)
     the part after the section is the choice's tag (``peft.adapter.dim``)."""
-    info, models = None, [model]
+    models = _models_at(model, loc[:-1]) if loc else []
+    fields = models[0].model_fields if models else {}
+    return next((f for n, f in fields.items() if loc[-1] in (n, f.alias)), None)
+
+
+def _models_at(model: type[BaseModel], loc: tuple) -> list[type[BaseModel]]:
+    """The section class(es) at ``loc`` (a discriminated union's tag picks its choice)."""
+    models: list[Any] = [model]
     for part in loc:
         if len(models) > 1:
             chosen = [m for m in models if getattr(m.model_fields.get("name"), "default", None) == part]
             if chosen:
                 models = chosen
                 continue
-        fields = getattr(models[0], "model_fields", {})
-        name = next((n for n, f in fields.items() if part in (n, f.alias)), None)
-        if name is None:
-            return None
-        info = fields[name]
+        info = next((f for n, f in getattr(models[0], "model_fields", {}).items() if part in (n, f.alias)), None)
+        if info is None:
+            return []
         ann = info.annotation
-        models = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)] \
-            or [None]
-    return info
+        models = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+    return [m for m in models if m is not None]
+
+
+def show_choice(loc: tuple) -> str:
+    """``peft=<choice>`` of an error location in the ``peft`` union (``("peft", "prefix", "dropout")``)."""
+    return f"peft={loc[1]}" if len(loc) > 2 else "peft"
 
 
 def rule(info: Any) -> str:
@@ -605,6 +614,10 @@ def problems(cfg: Any, model: type[BaseModel], prefix: str = "") -> list[Problem
             what = (info.json_schema_extra or {}).get("what") if info is not None else None
             message = (f"unknown {what or loc[-1]}; valid choices: "
                        + err["ctx"]["expected"].replace("'", "").replace(" or ", ", "))
+        elif err["type"] == "extra_forbidden":  # a key the section (for peft: the chosen class) does not have
+            owners = _models_at(model, full[:-1])
+            valid = ", ".join(owners[0].model_fields) if len(owners) == 1 else "see --help"
+            message = f"unknown setting{' of ' + show_choice(full) if loc[0] == 'peft' else ''}; valid keys: {valid}"
         elif err["type"] == "union_tag_invalid":
             message = f"unknown {loc[-1]}; valid choices: {err['ctx']['expected_tags'].replace(chr(39), '')}"
         elif info is not None:
