@@ -53,6 +53,9 @@ class BuildContext:
     #: only methods with ``Method.merge_variants`` accept other values than these defaults (the official code's)
     merge_split: str = "alternate"
     merge_site: str = "after_attention"
+    #: the PEFT choice (:class:`pyra_bench.models.peft.Peft`; None: LoRA): methods that time candidate
+    #: structures add the choices that do not fold (they stay in the inference model)
+    peft: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

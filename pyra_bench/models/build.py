@@ -124,7 +124,8 @@ def build_model(
                        num_input_tokens(model) + extra, num_protected_tokens(model) + extra, has_class_token(model),
                        geometry=adapt.geometry(ViTGeometry.from_model(model), spec), device=str(device),
                        bench_batch_size=bench_batch_size,
-                       bench_dtype=bench_dtype, model=model, merge_split=merge_split, merge_site=merge_site)
+                       bench_dtype=bench_dtype, model=model, merge_split=merge_split, merge_site=merge_site,
+                       peft=adapt)
     # Check the schedule before any further work (it is cheap and a common mistake).
     m.resolve_schedule(ctx)
     if checkpoint is not None:
