@@ -272,3 +272,13 @@ def test_bad_values_are_refused_through_the_schema(tmp_path, monkeypatch, capsys
         assert not list(cwd.iterdir())
     with pytest.raises(ConfigCheckError, match=r"peft.dropout=1.0: must be a finite number >= 0 and < 1"):
         make_peft({"name": "vpt", "dropout": 1.0})
+
+
+def test_source_tracing_counts_the_prompts_as_protected():
+    from pyra_bench.models.merging import trace_sources
+
+    model = build_model("vit_tiny_test", 5, "tome", [3, 2, 2], peft="vpt").eval()
+    with trace_sources(model) as trace, torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    assert trace.num_prefix == 11 and [b.tokens for b in trace.blocks] == [24, 22, 20]
+    assert all(b.groups.shape == (2, 16) and (b.groups >= 11).all() for b in trace.blocks)  # patches only
