@@ -5,7 +5,7 @@ Composed by Hydra from ``conf/bench.yaml`` (groups ``backbone`` and ``method`` o
 ``pyra_bench.train`` builds it (random init by default: MACs and throughput do not depend on the weight
 values), then its inference model -- LoRA merged into qkv -- is measured with
 :func:`pyra_bench.measure.measure_model`. A table is printed and a JSON record is written atomically to
-``results/bench/<backbone>__<method>__<compression>__<device-slug>.json``.
+``results/bench/<backbone>__<method>[+<peft>]__<compression>__<device-slug>.json``.
 
 For the paper's speedup table over every method and both schedules, use ``scripts/bench_speedup.py``.
 """
@@ -22,7 +22,16 @@ from omegaconf import DictConfig, OmegaConf
 from . import factory  # noqa: F401  (registers the config resolvers the method configs use)
 from .cli import hydra_app
 from .errors import InputError, exit_on_input_error
-from .identity import compression_str, git_state, method_key, method_options, run_id, utc_now
+from .identity import (
+    compression_str,
+    git_state,
+    method_key,
+    method_options,
+    peft_choice,
+    peft_suffix,
+    run_id,
+    utc_now,
+)
 from .paths import CONF_DIR
 
 log = logging.getLogger("pyra_bench.bench")
@@ -51,7 +60,8 @@ def output_path(cfg: DictConfig, schedule: str) -> Path:
 
     if cfg.bench.get("output"):
         return Path(cfg.bench.output)
-    name = f"{cfg.backbone.name}__{cfg.method.name}__{schedule}__{device_slug(cfg.bench.device)}.json"
+    method = cfg.method.name + peft_suffix(cfg.get("peft"))  # +adapter / +vpt / +prefix; nothing for LoRA
+    name = f"{cfg.backbone.name}__{method}__{schedule}__{device_slug(cfg.bench.device)}.json"
     return Path(cfg.bench.output_dir) / name
 
 
@@ -148,10 +158,11 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
     record = {
         "schema": 1,
         "kind": "bench",
-        "run_id": f"bench__{cfg.backbone.name}__{cfg.method.name}__{schedule}__{slug}",
+        "run_id": f"bench__{cfg.backbone.name}__{cfg.method.name}{peft_suffix(cfg.get('peft'))}__{schedule}__{slug}",
         "backbone": cfg.backbone.name, "method": cfg.method.name,
         "method_key": method_key(cfg.method), "method_options": method_options(cfg.method), "schedule": schedule,
-        "measured": MEASURED_MODEL,
+        "measured": MEASURED_MODEL if not peft_suffix(cfg.get("peft")) else
+        f"inference model (peft={peft_choice(cfg.get('peft'))}: does not fold, kept and measured)",
         "weights": "loaded" if b.get("load_weights", False) else "random init (values do not affect MACs/throughput)",
         "merging_schedule": list(getattr(model.pyra_method, "schedule", []) or []),
         "params": res["params"], "flops": res["flops"], "throughput": res["throughput"],

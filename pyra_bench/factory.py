@@ -272,8 +272,9 @@ def make_model(cfg: DictConfig, num_classes: int, pretrained: bool, checkpoint: 
     run's config or any config with ``backbone``, ``method`` and ``compression`` (``bench``'s): every backbone
     config (registered, with field overrides, or config-only) and method config (built-in or plug-in).
 
-    A config without a ``trainer`` recipe (``bench``) builds the inference-time model: no LoRA dropout, no
-    drop-path, LoRA initialised as ``standard``. ``timing``: where and how speed targets (``speedup:<x>``)
+    A config without a ``trainer`` recipe (``bench``) builds the inference-time model: no LoRA (or adapter /
+    prompt) dropout, no drop-path, LoRA initialised as ``standard``. ``peft``: the choice of ``cfg.peft``
+    (:mod:`pyra_bench.models.peft`; LoRA, the default, unless ``peft.name`` says otherwise). ``timing``: where and how speed targets (``speedup:<x>``)
     are timed, ``{device, batch_size, dtype}``; default: the run's (``throughput.*`` on the run's device).
 
     ``abstract``: for checks -- the model on the meta device (structure and shapes, no memory, no weight
@@ -291,12 +292,16 @@ def make_model(cfg: DictConfig, num_classes: int, pretrained: bool, checkpoint: 
     tp = timing if timing is not None else {**(cfg.get("throughput") or {}), "device": run_device(cfg)}
     method = make_method(cfg)
     meta = abstract and not method.measures_at_build
+    peft = OmegaConf.to_container(peft, resolve=True) if OmegaConf.is_config(peft) else dict(peft)
+    choice = None  # LoRA (the default) from its own arguments, as before the other choices existed
+    if peft.get("name", "lora") != "lora":
+        choice = {**peft, **({"dropout": 0.0} if not t and "dropout" in peft else {})}
     with torch.device("meta") if meta else contextlib.nullcontext():
         return build_model(
             backbone_spec_from_config(OmegaConf.to_container(cfg.backbone, resolve=True)), num_classes, method,
             lora_rank=peft.get("rank"), lora_alpha=peft.get("alpha"),
             lora_dropout=peft.get("dropout", 0.1) if t else 0.0, lora_init=peft.get("init", "standard"),
-            pretrained=pretrained, checkpoint=checkpoint, drop_path_rate=t.get("drop_path", 0.0),
+            peft=choice, pretrained=pretrained, checkpoint=checkpoint, drop_path_rate=t.get("drop_path", 0.0),
             prop_attn=bool(cfg.backbone.get("prop_attn", True)), device=str(tp.get("device", "cpu")),
             **merge_variants(cfg.backbone),
             bench_batch_size=tp.get("batch_size"), bench_dtype=str(tp.get("dtype", "float32")),

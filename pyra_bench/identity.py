@@ -2,7 +2,8 @@
 it came from (weights, code revision, software).
 
 - :func:`run_id` names a run: task, backbone, the method's key (its name plus every non-default option
-  that changes results, :meth:`Method.run_key`), operating point, seed, protocol and ``run_tag``. The record
+  that changes results, :meth:`Method.run_key`) and a non-default ``peft`` choice, operating point, seed,
+  protocol and ``run_tag``. The record
   file, the run folder and the W&B run all take this one id.
 - :func:`result_settings` flattens every setting that changes what a run computes (task, backbone,
   method, peft, trainer recipe and options, result-changing callbacks, operating point, seed, protocol and
@@ -80,14 +81,28 @@ def method_key(method_cfg: DictConfig | Mapping) -> str:
     return method_class(method_cfg).run_key(_kwargs(method_cfg))
 
 
+def peft_choice(peft_cfg: Any) -> str:
+    """The ``peft`` choice of a config section (``lora``, the default, when absent)."""
+    name = (peft_cfg or {}).get("name") if isinstance(peft_cfg, Mapping) or OmegaConf.is_dict(peft_cfg) else None
+    return "lora" if is_null(name) else str(name)
+
+
+def peft_suffix(peft_cfg: Any) -> str:
+    """The PEFT choice's part of a run id after the method key: ``+adapter``, ``+vpt``, ``+prefix``; nothing
+    for LoRA (the default), so the ids of LoRA runs, older ones included, do not change. Its options are in
+    the run's settings (as LoRA's rank is)."""
+    name = peft_choice(peft_cfg)
+    return "" if name == "lora" else f"+{name}"
+
+
 def run_id(cfg: DictConfig) -> str:
-    """The run's id: ``<task>__<backbone>[-merge_split=..][-merge_site=..]__<method key>__<operating
-    point>__seed<N>[__tune][__<run_tag>]`` (a merge variant only when not the default)."""
+    """The run's id: ``<task>__<backbone>[-merge_split=..][-merge_site=..]__<method key>[+<peft>]__<operating
+    point>__seed<N>[__tune][__<run_tag>]`` (a merge variant or PEFT choice only when not the default)."""
     from .models.variants import variant_suffix
 
     backbone = str(cfg.backbone.name) + variant_suffix(cfg.backbone)  # non-default merge variants only
-    parts = [str(cfg.task.name), backbone, method_key(cfg.method), compression_str(cfg.compression),
-             f"seed{int(cfg.seed)}"]
+    parts = [str(cfg.task.name), backbone, method_key(cfg.method) + peft_suffix(cfg.get("peft")),
+             compression_str(cfg.compression), f"seed{int(cfg.seed)}"]
     rid = "__".join(p.replace("/", "_").replace(" ", "") for p in parts)
     protocol = cfg.get("protocol", "final")
     if not is_null(protocol) and protocol != "final":

@@ -1,11 +1,12 @@
-"""``python -m pyra_bench.info [section=]backbones|methods|tasks|experiments|options|recipe|launchers``: the choices.
+"""``python -m pyra_bench.info [section=]backbones|methods|tasks|experiments|options|peft|recipe|launchers``: the choices.
 
 One line per choice, with its description from where it is defined: a backbone's spec in the registry
 (:mod:`pyra_bench.models.backbones`), the first line of a method's docstring (its module's, else its
 class's), a task's display name, group and class count (:mod:`pyra_bench.data.tasks`), an experiment
 config's first comment line. Only choices with a config in ``conf/<group>/`` can be given on the command
 line (``backbone=<name>``); a registered name without one is marked. ``options`` lists each method's
-``method.kwargs.*`` options with their defaults and comments (from ``conf/method/<name>.yaml``),
+``method.kwargs.*`` options with their defaults and comments (from ``conf/method/<name>.yaml``), ``peft`` the
+PEFT choices and their options (``conf/peft/<name>.yaml``),
 ``recipe`` the paper's training recipe (``conf/trainer/paper.yaml``), ``launchers`` the sweep launchers
 (``hydra/launcher=``, ``conf/hydra/launcher/``).
 
@@ -177,6 +178,19 @@ def options(conf_dir: Path | None = None) -> list[Row]:
     return rows
 
 
+def peft(conf_dir: Path | None = None) -> list[Row]:
+    """The ``peft=`` choices (``conf/peft/*.yaml``), the default (LoRA) first: one line each (its config's first
+    comment line), then its options ``peft=<name> peft.<key>=<default>`` with their comments."""
+    folder = Path(conf_dir or CONF_DIR) / "peft"
+    names = sorted(_config_names("peft", conf_dir), key=lambda n: (n != "lora", n))
+    rows: list[Row] = []
+    for n in names:
+        text = first_comment_line(folder / f"{n}.yaml")
+        rows.append((f"peft={n}", text.split(" -- ", 1)[-1] + (" (the default)" if n == "lora" else "")))
+        rows += [(f"peft={n} peft.{k}={v}", c) for k, v, c in yaml_entries(folder / f"{n}.yaml") if k != "name"]
+    return rows
+
+
 def recipe(conf_dir: Path | None = None) -> list[Row]:
     """The paper's recipe: the comment heading ``conf/trainer/paper.yaml``, then each value and its comment,
     then LoRA's (``conf/peft/lora.yaml``)."""
@@ -221,7 +235,7 @@ def launchers(conf_dir: Path | None = None) -> list[Row]:
 
 SECTIONS: dict[str, Callable[..., list[Row]]] = {
     "backbones": backbones, "methods": methods, "tasks": tasks, "experiments": experiments,
-    "options": options, "recipe": recipe, "launchers": launchers,
+    "options": options, "peft": peft, "recipe": recipe, "launchers": launchers,
 }
 
 
@@ -239,6 +253,7 @@ def help_text(section: str = "all", conf_dir: Path | None = None, indent: str = 
     names = list(SECTIONS) if section == "all" else [section]
     titles = {"backbones": "Backbones (backbone=)", "methods": "Methods (method=)", "tasks": "Tasks (task=)",
               "experiments": "Experiments (experiment=; sweep with -m)", "options": "Method options",
+              "peft": "PEFT choices (peft=; each composes with every method)",
               "recipe": "The paper's recipe (trainer=paper)", "launchers": "Launchers (hydra/launcher=; with -m)"}
     return "\n".join(f"== {titles[n]} ==\n{format_rows(SECTIONS[n](conf_dir), indent)}" for n in names)
 
@@ -281,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  description="List what can be chosen, one line each with a description.")
     ap.add_argument("what", nargs="?", default="all", choices=["all", *SECTIONS], metavar="section",
                     help="all (default) | backbones | methods | tasks | experiments | options (each method's "
-                         "options) | recipe (the paper's training recipe) | launchers (hydra/launcher= of a "
+                         "options) | peft (the PEFT choices and their options) | recipe (the paper's training recipe) | launchers (hydra/launcher= of a "
                          "sweep); also written section=<name>")
     args = list(sys.argv[1:] if argv is None else argv)
     for i, arg in enumerate(args):

@@ -3,7 +3,8 @@ inference throughput (the authors' protocol) and parameters, for the *deployable
 
 What is measured
     Always the inference model: ``model.pyra_method.inference_model(model)``, i.e. a copy with LoRA folded
-    into the qkv weights (no extra FLOPs, no extra kernels). :func:`measure_model` does that for you; the
+    into the qkv weights (no extra FLOPs, no extra kernels). The other ``peft`` choices (adapter, vpt,
+    prefix) do not fold: they stay in the inference model, and their cost is in every count and timing. :func:`measure_model` does that for you; the
     lower-level functions measure whatever model they are given and record whether it still carries an
     unmerged LoRA branch (``lora_merged``).
 
@@ -665,7 +666,8 @@ def measure_training_step(
 # all of it for a built model
 # ---------------------------------------------------------------------------------------------------------
 def inference_model(model: nn.Module) -> nn.Module:
-    """The deployable model of a built model (LoRA merged, a copy); a plain model is copied as is."""
+    """The deployable model of a built model (LoRA merged, a copy; adapters, VPT prompts and prefix keys/values
+    do not fold and stay in it, so their cost is measured); a plain model is copied as is."""
     method = getattr(model, "pyra_method", None)
     if method is not None:
         return method.inference_model(model).eval()

@@ -537,6 +537,14 @@ def make_record(plan: Plan, model, results: StageResults, measured: dict[str, An
     }
 
 
+def _folded(rec: dict) -> str:
+    """How the run's PEFT is in its inference model: LoRA folds into qkv; adapters, prompts and prefix stay."""
+    from .identity import peft_choice
+
+    peft = peft_choice((rec.get("config") or {}).get("peft"))
+    return "LoRA merged" if peft == "lora" else f"peft={peft} kept: it does not fold, its cost is counted"
+
+
 def log_summary(rec: dict, path: Path) -> None:
     m, p, f = rec["metrics"], rec["params"], rec["flops"] or {}
     sp, name = ("val", "val200 split (tuning protocol)") if rec.get("protocol") == "tuning" else ("test", "test split")
@@ -547,7 +555,7 @@ def log_summary(rec: dict, path: Path) -> None:
         "by epoch   " + ", ".join(f"{k}: {v:.1f}" for k, v in m[f"{sp}_top1_by_epoch"].items()),
         f"params     trainable {p['trainable']:,} | paper-counted {p['paper_counted']:,} = "
         f"{p['paper_pct']:.2f}% of the backbone ({p['backbone']:,})",
-        f"MACs       {f.get('gmacs', float('nan')):.4g} G per image (inference model, LoRA merged)",
+        f"MACs       {f.get('gmacs', float('nan')):.4g} G per image (inference model, {_folded(rec)})",
         *(f"training   {stage}: {c['img_per_s']:.1f} img/s on {c['device']}"
           + (f", peak memory {c['peak_mem_gib']:.2f} GiB" if c.get("peak_mem_gib") is not None else "")
           for stage, c in (rec.get("training_cost") or {}).items() if c and c.get("img_per_s")),

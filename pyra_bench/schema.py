@@ -115,9 +115,48 @@ class Lora(Section):
                                               what="LoRA initialisation")
 
 
-#: The ``peft`` choices; add a class here for a new one.
-PEFT_CHOICES: tuple[type[Section], ...] = (Lora,)
+class Adapter(Section):
+    """``peft=adapter``: a bottleneck adapter on each block's MLP branch (the official PYRA/NOAH Adapter)."""
+
+    name: Literal["adapter"] = "adapter"
+    dim: int | None = opt(None, "the bottleneck width d (Linear D -> d -> D)",
+                          null="the backbone's adapter_dim: 4 / 8 / 12 for ViT-S / B / L", ge=1)
+    dropout: float = opt(0.1, "dropout after QuickGELU (a probability; the official drop_rate_adapter)", ge=0, lt=1)
+    init: Literal["standard", "authors"] = opt(
+        "standard", "standard: xavier-uniform weights, N(0, 1e-6) biases; authors: trunc-normal 0.02, zero biases "
+        "(what the official code's global init pass leaves)", what="adapter initialisation")
+
+
+class Vpt(Section):
+    """``peft=vpt``: VPT-deep, learned prompt tokens in every block (protected from merging and pruning)."""
+
+    name: Literal["vpt"] = "vpt"
+    num_tokens: int = opt(10, "prompt tokens per block (the official VISUAL_PROMPT_DIM)", ge=1)
+    dropout: float = opt(0.1, "dropout on the prompts (a probability; the official drop_rate_prompt)", ge=0, lt=1)
+
+
+class Prefix(Section):
+    """``peft=prefix``: learned keys and values prepended in every attention (prefix tuning)."""
+
+    name: Literal["prefix"] = "prefix"
+    num_tokens: int = opt(10, "learned keys and values per attention (the official PREFIX_DIM)", ge=1)
+
+
+#: The ``peft`` choices; add a class here for a new one (and its module in pyra_bench.models.peft).
+PEFT_CHOICES: tuple[type[Section], ...] = (Lora, Adapter, Vpt, Prefix)
 Peft = Annotated[Union[PEFT_CHOICES], Field(discriminator="name")]  # noqa: UP007 (a tuple of classes)
+
+
+class _PeftOnly(Section):
+    peft: Peft = opt(Lora(), "the parameter-efficient fine-tuning (conf/peft/)")
+
+
+def check_peft(options: dict[str, Any]) -> Section:
+    """A ``peft`` config (``{"name": "adapter", "dim": 8}``; no name: LoRA) validated: its schema object, or
+    one :class:`~pyra_bench.errors.ConfigCheckError` naming every bad key, value and what is allowed."""
+    data = {"peft": {"name": "lora", **dict(options)}}
+    check(data, _PeftOnly, "peft")
+    return _PeftOnly.model_validate(data).peft
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -482,8 +521,33 @@ def show(v: Any) -> str:
 
 
 def _field(model: type[BaseModel], loc: tuple) -> Any:
-    """The FieldInfo at ``loc`` (None when it is not a declared field; under ``peft``, the first choice's)."""
-    return next((info for key, info, _ in _walk(model) if key == ".".join(loc)), None)
+    """The FieldInfo at ``loc`` (None when it is not a declared field); in a discriminated union (``peft``)
+    the part after the section is the choice's tag (``peft.adapter.dim``)."""
+    models = _models_at(model, loc[:-1]) if loc else []
+    fields = models[0].model_fields if models else {}
+    return next((f for n, f in fields.items() if loc[-1] in (n, f.alias)), None)
+
+
+def _models_at(model: type[BaseModel], loc: tuple) -> list[type[BaseModel]]:
+    """The section class(es) at ``loc`` (a discriminated union's tag picks its choice)."""
+    models: list[Any] = [model]
+    for part in loc:
+        if len(models) > 1:
+            chosen = [m for m in models if getattr(m.model_fields.get("name"), "default", None) == part]
+            if chosen:
+                models = chosen
+                continue
+        info = next((f for n, f in getattr(models[0], "model_fields", {}).items() if part in (n, f.alias)), None)
+        if info is None:
+            return []
+        ann = info.annotation
+        models = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+    return [m for m in models if m is not None]
+
+
+def show_choice(loc: tuple) -> str:
+    """``peft=<choice>`` of an error location in the ``peft`` union (``("peft", "prefix", "dropout")``)."""
+    return f"peft={loc[1]}" if len(loc) > 2 else "peft"
 
 
 _OPS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
@@ -519,18 +583,22 @@ def problems(cfg: Any, model: type[BaseModel], prefix: str = "") -> list[Problem
         errors = e.errors(include_url=False)
     out: dict[str, Problem] = {}
     for err in errors:
-        loc = tuple(str(x) for x in err["loc"])
-        loc = (loc[0], *loc[2:]) if len(loc) > 1 and loc[0] == "peft" else loc  # peft.lora.dropout: peft.dropout
+        full = tuple(str(x) for x in err["loc"])
+        loc = (full[0], *full[2:]) if len(full) > 1 and full[0] == "peft" else full  # peft.lora.dropout: peft.dropout
         key = prefix + ".".join(loc)
         if key in out:
             continue
-        info = _field(model, loc)
+        info = _field(model, full)
         if err["type"] == "value_error":  # a validator's own message
             message = err["msg"].removeprefix("Value error, ")
         elif err["type"] == "literal_error":
             what = (info.json_schema_extra or {}).get("what") if info is not None else None
             message = (f"unknown {what or loc[-1]}; valid choices: "
                        + err["ctx"]["expected"].replace("'", "").replace(" or ", ", "))
+        elif err["type"] == "extra_forbidden":  # a key the section (for peft: the chosen class) does not have
+            owners = _models_at(model, full[:-1])
+            valid = ", ".join(owners[0].model_fields) if len(owners) == 1 else "see --help"
+            message = f"unknown setting{' of ' + show_choice(full) if loc[0] == 'peft' else ''}; valid keys: {valid}"
         elif err["type"] == "union_tag_invalid":
             message = f"unknown {loc[-1]}; valid choices: {err['ctx']['expected_tags'].replace(chr(39), '')}"
         elif info is not None:

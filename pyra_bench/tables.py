@@ -115,14 +115,17 @@ def _options_str(options: dict[str, Any]) -> str:
 
 
 def _run_tag(r: dict) -> str:
-    """The record's ``run_tag``, with its non-default merge variants (``merge_split=random``) appended: such
-    runs get rows of their own, named by the variant."""
+    """The record's ``run_tag``, with its non-default merge variants (``merge_split=random``) and a PEFT choice
+    other than LoRA (``peft=adapter``) appended: such runs get rows of their own, named by them."""
+    from .identity import peft_choice
     from .models.variants import MERGE_VARIANTS, variant_suffix
 
     tag = r.get("run_tag", (r.get("config") or {}).get("run_tag"))
     settings = r.get("settings") or {}
     variants = variant_suffix({k: settings.get(f"backbone.{k}") for k in MERGE_VARIANTS})[1:].replace("-", "+")
-    return "+".join(t for t in ("" if _null(tag) else str(tag), variants) if t)
+    peft = peft_choice({"name": settings.get("peft.name", ((r.get("config") or {}).get("peft") or {}).get("name"))})
+    peft = "" if peft == "lora" else f"peft={peft}"
+    return "+".join(t for t in ("" if _null(tag) else str(tag), variants, peft) if t)
 
 
 def record_key(r: dict) -> dict[str, Any]:

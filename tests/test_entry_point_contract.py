@@ -72,6 +72,13 @@ CASES = [
     # numbers in the bench config
     ("bench-batch-size-0", "bench", [*TINY, "bench.batch_size=0"], "bench.batch_size=0: must be null"),
     ("bench-threads-0", "bench", [*TINY, "bench.threads=0"], "bench.threads=0: must be null"),
+    # the peft choices' options (the schema's classes)
+    ("train-peft-choice", "train", [*TINY, "peft=nope"], "unknown peft 'nope'; valid choices: adapter, lora, prefix, vpt"),
+    ("train-adapter-dim-0", "train", [*TINY, "peft=adapter", "peft.dim=0"],
+     "peft.dim=0: must be null (the backbone's adapter_dim: 4 / 8 / 12 for ViT-S / B / L) or a whole number >= 1"),
+    ("train-vpt-tokens-0", "train", [*TINY, "peft=vpt", "peft.num_tokens=0"], "peft.num_tokens=0: must be a whole number >= 1"),
+    ("train-prefix-dropout", "train", [*TINY, "peft=prefix", "+peft.dropout=0.1"],
+     "peft.dropout=0.1: unknown setting of peft=prefix; valid keys: name, num_tokens"),
     # seed, protocol, experiment
     ("train-seed", "train", ["seed=-1"], "seed=-1: must be a whole number >= 0 and < 4294967296"),
     ("train-protocol", "train", ["protocol=tune"], "protocol='tune': unknown protocol; valid choices: final, tuning"),

@@ -54,6 +54,9 @@ class BuildContext:
     #: only methods with ``Method.merge_variants`` accept other values than these defaults (the official code's)
     merge_split: str = "alternate"
     merge_site: str = "after_attention"
+    #: the PEFT choice (:class:`pyra_bench.models.peft.Peft`; None: LoRA): methods that time candidate
+    #: structures add the choices that do not fold (they stay in the inference model)
+    peft: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -193,16 +196,22 @@ class Method:
 
     # -- accounting and inference --------------------------------------------------------------------
     def method_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        """The method's own trainable parameters (neither LoRA, nor the classifier head)."""
+        """The method's own trainable parameters (neither PEFT -- LoRA, adapters, prompts, prefix -- nor the
+        classifier head)."""
+        from ..models.peft import peft_parameter_names
+
+        peft = peft_parameter_names(model)
         return {n: p for n, p in model.named_parameters()
-                if p.requires_grad and ".lora_" not in n and not n.startswith(("head.", "head_dist."))}
+                if p.requires_grad and n not in peft and not n.startswith(("head.", "head_dist."))}
 
     def paper_param_count(self, model: nn.Module) -> int:
         """The method's parameters as the paper's "# params" column counts them (default: all)."""
         return sum(p.numel() for p in self.method_parameters(model).values())
 
     def inference_model(self, model: nn.Module) -> nn.Module:
-        """The model as deployed: a copy with LoRA folded into the weights (no extra FLOPs)."""
+        """The model as deployed: a copy with LoRA folded into the weights (no extra FLOPs). The other PEFT
+        choices do not fold: adapters, VPT's prompts and prefix keys/values stay in the inference model
+        (their cost is in its MACs and measured speed, :mod:`pyra_bench.models.peft`)."""
         return merge_lora(model, inplace=False).eval()
 
     def describe(self) -> dict[str, Any]:

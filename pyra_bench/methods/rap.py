@@ -141,6 +141,8 @@ def prune_block(blk: nn.Module, heads: list[int], mlp: list[int]) -> None:
     prune_linear_rows(attn.qkv, rows)
     prune_linear_cols(attn.proj, within)
     _prune_norm(attn.norm, within)
+    if getattr(attn, "prefix", None) is not None:  # peft=prefix: its keys/values lose the pruned heads too
+        attn.prefix.keep_heads(h, hd)
     attn.num_heads = len(heads)
     attn.attn_dim = len(heads) * hd
     c = torch.as_tensor(sorted(mlp), device=dev)

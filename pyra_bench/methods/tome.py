@@ -82,8 +82,18 @@ class ToMe(Method):
                "structure": self.describe_structure(), "geometry": repr(ctx.geometry)}
         if ctx.merge_site != "after_attention":  # (the default keeps older cache entries valid)
             key["merge_site"] = ctx.merge_site
+        peft = ctx.peft if ctx.peft is not None and not ctx.peft.folds else None
+        if peft is not None:  # adapters, prompts, prefix stay in the inference model: timed with it
+            key["peft"] = {"name": peft.name, **peft.options()}
+
+        def deployed() -> nn.Module:
+            m = merge_lora(ctx.model, inplace=False)
+            if peft is not None:
+                peft.apply(m, ctx.backbone)
+            return m
+
         return find_speedup_schedule(
-            x, lambda: merge_lora(ctx.model, inplace=False), lambda m, s: self._install(m, s, ctx), ctx.geometry,
+            x, deployed, lambda m, s: self._install(m, s, ctx), ctx.geometry,
             ctx.num_protected, key=key, device=ctx.device, batch_size=ctx.bench_batch_size, dtype=ctx.bench_dtype,
             warmup_s=self.speedup_warmup_s, duration_s=self.speedup_duration_s, use_cache=self.speedup_cache,
             backbone=ctx.backbone.name)

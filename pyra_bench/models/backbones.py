@@ -48,6 +48,13 @@ class BackboneSpec:
     description: str = ""
     paper_params_m: float | None = None  # backbone size the paper's "# params" % divides by (millions)
     display_name: str = ""  # how tables and figures name it, e.g. "ViT-B/16"
+    #: ``peft=adapter``'s bottleneck (None: ``lora_rank``: the official code's 4 / 8 / 12 for ViT-S / B / L)
+    adapter_dim: int | None = None
+
+    @property
+    def peft_dim(self) -> int:
+        """The adapter bottleneck ``peft.dim: null`` means."""
+        return int(self.adapter_dim if self.adapter_dim is not None else self.lora_rank)
 
     @property
     def label(self) -> str:
@@ -108,7 +115,7 @@ def get_backbone(name: str) -> BackboneSpec:
 
 #: Backbone-config keys that define the architecture (:class:`BackboneSpec` fields).
 SPEC_KEYS = ("timm_name", "lora_rank", "schedule_family", "display_name", "smaller", "description", "kwargs",
-             "paper_params_m")
+             "paper_params_m", "adapter_dim")
 #: Backbone-config keys the run reads elsewhere (weights, transform, attention).
 RUN_KEYS = ("name", "weights", "image_size", "normalization", "prop_attn", *MERGE_VARIANTS)
 
@@ -136,9 +143,9 @@ def backbone_spec_from_config(bcfg: Mapping[str, Any]) -> BackboneSpec:
     if not isinstance(name, str) or not name:
         raise ConfigError(f"a backbone config needs a name, got {name!r}")
     given = {k: cfg[k] for k in SPEC_KEYS if cfg.get(k) is not None}
-    if "lora_rank" in given and (isinstance(given["lora_rank"], bool) or not isinstance(given["lora_rank"], int)
-                                 or given["lora_rank"] < 1):
-        raise ConfigError(f"backbone {name!r}: lora_rank must be a positive int, got {given['lora_rank']!r}")
+    for key in ("lora_rank", "adapter_dim"):
+        if key in given and (isinstance(given[key], bool) or not isinstance(given[key], int) or given[key] < 1):
+            raise ConfigError(f"backbone {name!r}: {key} must be a positive int, got {given[key]!r}")
     if "schedule_family" in given:
         from .schedules import PRESETS
 

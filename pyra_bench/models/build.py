@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from timm.layers import PatchEmbed
@@ -10,9 +11,10 @@ from torch import nn
 
 from ..errors import ConfigError, InputFileNotFoundError
 from .backbones import BackboneSpec, create_backbone, get_backbone, load_checkpoint
-from .lora import LORA_INITS, add_lora_to_qkv
+from .lora import LORA_INITS
 from .macs import ViTGeometry
 from .merging import SPLITS
+from .peft import LoraPeft, Peft, make_peft
 from .vit import (
     MERGE_SITES,
     UnsupportedModelError,
@@ -33,6 +35,7 @@ def build_model(
     lora_alpha: float | None = None,
     lora_dropout: float = 0.1,
     lora_init: str = "standard",
+    peft: str | Mapping[str, Any] | Peft | None = None,
     pretrained: bool = False,
     checkpoint: str | os.PathLike | None = None,
     drop_path_rate: float = 0.1,
@@ -57,20 +60,27 @@ def build_model(
         model = build_model(spec, num_classes, cfg.method.name, cfg.compression,
                             prop_attn=cfg.backbone.get("prop_attn", True), ...)
 
+    ``peft``: the PEFT choice (:mod:`pyra_bench.models.peft`): a name (``"adapter"``), a ``peft`` config
+    (``{"name": "vpt", "num_tokens": 10}``) or a :class:`~pyra_bench.models.peft.Peft`; None = LoRA from the
+    ``lora_*`` arguments (the default). Adapter, VPT and prefix do not fold into the inference model.
     ``merge_split`` / ``merge_site``: the labelled merge variants (``backbone.merge_split``,
     ``backbone.merge_site``; defaults: the official code's), taken by methods with ``merge_variants``.
     ``backbone`` may also be a timm ``VisionTransformer`` instance (its head is reset to ``num_classes``).
     ``method`` is a registered name (``pyra_bench.methods.METHODS``) or a ``Method`` instance; the
     method and spec objects are attached as ``model.pyra_method`` / ``model.pyra_backbone``.
-    Only LoRA, the head(s) and the method's own parameters require gradients. ``device``,
+    Only the PEFT modules (LoRA, ...), the head(s) and the method's own parameters require gradients. ``device``,
     ``bench_batch_size`` and ``bench_dtype``: where and how speed targets (``speedup:<x>``) are timed: the
     run's device, its throughput batch (None: 512 on CUDA, 8 on the CPU) and dtype. The model itself is
     built on the CPU (or the current default device) whatever ``device`` says.
     """
     from ..methods import Method, get_method
 
-    if lora_init not in LORA_INITS:
-        raise ConfigError(f"unknown lora_init {lora_init!r}; valid choices: {', '.join(LORA_INITS)}")
+    if peft is None:
+        if lora_init not in LORA_INITS:
+            raise ConfigError(f"unknown lora_init {lora_init!r}; valid choices: {', '.join(LORA_INITS)}")
+        adapt: Peft = LoraPeft(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, init=lora_init)
+    else:
+        adapt = make_peft({"name": peft} if isinstance(peft, str) else peft)
     for key, value, valid in (("merge_split", merge_split, SPLITS), ("merge_site", merge_site, MERGE_SITES)):
         if value not in valid:
             raise ConfigError(f"unknown backbone.{key} {value!r}; valid choices: {', '.join(valid)}")
@@ -109,10 +119,13 @@ def build_model(
 
     from ..methods import BuildContext
 
+    extra = adapt.prompt_tokens  # VPT's prompts: tokens of every block, protected like the prefix tokens
     ctx = BuildContext(spec, len(model.blocks), model.embed_dim, model.blocks[0].attn.num_heads,
-                       num_input_tokens(model), num_protected_tokens(model), has_class_token(model),
-                       geometry=ViTGeometry.from_model(model), device=str(device), bench_batch_size=bench_batch_size,
-                       bench_dtype=bench_dtype, model=model, merge_split=merge_split, merge_site=merge_site)
+                       num_input_tokens(model) + extra, num_protected_tokens(model) + extra, has_class_token(model),
+                       geometry=adapt.geometry(ViTGeometry.from_model(model), spec), device=str(device),
+                       bench_batch_size=bench_batch_size,
+                       bench_dtype=bench_dtype, model=model, merge_split=merge_split, merge_site=merge_site,
+                       peft=adapt)
     # Check the schedule before any further work (it is cheap and a common mistake).
     m.resolve_schedule(ctx)
     if checkpoint is not None:
@@ -121,12 +134,13 @@ def build_model(
     model.requires_grad_(False)
     model.pyra_backbone_params = sum(p.numel() for n, p in model.named_parameters()
                                      if not n.startswith(("head.", "head_dist.")))
-    add_lora_to_qkv(model, spec.lora_rank if lora_rank is None else lora_rank, alpha=lora_alpha, dropout=lora_dropout, init=lora_init)
+    adapt.apply(model, spec)
     for head in (getattr(model, "head", None), getattr(model, "head_dist", None)):
         if isinstance(head, nn.Module):
             head.requires_grad_(True)
     m.apply(model, ctx)
     model.pyra_method = m
+    model.pyra_peft = adapt
     model.pyra_backbone = spec
     model.pyra_context = ctx
     return model

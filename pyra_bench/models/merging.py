@@ -212,7 +212,7 @@ def trace_sources(model: nn.Module) -> Iterator[SourceTrace]:
     """Trace the sources of every forward of a token-reducing ViT (:func:`pyra_bench.models.vit.patch_vit`)
     while the context is open; the trace holds the last forward. Hooks and reducer slots are cleared on
     exit, so an untraced forward runs exactly the code it ran before."""
-    trace = SourceTrace(model.num_prefix_tokens)
+    trace = SourceTrace(model.num_prefix_tokens + int(getattr(model, "num_prompt_tokens", 0)))  # + VPT's prompts
     blocks = list(model.blocks)
     handles = [blocks[0].register_forward_pre_hook(lambda m, args: trace.start(args[0]))]
     handles += [blk.register_forward_hook(lambda m, args, out: trace.end_block(out[0].shape[1])) for blk in blocks]

@@ -22,6 +22,11 @@ token *sizes* through the blocks:
 Prefix tokens (class, distillation, registers: timm's ``num_prefix_tokens``, always the leading tokens) are
 protected from merging and pruning as one count, :func:`num_protected_tokens`. With no reducer in any
 block the patched model computes exactly timm's function.
+
+The PEFT choices beside LoRA (:mod:`pyra_bench.models.peft`) hook in at three slots, each None unless
+used: ``block.prompts`` (VPT-deep: ``model.num_prompt_tokens`` slots after the prefix tokens, written by
+every block, protected, dropped before the final norm), ``block.adapter`` (on the MLP branch) and
+``attn.prefix`` (prefix tuning's keys and values, appended to the keys and values only).
 """
 
 from __future__ import annotations
@@ -45,6 +50,9 @@ POOLS = ("token", "avg")
 
 class ReducingAttention(Attention):
     prop_attn: bool = True
+    #: prefix tuning's learned keys and values (:class:`pyra_bench.models.peft.PrefixKV`), or None (an
+    #: instance attribute set by :func:`patch_vit`: a class default would shadow a registered module)
+    prefix: nn.Module | None
 
     def forward(self, x: torch.Tensor, size: torch.Tensor | None = None):  # type: ignore[override]
         B, N, _ = x.shape
@@ -54,8 +62,11 @@ class ReducingAttention(Attention):
         bias = None
         if size is not None and self.prop_attn:
             bias = size.log().to(q.dtype).view(B, 1, 1, N)
+        keys, values = k, v
+        if self.prefix is not None:  # prefix tuning: extra keys/values, size 1 (bias 0); the reducer sees k
+            keys, values, bias = self.prefix.extend(k, v, bias)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.0
+            q, keys, values, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.0
         )
         out = self.norm(out.transpose(1, 2).reshape(B, N, -1))
         return self.proj_drop(self.proj(out)), q, k
@@ -64,31 +75,48 @@ class ReducingAttention(Attention):
 class ReducingBlock(Block):
     token_reducer: TokenReducer | None
     merge_before_attention: bool = False
+    #: PEFT modules (:mod:`pyra_bench.models.peft`), None when not used: VPT-deep's prompts (replace the
+    #: prompt tokens of the input), an adapter on the MLP branch (``x + adapter(drop_path2(ls2(mlp(..))))``)
+    prompts: nn.Module | None
+    adapter: nn.Module | None
 
     def forward(self, x: torch.Tensor, size: torch.Tensor | None = None):  # type: ignore[override]
         red = self.token_reducer
+        if self.prompts is not None:
+            x = self.prompts(x)
         if red is not None and self.merge_before_attention:
             x, size = red(x, size, None, None)
         x_attn, q, k = self.attn(self.norm1(x), size)
         x = x + self.drop_path1(self.ls1(x_attn))
         if red is not None and not self.merge_before_attention:
             x, size = red(x, size, q, k)
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        h = self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        x = x + (h if self.adapter is None else self.adapter(h))
         return x, size
 
 
 class ReducingViTMixin:
     """Mixed in front of the host model's class (VisionTransformer or a subclass such as DeiT-distilled)."""
 
+    #: VPT-deep's prompt tokens, after the prefix tokens in every block (each block writes its own)
+    num_prompt_tokens: int = 0
+
     def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The final-normed tokens and their sizes (None when nothing merged)."""
+        """The final-normed tokens and their sizes (None when nothing merged); prompt tokens (VPT) are
+        inserted after the prefix tokens before block 0 and dropped after the last block."""
         x = self.patch_embed(x)
         x = self._pos_embed(x)
         x = self.patch_drop(x)
         x = self.norm_pre(x)
+        p, P = self.num_prefix_tokens, self.num_prompt_tokens
+        if P:  # slots that every block's prompts overwrite
+            x = torch.cat([x[:, :p], x.new_zeros(x.shape[0], P, x.shape[2]), x[:, p:]], dim=1)
         size = None
         for blk in self.blocks:
             x, size = blk(x, size)
+        if P:
+            x = torch.cat([x[:, :p], x[:, p + P:]], dim=1)
+            size = None if size is None else torch.cat([size[:, :p], size[:, p + P:]], dim=1)
         return self.norm(x), size
 
     def forward_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
@@ -128,8 +156,8 @@ def _reducing_class(cls: type) -> type:
 
 def num_protected_tokens(model: VisionTransformer) -> int:
     """How many leading tokens never merge or get pruned: timm's prefix tokens (class, distillation and
-    register tokens)."""
-    return int(model.num_prefix_tokens)
+    register tokens) and VPT's prompt tokens after them."""
+    return int(model.num_prefix_tokens) + int(getattr(model, "num_prompt_tokens", 0))
 
 
 def has_class_token(model: VisionTransformer) -> bool:
@@ -169,8 +197,10 @@ def patch_vit(model: VisionTransformer, prop_attn: bool = True, merge_site: str 
             blk.attn.norm = nn.Identity()
         blk.attn.__class__ = ReducingAttention
         blk.attn.prop_attn = prop_attn
+        blk.attn.prefix = None
         blk.__class__ = ReducingBlock
         blk.token_reducer = None
+        blk.prompts = blk.adapter = None
         blk.merge_before_attention = merge_site == "before_attention"
     model.__class__ = _reducing_class(type(model))
     return model
@@ -188,4 +218,5 @@ def set_token_reducers(model: nn.Module, reducers: list[TokenReducer | None]) ->
 
 
 def num_input_tokens(model: VisionTransformer) -> int:
-    return model.patch_embed.num_patches + model.num_prefix_tokens
+    """Tokens entering block 0: patches, prefix tokens and VPT's prompt tokens."""
+    return model.patch_embed.num_patches + num_protected_tokens(model)
