@@ -25,44 +25,40 @@ def pyra_modulate(S, T, w_r, w_d, ln_w, ln_b, eps):
             for k in range(r)]
 
 
-def tome_merge_one(x, size, keys, r, class_token=True, distill_token=False, modulate=None):
-    """ToMe merge of one image. x: (N, D), size: (N,), keys: (H, N, hd) tensors -> (x_out, size_out)."""
-    N, D = x.shape
-    x = x.double().tolist()
-    size = size.double().tolist()
-    metric = keys.double().mean(0).tolist()
-    metric = [[a / math.sqrt(sum(b * b for b in row)) for a in row] for row in metric]
-    A, B = list(range(0, N, 2)), list(range(1, N, 2))
+def tome_merge(x, size, metric, r, num_protected=1, modulate=None):
+    """ToMe's merge of one image written out: x (N, D), size (N,), metric (N, C) float64 tensors; the
+    ``num_protected`` leading tokens (class, distillation, registers, prompts) never merge and stay first in
+    their order; ``modulate(S, T)`` rewrites the size-weighted sources given their destinations (PYRA).
+    -> (x_out, size_out)."""
+    n, P = x.shape[0], num_protected
+    A, B = list(range(0, n, 2)), list(range(1, n, 2))
+    m = [row / math.sqrt(float(row @ row)) for row in metric]
     best = []
-    for ia, a in enumerate(A):
-        sims = [sum(p * q for p, q in zip(metric[a], metric[b])) for b in B]
-        if distill_token:
-            sims[0] = -math.inf
+    for a in A:
+        sims = [-math.inf if b < P else float(m[a] @ m[b]) for b in B]
         j = max(range(len(B)), key=lambda jj: sims[jj])
-        score = -math.inf if (class_token and ia == 0) else sims[j]
-        best.append((score, j))
-    order = sorted(range(len(A)), key=lambda i: -best[i][0])
-    src, unm = order[:r], sorted(order[r:])
-    xs = [[v * size[i] for v in x[i]] for i in range(N)]
-    S = [xs[A[i]] for i in src]
-    T = [xs[B[best[i][1]]] for i in src]
-    if modulate is not None:
-        S = modulate(S, T)
-    dst = [list(xs[b]) for b in B]
-    dsize = [size[b] for b in B]
-    for k, i in enumerate(src):
-        j = best[i][1]
-        dst[j] = [p + q for p, q in zip(dst[j], S[k])]
-        dsize[j] += size[A[i]]
-    out = [xs[A[i]] for i in unm]
-    osize = [size[A[i]] for i in unm]
-    if distill_token:
-        out = out[:1] + dst[:1] + out[1:] + dst[1:]
-        osize = osize[:1] + dsize[:1] + osize[1:] + dsize[1:]
-    else:
-        out, osize = out + dst, osize + dsize
-    xo = torch.tensor([[v / s for v in row] for row, s in zip(out, osize)], dtype=torch.float64)
-    return xo, torch.tensor(osize, dtype=torch.float64)
+        best.append((-math.inf if a < P else sims[j], j))
+    src = sorted(range(len(A)), key=lambda i: -best[i][0])[:r]  # stable, like a descending argsort without ties
+    acc = {b: (x[b] * size[b], size[b]) for b in B}
+    if src:
+        S = torch.stack([x[A[i]] * size[A[i]] for i in src])
+        T = torch.stack([x[B[best[i][1]]] * size[B[best[i][1]]] for i in src])
+        for s, i in zip(S if modulate is None else modulate(S, T), src):
+            b = B[best[i][1]]
+            acc[b] = (acc[b][0] + s, acc[b][1] + size[A[i]])
+    kept = sorted(set(range(len(A))) - set(src))
+    toks = list(range(P)) + [A[i] for i in kept if A[i] >= P] + [b for b in B if b >= P]
+    return (torch.stack([acc[t][0] / acc[t][1] if t in acc else x[t] for t in toks]),
+            torch.stack([acc[t][1] if t in acc else size[t] for t in toks]))
+
+
+def tome_merge_one(x, size, keys, r, class_token=True, distill_token=False, modulate=None):
+    """ToMe merge of one image. x: (N, D), size: (N,), keys: (H, N, hd) tensors -> (x_out, size_out) in float64;
+    ``modulate`` takes and returns lists of r vectors (lists of D floats), as :func:`pyra_modulate`."""
+    mod = None if modulate is None else (
+        lambda S, T: torch.tensor(modulate(S.tolist(), T.tolist()), dtype=torch.float64))
+    return tome_merge(x.double(), size.double(), keys.double().mean(0), r, int(class_token) + int(distill_token),
+                      mod)
 
 
 def tokens_leaving_blocks(model, x):

@@ -12,6 +12,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from reference import tome_merge
 
 from pyra_bench.models import build_model
 from pyra_bench.models.backbones import backbone_spec_from_config
@@ -68,32 +69,8 @@ def test_unmerged_logits_equal_timms_model(name):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# float64 re-computation: a hand-written ToMe step over the prefix count, attention with log-size bias
+# float64 re-computation: ToMe over the prefix count (reference.tome_merge), attention with log-size bias
 # ---------------------------------------------------------------------------------------------------------
-def _tome_reference(x, size, metric, r, P):
-    """One image: x (N, D), size (N,), metric (N, C) -> merged (x, size); the P leading tokens never merge."""
-    N = x.shape[0]
-    A, B = list(range(0, N, 2)), list(range(1, N, 2))
-    m = [row / math.sqrt(float(row @ row)) for row in metric]
-    best = []
-    for a in A:
-        sims = [-math.inf if b < P else float(m[a] @ m[b]) for b in B]
-        j = max(range(len(B)), key=lambda jj: sims[jj])
-        best.append((-math.inf if a < P else sims[j], j))
-    order = sorted(range(len(A)), key=lambda i: -best[i][0])  # stable, like a descending argsort without ties
-    src = order[:r]
-    acc = {b: (x[b] * size[b], size[b]) for b in B}
-    for i in src:
-        b = B[best[i][1]]
-        acc[b] = (acc[b][0] + x[A[i]] * size[A[i]], acc[b][1] + size[A[i]])
-    kept = sorted(set(range(len(A))) - set(src))
-    prefix = list(range(P))  # original order: class, registers
-    toks = prefix + [A[i] for i in kept if A[i] >= P] + [b for b in B if b >= P]
-    xs = [acc[t][0] / acc[t][1] if t in acc else x[t] for t in toks]
-    ss = [acc[t][1] if t in acc else size[t] for t in toks]
-    return torch.stack(xs), torch.stack(ss)
-
-
 def _attention(blk, h, size):
     a = blk.attn
     N, D = h.shape
@@ -124,11 +101,11 @@ def _forward_reference(model, img, schedule, site="after_attention"):
     size = torch.ones(t.shape[0], dtype=t.dtype)
     for blk, r in zip(model.blocks, schedule):
         if r and site == "before_attention":
-            t, size = _tome_reference(t, size, t, r, P)
+            t, size = tome_merge(t, size, t, r, P)
         h, k = _attention(blk, blk.norm1(t), size)
         t = t + _ls(blk.ls1, h)
         if r and site == "after_attention":
-            t, size = _tome_reference(t, size, k.mean(0), r, P)
+            t, size = tome_merge(t, size, k.mean(0), r, P)
         t = t + _ls(blk.ls2, blk.mlp.fc2(blk.mlp.act(blk.mlp.fc1(blk.norm2(t)))))
     t = model.norm(t)
     if model.global_pool == "avg":  # a merged token of size s counts s times; prefix tokens excluded
@@ -202,7 +179,7 @@ def test_random_split_is_a_random_partition_of_the_non_prefix_tokens_in_training
     perm = torch.cat([torch.arange(P).expand(B, P), torch.rand(B, N - P).argsort(1) + P], 1)
     for b in range(B):
         p = perm[b]
-        ref_x, ref_s = _tome_reference(x[b, p], size[b, p, 0], k[b, :, p].mean(0), r, P)
+        ref_x, ref_s = tome_merge(x[b, p], size[b, p, 0], k[b, :, p].mean(0), r, P)
         torch.testing.assert_close(out[b], ref_x, rtol=1e-12, atol=1e-12)
         assert torch.equal(out_size[b, :, 0], ref_s)
     torch.testing.assert_close(out[:, :P], x[:, :P], rtol=1e-14, atol=0)  # prefix tokens first, unmerged (B ones: x*s/s)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from helpers.cli import run_entry_point
 from helpers.runs import run_config
+from reference import tome_merge
 from torch.utils.flop_counter import FlopCounterMode
 
 from pyra_bench import identity, info, tables
@@ -68,32 +69,6 @@ def test_vit_b16_trainable_parameters_and_macs_equal_hand_counts():
 # ---------------------------------------------------------------------------------------------------------
 # float64 parity: a direct re-computation of each definition
 # ---------------------------------------------------------------------------------------------------------
-def _merge(x, size, metric, r, P, modulate=None):
-    """ToMe's merge of one image written out: x (N, D), size (N,), metric (N, C); the P leading tokens never
-    merge; ``modulate(S, T)`` rewrites the size-weighted sources given their destinations (PYRA)."""
-    n = x.shape[0]
-    A, B = list(range(0, n, 2)), list(range(1, n, 2))
-    m = [row / math.sqrt(float(row @ row)) for row in metric]
-    best = []
-    for a in A:
-        sims = [-math.inf if b < P else float(m[a] @ m[b]) for b in B]
-        j = max(range(len(B)), key=lambda jj: sims[jj])
-        best.append((-math.inf if a < P else sims[j], j))
-    src = sorted(range(len(A)), key=lambda i: -best[i][0])[:r]
-    S = torch.stack([x[A[i]] * size[A[i]] for i in src])
-    T = torch.stack([x[B[best[i][1]]] * size[B[best[i][1]]] for i in src])
-    if modulate is not None:
-        S = modulate(S, T)
-    acc = {b: (x[b] * size[b], size[b]) for b in B}
-    for s, i in zip(S, src):
-        b = B[best[i][1]]
-        acc[b] = (acc[b][0] + s, acc[b][1] + size[A[i]])
-    kept = sorted(set(range(len(A))) - set(src))
-    toks = list(range(P)) + [A[i] for i in kept if A[i] >= P] + [b for b in B if b >= P]
-    return (torch.stack([acc[t][0] / acc[t][1] if t in acc else x[t] for t in toks]),
-            torch.stack([acc[t][1] if t in acc else size[t] for t in toks]))
-
-
 def _heads(t, H):  # (n, D) -> (H, n, hd)
     return t.view(t.shape[0], H, -1).transpose(0, 1)
 
@@ -124,7 +99,7 @@ def _reference(model, img, schedule, peft):
         t = t + a.proj((w @ values).transpose(0, 1).reshape(n, -1))
         if r:
             mod = blk.token_reducer.modulator
-            t, size = _merge(t, size, k.mean(0), r, 1 + P,
+            t, size = tome_merge(t, size, k.mean(0), r, 1 + P,
                              None if mod is None else (lambda S, T, mod=mod: mod(S[None], T[None])[0]))
         h = blk.mlp.fc2(blk.mlp.act(blk.mlp.fc1(blk.norm2(t))))
         if peft == "adapter":

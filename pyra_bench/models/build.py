@@ -10,6 +10,7 @@ from timm.layers import PatchEmbed
 from torch import nn
 
 from ..errors import ConfigError, InputFileNotFoundError
+from ..schema import Lora
 from .backbones import BackboneSpec, create_backbone, get_backbone, load_checkpoint
 from .lora import LORA_INITS
 from .macs import ViTGeometry
@@ -78,7 +79,9 @@ def build_model(
     if peft is None:
         if lora_init not in LORA_INITS:
             raise ConfigError(f"unknown lora_init {lora_init!r}; valid choices: {', '.join(LORA_INITS)}")
-        adapt: Peft = LoraPeft(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, init=lora_init)
+        # the Python API's LoRA values are checked where LoRA is added (check_lora_options), with its messages
+        adapt: Peft = LoraPeft(Lora.model_construct(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout,
+                                                    init=lora_init))
     else:
         adapt = make_peft({"name": peft} if isinstance(peft, str) else peft)
     for key, value, valid in (("merge_split", merge_split, SPLITS), ("merge_site", merge_site, MERGE_SITES)):

@@ -35,9 +35,8 @@ Validation is the schema's (:func:`make_peft` checks options through :mod:`pyra_
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -134,12 +133,17 @@ class PrefixKV(PeftModule):
 # ---------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Peft:
-    """One ``peft`` choice with its options (``conf/peft/<name>.yaml``); :meth:`apply` adds its trainable
-    modules to the frozen, patched ViT."""
+    """One ``peft`` choice: its validated options (``opts``, the choice's class in
+    :data:`pyra_bench.schema.PEFT_CHOICES`, where each option is declared once) and how it adapts the model;
+    :meth:`apply` adds its trainable modules to the frozen, patched ViT."""
 
-    name: str = "lora"
+    opts: Any
     #: whether it folds into the frozen weights for inference (LoRA) or stays in the inference model
-    folds: bool = False
+    folds: ClassVar[bool] = False
+
+    @property
+    def name(self) -> str:
+        return self.opts.name
 
     @property
     def prompt_tokens(self) -> int:
@@ -155,75 +159,56 @@ class Peft:
         return g
 
     def options(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("name", "folds")}
+        return self.opts.model_dump(exclude={"name"})
 
 
-@dataclasses.dataclass(frozen=True)
 class LoraPeft(Peft):
-    name: str = "lora"
-    folds: bool = True
-    rank: int | None = None
-    alpha: float | None = None
-    dropout: float = 0.1
-    init: str = "standard"
+    folds = True
 
     def apply(self, model: nn.Module, spec: Any) -> None:
-        add_lora_to_qkv(model, spec.lora_rank if self.rank is None else self.rank, alpha=self.alpha,
-                        dropout=self.dropout, init=self.init)
+        o = self.opts
+        add_lora_to_qkv(model, spec.lora_rank if o.rank is None else o.rank, alpha=o.alpha, dropout=o.dropout,
+                        init=o.init)
 
 
-@dataclasses.dataclass(frozen=True)
 class AdapterPeft(Peft):
-    name: str = "adapter"
-    dim: int | None = None  # None: the backbone's adapter_dim (4 / 8 / 12 for ViT-S / B / L)
-    dropout: float = 0.1
-    init: str = "standard"
-
     def bottleneck(self, spec: Any) -> int:
-        return int(self.dim if self.dim is not None else spec.peft_dim)
+        """``peft.dim``; None: the backbone's adapter_dim (4 / 8 / 12 for ViT-S / B / L)."""
+        return int(self.opts.dim if self.opts.dim is not None else spec.peft_dim)
 
     def apply(self, model: nn.Module, spec: Any) -> None:
         d = self.bottleneck(spec)
         for blk in model.blocks:
-            blk.adapter = Adapter(model.embed_dim, d, self.dropout, self.init).to(blk.mlp.fc1.weight.device)
+            blk.adapter = Adapter(model.embed_dim, d, self.opts.dropout, self.opts.init).to(blk.mlp.fc1.weight.device)
 
     def geometry(self, g: ViTGeometry, spec: Any) -> ViTGeometry:
         return dataclasses.replace(g, adapter_dims=(self.bottleneck(spec),) * g.depth)
 
 
-@dataclasses.dataclass(frozen=True)
 class VptPeft(Peft):
-    name: str = "vpt"
-    num_tokens: int = 10
-    dropout: float = 0.1
-
     @property
     def prompt_tokens(self) -> int:
-        return self.num_tokens
+        return self.opts.num_tokens
 
     def apply(self, model: nn.Module, spec: Any) -> None:
         offset = int(model.num_prefix_tokens)
         for blk in model.blocks:
-            blk.prompts = PromptTokens(self.num_tokens, model.embed_dim, offset, self.dropout).to(
+            blk.prompts = PromptTokens(self.opts.num_tokens, model.embed_dim, offset, self.opts.dropout).to(
                 blk.mlp.fc1.weight.device)
-        model.num_prompt_tokens = self.num_tokens
+        model.num_prompt_tokens = self.opts.num_tokens
 
     def geometry(self, g: ViTGeometry, spec: Any) -> ViTGeometry:
-        return dataclasses.replace(g, num_tokens=g.num_tokens + self.num_tokens)
+        return dataclasses.replace(g, num_tokens=g.num_tokens + self.opts.num_tokens)
 
 
-@dataclasses.dataclass(frozen=True)
 class PrefixPeft(Peft):
-    name: str = "prefix"
-    num_tokens: int = 10
-
     def apply(self, model: nn.Module, spec: Any) -> None:
         for blk in model.blocks:
             attn = blk.attn
-            attn.prefix = PrefixKV(self.num_tokens, attn.qkv.out_features // 3).to(attn.qkv.weight.device)
+            attn.prefix = PrefixKV(self.opts.num_tokens, attn.qkv.out_features // 3).to(attn.qkv.weight.device)
 
     def geometry(self, g: ViTGeometry, spec: Any) -> ViTGeometry:
-        return dataclasses.replace(g, extra_keys=self.num_tokens)
+        return dataclasses.replace(g, extra_keys=self.opts.num_tokens)
 
 
 PEFTS: dict[str, type[Peft]] = {"lora": LoraPeft, "adapter": AdapterPeft, "vpt": VptPeft, "prefix": PrefixPeft}
@@ -231,18 +216,16 @@ PEFTS: dict[str, type[Peft]] = {"lora": LoraPeft, "adapter": AdapterPeft, "vpt":
 DEFAULT_PEFT = "lora"
 
 
-def make_peft(options: Mapping[str, Any] | Peft | None = None, **overrides: Any) -> Peft:
+def make_peft(options: Mapping[str, Any] | Peft | None = None) -> Peft:
     """The :class:`Peft` of a ``peft`` config (``{"name": "adapter", "dim": 8}``; None: LoRA's defaults),
     validated by the schema (:func:`pyra_bench.schema.check_peft`: one line per problem, naming the key,
     the value and what is allowed)."""
     if isinstance(options, Peft):
-        return dataclasses.replace(options, **overrides) if overrides else options
+        return options
     from ..schema import check_peft
 
-    data = {**dict(options or {}), **overrides}
-    checked = check_peft(data)
-    fields = {f.name for f in dataclasses.fields(PEFTS[checked.name])} - {"name", "folds"}
-    return PEFTS[checked.name](**{k: v for k, v in checked.model_dump().items() if k in fields})
+    opts = check_peft(dict(options or {}))
+    return PEFTS[opts.name](opts)
 
 
 def peft_parameter_names(model: nn.Module) -> set[str]:
@@ -252,9 +235,3 @@ def peft_parameter_names(model: nn.Module) -> set[str]:
         if isinstance(m, PeftModule):
             names |= {f"{prefix}.{n}" for n, _ in m.named_parameters()}
     return names
-
-
-def prompt_bound(num_tokens: int, dim: int) -> float:
-    """The bound of the xavier-uniform initialisation of a (1, P, D) prompt / prefix tensor (torch's fans:
-    fan_in = P * D, fan_out = D)."""
-    return math.sqrt(6.0 / ((num_tokens + 1) * dim))
