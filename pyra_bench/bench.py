@@ -218,7 +218,7 @@ def format_report(rec: dict[str, Any]) -> str:
     return "\n".join([line, *(f"{k:<{w}}  {v}" for k, v in rows), line])
 
 
-@hydra_app(config_path=str(CONF_DIR), config_name="bench")  # hydra.main; --help alone: cli.fast_help
+@hydra_app(config_path=str(CONF_DIR), config_name="bench")  # hydra.main; --help alone: info.fast_help
 def main(cfg: DictConfig) -> float | None:
     try:
         from .checks import check_bench_config

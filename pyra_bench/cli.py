@@ -7,10 +7,8 @@ The settings themselves are checked once per job where the job's config is: a si
 (:func:`pyra_bench.train.main`), a sweep's jobs by the sweeper before the first starts
 (:class:`pyra_bench.sweep.DedupSweeperMixin`).
 
-``--help`` of every Hydra entry point (:func:`hydra_app`, :func:`fast_help`) is printed from the help
-template without Hydra's composition, and names the program as it was started
-(:func:`pyra_bench.errors.prog_name`), so
-that it takes less time than ``import torch`` (``scripts/bench_cli.py``)."""
+``--help`` alone of every Hydra entry point (:func:`hydra_app`) is printed by
+:func:`pyra_bench.info.fast_help`, from the help template without Hydra's composition."""
 
 from __future__ import annotations
 
@@ -26,13 +24,13 @@ from .paths import CONF_DIR
 
 def hydra_app(config_name: str, config_path: str = str(CONF_DIR)) -> Callable[[Callable], Callable[[], Any]]:
     """``@hydra.main(version_base="1.3", config_path=..., config_name=...)`` whose ``--help`` alone is
-    printed by :func:`fast_help` (without Hydra's composition); every other command line goes to Hydra.
+    printed by :func:`pyra_bench.info.fast_help` (without Hydra's composition); every other command line goes to Hydra.
     Registers the help resolvers (``${pyra_help:...}``, ``${pyra_prog:...}``) the help templates use."""
     import functools
 
     import hydra
 
-    from .info import register_help_resolver
+    from .info import fast_help, register_help_resolver
 
     register_help_resolver()
 
@@ -48,43 +46,6 @@ def hydra_app(config_name: str, config_path: str = str(CONF_DIR)) -> Callable[[C
         return main
 
     return deco
-
-
-def app_config_groups(conf_dir: Path = CONF_DIR) -> str:
-    """Hydra's ``$APP_CONFIG_GROUPS`` of a help template: one ``group: choice, ...`` line per config group
-    of ``conf_dir`` (folders holding configs, ``hydra/`` excepted), sorted, each line ending in a newline."""
-    conf_dir = Path(conf_dir)
-    groups = sorted({p.parent.relative_to(conf_dir).as_posix() for p in conf_dir.rglob("*.yaml")} - {"."})
-    return "".join(f"{g}: {', '.join(_config_names(g, conf_dir))}\n" for g in groups
-                   if g != "hydra" and not g.startswith("hydra/"))
-
-
-def fast_help(config_name: str, argv: Sequence[str] | None = None, conf_dir: Path = CONF_DIR) -> bool:
-    """Print a Hydra app's ``--help`` as Hydra prints it and return True, when the command line is
-    ``--help`` (or ``-h``) alone and the config's ``hydra.help.template`` needs nothing composed: the
-    template, its interpolations (``${hydra.help.header}``, ``${pyra_help:...}``) and
-    ``$APP_CONFIG_GROUPS`` (:func:`app_config_groups`). Hydra renders the same text, but lists the config
-    groups by deep-copying its whole config store about a hundred times (1-2 s, more than the rest of
-    ``--help``). Anything else (other arguments; ``$CONFIG``, ``$FLAGS_HELP`` or ``$HYDRA_CONFIG_GROUPS`` in
-    the template): False, and Hydra prints the help."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv not in (["--help"], ["-h"]):
-        return False
-    import string
-
-    from omegaconf import OmegaConf
-
-    from .info import register_help_resolver
-
-    register_help_resolver()  # (also registered by hydra_app; fast_help may be called on its own)
-    template = OmegaConf.select(OmegaConf.load(Path(conf_dir) / f"{config_name}.yaml"), "hydra.help.template")
-    if not isinstance(template, str):
-        return False
-    names = {m["named"] or m["braced"] for m in string.Template.pattern.finditer(template)} - {None}
-    if names - {"APP_CONFIG_GROUPS"}:
-        return False
-    print(string.Template(template).substitute(APP_CONFIG_GROUPS=app_config_groups(conf_dir)))
-    return True
 
 
 def unknown_choices(argv: Sequence[str], groups: Sequence[str], conf_dir: Path = CONF_DIR) -> list[str]:

@@ -11,7 +11,8 @@ PEFT choices and their options (``conf/peft/<name>.yaml``),
 (``hydra/launcher=``, ``conf/hydra/launcher/``).
 
 :func:`help_text` gives the same text for ``--help`` (the Hydra resolver ``${pyra_help:<section>}``,
-registered by :func:`register_help_resolver`; ``${pyra_help:config,<name>}``: a config's options). A
+registered by :func:`register_help_resolver`; ``${pyra_help:config,<name>}``: a config's options), and
+:func:`fast_help` prints an entry point's ``--help`` from its template without Hydra's composition. A
 listing and ``--help`` must be faster than ``import torch`` (``scripts/bench_cli.py``), so nothing here
 imports torch or timm: the backbones and tasks come from their registries, which are plain data
 (:mod:`pyra_bench.models.backbones`, :mod:`pyra_bench.data.tasks`), and the built-in methods from their
@@ -286,6 +287,41 @@ def register_help_resolver(name: str = "pyra_help") -> None:
 
     OmegaConf.register_new_resolver(name, _resolve_help, replace=True)
     OmegaConf.register_new_resolver("pyra_prog", prog_name, replace=True)
+
+
+def app_config_groups(conf_dir: Path = CONF_DIR) -> str:
+    """Hydra's ``$APP_CONFIG_GROUPS`` of a help template: one ``group: choice, ...`` line per config group
+    of ``conf_dir`` (folders holding configs, ``hydra/`` excepted), sorted, each line ending in a newline."""
+    conf_dir = Path(conf_dir)
+    groups = sorted({p.parent.relative_to(conf_dir).as_posix() for p in conf_dir.rglob("*.yaml")} - {"."})
+    return "".join(f"{g}: {', '.join(_config_names(g, conf_dir))}\n" for g in groups
+                   if g != "hydra" and not g.startswith("hydra/"))
+
+
+def fast_help(config_name: str, argv: Sequence[str] | None = None, conf_dir: Path = CONF_DIR) -> bool:
+    """Print a Hydra app's ``--help`` as Hydra prints it and return True, when the command line is
+    ``--help`` (or ``-h``) alone and the config's ``hydra.help.template`` needs nothing composed: the
+    template, its interpolations (``${hydra.help.header}``, ``${pyra_help:...}``) and
+    ``$APP_CONFIG_GROUPS`` (:func:`app_config_groups`). Hydra renders the same text, but lists the config
+    groups by deep-copying its whole config store about a hundred times (1-2 s, more than the rest of
+    ``--help``). Anything else (other arguments; ``$CONFIG``, ``$FLAGS_HELP`` or ``$HYDRA_CONFIG_GROUPS`` in
+    the template): False, and Hydra prints the help."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv not in (["--help"], ["-h"]):
+        return False
+    import string
+
+    from omegaconf import OmegaConf
+
+    register_help_resolver()  # (also registered by cli.hydra_app; fast_help may be called on its own)
+    template = OmegaConf.select(OmegaConf.load(Path(conf_dir) / f"{config_name}.yaml"), "hydra.help.template")
+    if not isinstance(template, str):
+        return False
+    names = {m["named"] or m["braced"] for m in string.Template.pattern.finditer(template)} - {None}
+    if names - {"APP_CONFIG_GROUPS"}:
+        return False
+    print(string.Template(template).substitute(APP_CONFIG_GROUPS=app_config_groups(conf_dir)))
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:

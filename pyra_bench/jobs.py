@@ -12,7 +12,6 @@ a sweeper class imported before that scan is no longer the class its module's ``
 from __future__ import annotations
 
 import copy
-import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -150,27 +149,19 @@ def _base(overrides: list[str]) -> DictConfig:
 
 
 def expand_sweep(overrides: list[str], base: DictConfig | None = None) -> list[list[str]]:
-    """The override list of every job the basic sweeper would launch."""
+    """The override list of every job the basic sweeper would launch (its own splitter, over the config's
+    ``hydra.sweeper.params`` and then ``overrides``)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
     base = _base(overrides) if base is None else base
     params = base.hydra.sweeper.get("params") or {}
-    parser = OverridesParser.create()
-    by_key: dict[str, Any] = {}
     try:
-        parsed = parser.parse_overrides([f"{k}={v}" for k, v in params.items()] + list(overrides))
+        parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()] + list(overrides))
+        return BasicSweeper.split_arguments(parsed, None)[0]
     except HydraException as e:
         raise ConfigError(f"cannot read the overrides {' '.join(overrides)}: {e}") from None
-    for o in parsed:
-        by_key[o.get_key_element()] = o
-    lists = []
-    for key, o in by_key.items():
-        if o.is_sweep_override():
-            lists.append([f"{key}={v}" for v in o.sweep_string_iterator()])
-        else:
-            lists.append([f"{key}={o.get_value_element_as_str()}"])
-    return [list(c) for c in itertools.product(*lists)]
 
 
 #: Launchers that run the jobs on this machine: only then are its devices, data and network the jobs'.

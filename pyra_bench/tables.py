@@ -906,7 +906,7 @@ def run(cfg: Any) -> list[Path]:
     return build(check_options(cfg))
 
 
-@hydra_app(config_path=str(paths.CONF_DIR), config_name="tables")  # hydra.main; --help alone: cli.fast_help
+@hydra_app(config_path=str(paths.CONF_DIR), config_name="tables")  # hydra.main; --help alone: info.fast_help
 def main(cfg: DictConfig) -> None:
     """``python -m pyra_bench.tables [key=value ...]`` (``pyra-tables``): see ``conf/tables.yaml``."""
     try:

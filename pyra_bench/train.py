@@ -122,7 +122,7 @@ def _setup_logging() -> None:
     setup_logging()
 
 
-@hydra_app(config_path=str(CONF_DIR), config_name="train")  # hydra.main; --help alone: cli.fast_help
+@hydra_app(config_path=str(CONF_DIR), config_name="train")  # hydra.main; --help alone: info.fast_help
 def main(cfg: DictConfig) -> float | None:
     """One run; in a sweep (``-m``) a failing run is recorded and reported and the sweep goes on. The config
     is checked here, once, before Lightning is imported -- unless the sweeper has checked it on this machine."""

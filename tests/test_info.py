@@ -225,13 +225,13 @@ print("=== heavy " + json.dumps(sorted(m for m in sys.modules if m.split(".")[0]
                                        ("bench", "\n  bench.device=cpu ")])
 def test_fast_help_prints_what_hydra_prints(app, shows, tmp_path, monkeypatch, capsys):
     """``--help`` alone is rendered from the config's help template without Hydra's composition
-    (:func:`pyra_bench.cli.fast_help`); Hydra's own rendering of the same template (any other argument
+    (:func:`pyra_bench.info.fast_help`); Hydra's own rendering of the same template (any other argument
     on the line takes Hydra's path) is the reference."""
     import importlib
 
     from helpers.cli import run_entry_point
 
-    from pyra_bench.cli import fast_help
+    from pyra_bench.info import fast_help
 
     monkeypatch.setattr(sys, "argv", [f"pyra_bench/{app}.py", "--help"])
     assert fast_help(app) is True

@@ -537,7 +537,7 @@ def _hydra_app():
     from ..cli import hydra_app
     from ..paths import CONF_DIR
 
-    @hydra_app(config_path=str(CONF_DIR), config_name="prepare")  # hydra.main; --help alone: cli.fast_help
+    @hydra_app(config_path=str(CONF_DIR), config_name="prepare")  # hydra.main; --help alone: info.fast_help
     def app(cfg) -> None:
         code = run(cfg)
         if code:
