@@ -31,6 +31,8 @@ from typing import Annotated, Any, ClassVar, Literal, NoReturn, Union, get_args,
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
+from .models.variants import MERGE_VARIANT_HELP, MERGE_VARIANTS
+
 
 def opt(default: Any, help: str, *, execution: bool = False, null: str | None = None, what: str | None = None,
         key: str | None = None, rule: str | None = None, **constraints: Any) -> Any:
@@ -392,12 +394,10 @@ class Backbone(Section):
     model_config = ConfigDict(extra="allow")
     weights: Any = opt(None, "hub | none | demo | <file>: its source and hash are recorded as weights.*",
                        execution=True)
-    merge_split: Literal["alternate", "random"] = opt(
-        "alternate", "ToMe's bipartite split: alternate (the official code) | random (the paper's text: a random "
-        "partition per image and forward in training, alternate in eval)", what="backbone.merge_split")
-    merge_site: Literal["after_attention", "before_attention"] = opt(
-        "after_attention", "where a block merges: after_attention (between attention and MLP, the official code) | "
-        "before_attention (the block's input, the paper's Fig. 3; matched on the tokens)", what="backbone.merge_site")
+    merge_split: Literal[MERGE_VARIANTS["merge_split"]] = opt(
+        MERGE_VARIANTS["merge_split"][0], MERGE_VARIANT_HELP["merge_split"], what="backbone.merge_split")
+    merge_site: Literal[MERGE_VARIANTS["merge_site"]] = opt(
+        MERGE_VARIANTS["merge_site"][0], MERGE_VARIANT_HELP["merge_site"], what="backbone.merge_site")
 
 
 class Run(Section):
@@ -557,6 +557,11 @@ def _bounds(meta: Any) -> dict[str, Any]:
     """The bounds among pydantic's metadata (annotated_types' ``Ge``, ``Gt``, ...; a nested ``Field``'s)."""
     return {a: getattr(x, a) for m in meta for x in getattr(m, "metadata", [m]) for a in _OPS
             if type(x).__name__ == a.capitalize()}
+
+
+def bounds_of(model: type[BaseModel], name: str) -> dict[str, Any]:
+    """The declared bounds of ``model``'s field ``name`` (``{"ge": 1}``), to declare another field alike."""
+    return _bounds(model.model_fields[name].metadata)
 
 
 def rule(info: Any) -> str:

@@ -12,10 +12,11 @@ from torch import nn
 from ..errors import ConfigError, InputFileNotFoundError
 from ..schema import Lora
 from .backbones import BackboneSpec, create_backbone, get_backbone, load_checkpoint
-from .lora import LORA_INITS
+from .lora import check_lora_options
 from .macs import ViTGeometry
 from .merging import SPLITS
 from .peft import LoraPeft, Peft, make_peft
+from .variants import check_variant
 from .vit import (
     MERGE_SITES,
     UnsupportedModelError,
@@ -77,16 +78,13 @@ def build_model(
     from ..methods import Method, get_method
 
     if peft is None:
-        if lora_init not in LORA_INITS:
-            raise ConfigError(f"unknown lora_init {lora_init!r}; valid choices: {', '.join(LORA_INITS)}")
-        # the Python API's LoRA values are checked where LoRA is added (check_lora_options), with its messages
+        # the Python API's LoRA values, checked before anything is built (a null rank: the backbone's, >= 1)
+        check_lora_options(1 if lora_rank is None else lora_rank, lora_alpha, lora_dropout, lora_init)
         adapt: Peft = LoraPeft(Lora.model_construct(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout,
                                                     init=lora_init))
     else:
         adapt = make_peft({"name": peft} if isinstance(peft, str) else peft)
-    for key, value, valid in (("merge_split", merge_split, SPLITS), ("merge_site", merge_site, MERGE_SITES)):
-        if value not in valid:
-            raise ConfigError(f"unknown backbone.{key} {value!r}; valid choices: {', '.join(valid)}")
+    merge_split, merge_site = check_variant("merge_split", merge_split), check_variant("merge_site", merge_site)
     if isinstance(method, Method):
         m = method
     else:

@@ -19,21 +19,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..schema import Int, Options, opt
+from ..schema import Int, Lora, Options, bounds_of, opt
 from .vit import UnsupportedModelError
+
+#: LoRA's initialisations (the config's ``peft.init`` choices, declared in :class:`pyra_bench.schema.Lora`).
+LORA_INITS = get_args(Lora.model_fields["init"].annotation)
+_BOUNDS = {name: bounds_of(Lora, name) for name in ("rank", "alpha", "dropout")}
 
 
 class LoRAOptions(Options):
-    """LoRA's options, as :func:`check_lora_options` takes them."""
+    """LoRA's options, as :func:`check_lora_options` takes them: the bounds and choices of the config's
+    :class:`~pyra_bench.schema.Lora`, with the Python API's defaults (no dropout) and keys."""
 
     owner, prefix = "LoRA", None
-    rank: Int = opt(..., "LoRA rank", key="backbone.lora_rank (or lora_rank= of build_model)", ge=1)
-    alpha: float | None = opt(None, "LoRA alpha; null = rank", key="lora_alpha= of build_model", gt=0)
-    dropout: float = opt(0.0, "dropout on the LoRA branch's input", key="peft.dropout", ge=0, lt=1)
-    init: Literal["standard", "authors"] = opt("standard", "the initialisation", key="peft.init")
-
-
-LORA_INITS = get_args(LoRAOptions.model_fields["init"].annotation)
+    rank: Int = opt(..., "LoRA rank", key="backbone.lora_rank (or lora_rank= of build_model)", **_BOUNDS["rank"])
+    alpha: float | None = opt(None, "LoRA alpha; null = rank", key="lora_alpha= of build_model", **_BOUNDS["alpha"])
+    dropout: float = opt(0.0, "dropout on the LoRA branch's input", key="peft.dropout", **_BOUNDS["dropout"])
+    init: Literal[LORA_INITS] = opt("standard", "the initialisation", key="peft.init")
 
 
 def check_lora_options(rank: object, alpha: object = None, dropout: object = 0.0,

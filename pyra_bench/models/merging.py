@@ -42,7 +42,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .variants import MERGE_VARIANTS
+from .variants import MERGE_VARIANTS, check_variant
 
 
 class Matching(NamedTuple):
@@ -254,15 +254,14 @@ class ToMeMerge(TokenReducer):
     metric is the tokens themselves.
     """
 
-    sites = ("after_attention", "before_attention")
+    sites = MERGE_VARIANTS["merge_site"]
 
     def __init__(self, r: int, num_protected: int = 1, modulator: nn.Module | None = None,
                  split: str = "alternate"):
         super().__init__()
         if isinstance(num_protected, bool) or int(num_protected) < 0:
             raise TypeError(f"num_protected is a count of leading tokens (int >= 0), got {num_protected!r}")
-        if split not in SPLITS:
-            raise ValueError(f"unknown merge split {split!r}; valid choices: {', '.join(SPLITS)}")
+        check_variant("merge_split", split)
         self.r = int(r)
         self.num_protected = int(num_protected)
         self.modulator = modulator

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ..errors import ConfigError
 from ..registry import UnknownChoiceError
 
 #: The labelled merge variants (backbone config keys) and their choices, the official code's first:
@@ -30,15 +31,23 @@ MERGE_VARIANT_HELP = {
 }
 
 
+class UnknownVariantError(UnknownChoiceError, ConfigError):
+    """A merge variant's value that is not one of its choices (a bad config value: a ``ConfigError``)."""
+
+
+def check_variant(key: str, value: Any) -> str:
+    """``value`` of the merge variant ``key`` (``merge_split`` / ``merge_site``), or
+    :class:`UnknownVariantError` naming the valid choices: the one check of a variant's value, for configs
+    (:func:`merge_variants`) and the Python API (``build_model``, ``patch_vit``, ``ToMeMerge``) alike."""
+    if value not in MERGE_VARIANTS[key]:
+        raise UnknownVariantError(f"backbone.{key}", str(value), list(MERGE_VARIANTS[key]))
+    return str(value)
+
+
 def merge_variants(bcfg: Mapping[str, Any]) -> dict[str, str]:
     """``{"merge_split": ..., "merge_site": ...}`` of a backbone config (absent: the defaults), checked."""
-    out = {}
-    for key, choices in MERGE_VARIANTS.items():
-        v = bcfg.get(key) if bcfg.get(key) is not None else choices[0]
-        if v not in choices:
-            raise UnknownChoiceError(f"backbone.{key}", str(v), list(choices))
-        out[key] = str(v)
-    return out
+    return {key: check_variant(key, choices[0] if bcfg.get(key) is None else bcfg.get(key))
+            for key, choices in MERGE_VARIANTS.items()}
 
 
 def variant_suffix(bcfg: Mapping[str, Any]) -> str:

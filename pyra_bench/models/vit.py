@@ -38,7 +38,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from .merging import TokenReducer
-from .variants import MERGE_VARIANTS
+from .variants import MERGE_VARIANTS, check_variant
 
 _PLAIN_VIT = ("use a timm VisionTransformer with timm's Block and Attention and a class-token or average-pool "
               "head (e.g. the registered backbones: pyra_bench.models.BACKBONES)")
@@ -101,9 +101,13 @@ class ReducingViTMixin:
     #: VPT-deep's prompt tokens, after the prefix tokens in every block (each block writes its own)
     num_prompt_tokens: int = 0
 
-    def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward_tokens(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The final-normed tokens and their sizes (None when nothing merged); prompt tokens (VPT) are
-        inserted after the prefix tokens before block 0 and dropped after the last block."""
+        inserted after the prefix tokens before block 0 and dropped after the last block. timm's attention
+        mask arguments are refused: a mask cannot follow tokens that merge."""
+        if attn_mask is not None or is_causal:
+            raise NotImplementedError("token-reducing ViTs do not take attention masks")
         x = self.patch_embed(x)
         x = self._pos_embed(x)
         x = self.patch_drop(x)
@@ -120,9 +124,7 @@ class ReducingViTMixin:
         return self.norm(x), size
 
     def forward_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
-        if attn_mask is not None or is_causal:
-            raise NotImplementedError("token-reducing ViTs do not take attention masks")
-        return self.forward_tokens(x)[0]
+        return self.forward_tokens(x, attn_mask, is_causal)[0]
 
     def pool_sized(self, x: torch.Tensor, size: torch.Tensor | None) -> torch.Tensor:
         """timm's ``pool``, except that an average-pool head weighs each token by its size."""
@@ -133,9 +135,7 @@ class ReducingViTMixin:
         return (x * size).sum(dim=1) / size.sum(dim=1)
 
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
-        if attn_mask is not None or is_causal:
-            raise NotImplementedError("token-reducing ViTs do not take attention masks")
-        x, size = self.forward_tokens(x)
+        x, size = self.forward_tokens(x, attn_mask, is_causal)
         if size is None or self.global_pool != "avg":  # timm's head (DeiT-distilled: its own)
             return self.forward_head(x)
         x = self.head_drop(self.fc_norm(self.pool_sized(x, size)))
@@ -168,8 +168,7 @@ def has_class_token(model: VisionTransformer) -> bool:
 def patch_vit(model: VisionTransformer, prop_attn: bool = True, merge_site: str = "after_attention") -> VisionTransformer:
     """Patch ``model`` in place (idempotent; ``merge_site`` is set again). Refuses, by name, what the
     merge cannot handle."""
-    if merge_site not in MERGE_SITES:
-        raise UnsupportedModelError(f"unknown merge_site {merge_site!r}; valid choices: {', '.join(MERGE_SITES)}")
+    check_variant("merge_site", merge_site)
     if isinstance(model, ReducingViTMixin):
         for blk in model.blocks:
             blk.merge_before_attention = merge_site == "before_attention"
