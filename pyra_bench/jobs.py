@@ -4,9 +4,11 @@
 every job's overrides) and ``sweep dry-run`` call: each job is composed -- once per distinct set of group
 choices; jobs that differ only in values share that composition and get their values as Hydra applies a
 command line's (:func:`compose_jobs`) -- and checked (:func:`check_job`); every bad job is named with its
-problems in one :class:`SweepCheckError`. This module must not import Hydra's sweeper classes
-(:mod:`pyra_bench.sweep` does): Hydra's plugin scan re-executes ``hydra._internal.core_plugins`` modules, and
-a sweeper class imported before that scan is no longer the class its module's ``super()`` calls name.
+problems in one :class:`SweepCheckError`. This module must not import Hydra's sweeper classes at module
+level (:mod:`pyra_bench.sweep` does): Hydra's plugin scan re-executes ``hydra._internal.core_plugins``
+modules, and a sweeper class imported before that scan is no longer the class its module's ``super()`` calls
+name. (:func:`expand_sweep`, called only by ``sweep dry-run`` / ``summary``, which start no Hydra sweep,
+borrows the basic sweeper's static splitter.)
 """
 
 from __future__ import annotations
